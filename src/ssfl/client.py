@@ -1,0 +1,192 @@
+"""Client side: saliency scoring and masked local training on a client's own data.
+
+These functions are shared by the in-process simulator and the Flower ClientApp; they take a
+model, the client's data and settings, and return payload bytes, so that the adapters only move
+bytes around.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ssfl.comm import ParameterLayout, PayloadKind, decode_values, encode_values
+from ssfl.data.augment import normalize, random_crop_flip
+from ssfl.masks import Mask, flatten, prunable_parameter_names, saliency_scores
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A client's data: index set into one shared uint8 image tensor (never copied per client)."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W], the whole data set
+    labels: torch.Tensor  # int64 [N]
+    indices: torch.Tensor  # int64, this client's samples
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    local_epochs: int = 1
+    batch_size: int = 32
+    clip_grad_norm: float = 10.0  # 0 disables clipping
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_samples: int
+    mean_loss: float
+    steps: int
+
+
+def client_generator(seed: int, round: int, client_id: int) -> torch.Generator:
+    """An independent, reproducible RNG for one client in one round."""
+    # Mix the three integers so that (seed, round, client) triples never share a stream.
+    mixed = (seed * 1_000_003 + round) * 1_000_033 + client_id
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+def iterate_batches(
+    data: LocalData,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    augment: bool,
+    shuffle: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over the client's data in a seeded order; augmentation runs per whole batch."""
+    n = len(data)
+    order = data.indices[torch.randperm(n, generator=generator)] if shuffle else data.indices
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        images = data.images[idx]
+        if augment:
+            images = random_crop_flip(images, generator)
+        yield normalize(images, data.mean, data.std), data.labels[idx]
+
+
+def local_train(
+    model: nn.Module,
+    data: LocalData,
+    settings: TrainSettings,
+    lr: float,
+    generator: torch.Generator,
+    mask: Mapping[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Local SGD restricted to the mask.
+
+    Gradients of masked-out weights are zeroed before the optimiser step, and the weights are
+    re-masked after it, so neither momentum nor weight decay can revive a pruned weight. A fresh
+    optimiser is made per call, as in FedAvg, so no momentum carries across rounds.
+    """
+    params = dict(model.named_parameters())
+    masked = [(params[n], m.to(params[n].dtype)) for n, m in (mask or {}).items()]
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    model.train()
+    total_loss, steps, seen = 0.0, 0, 0
+    for _ in range(settings.local_epochs):
+        for inputs, targets in iterate_batches(
+            data, settings.batch_size, generator, augment=settings.augment
+        ):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(inputs), targets)
+            loss.backward()
+            for param, keep in masked:
+                param.grad.mul_(keep)
+            if settings.clip_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                for param, keep in masked:
+                    param.mul_(keep)
+            total_loss += float(loss.detach()) * targets.numel()
+            seen += targets.numel()
+            steps += 1
+    mean_loss = total_loss / seen if seen else math.nan
+    return TrainResult(num_samples=len(data), mean_loss=mean_loss, steps=steps)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 1000,
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on a whole uint8 image tensor."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start : start + batch_size], mean, std)
+        y = labels[start : start + batch_size]
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    n = len(labels)
+    return correct / n, loss_sum / n
+
+
+def compute_scores(
+    model: nn.Module,
+    data: LocalData,
+    *,
+    num_batches: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Saliency of each prunable weight on ``num_batches`` minibatches of this client's data.
+
+    No augmentation: the score should reflect the data, not random crops of it. If the client
+    has fewer samples than ``num_batches * batch_size``, its batches are the ones it has.
+    """
+    batches = iterate_batches(data, batch_size, generator, augment=False)
+    chosen = (b for i, b in zip(range(num_batches), batches))
+    return saliency_scores(model, chosen, prunable_parameter_names(model))
+
+
+def encode_scores(scores: Mapping[str, torch.Tensor], dtype: str = "float32") -> bytes:
+    return encode_values(
+        flatten(scores, list(scores)), kind=PayloadKind.SCORES, dtype=dtype
+    )
+
+
+def train_round(
+    model: nn.Module,
+    layout: ParameterLayout,
+    mask: Mask,
+    digest: bytes,
+    payload: bytes,
+    data: LocalData,
+    settings: TrainSettings,
+    *,
+    round: int,
+    lr: float,
+    generator: torch.Generator,
+    value_dtype: str = "float32",
+) -> tuple[bytes, TrainResult]:
+    """One client's part of a round: load the global values, train inside the mask, reply."""
+    values = decode_values(
+        payload, expected_count=layout.num_values, expected_digest=digest, expected_round=round
+    )
+    layout.scatter_model_(values, model)
+    result = local_train(model, data, settings, lr, generator, mask)
+    reply = encode_values(
+        layout.gather_model(model), round=round, digest=digest, dtype=value_dtype
+    )
+    return reply, result

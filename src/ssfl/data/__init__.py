@@ -1,0 +1,31 @@
+"""Data layer: data set loaders, client partitioning, batch augmentation, downloads."""
+
+from .augment import normalize, random_crop_flip
+from .datasets import (
+    DATASETS,
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    ImageDataset,
+    default_cache_dir,
+    load_dataset,
+    resolve_root,
+)
+from .download import ARCHIVES, download_and_extract
+from .partition import PARTITIONS, class_counts, partition
+
+__all__ = [
+    "ARCHIVES",
+    "DATASETS",
+    "PARTITIONS",
+    "CorruptDatasetError",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "class_counts",
+    "default_cache_dir",
+    "download_and_extract",
+    "load_dataset",
+    "normalize",
+    "partition",
+    "random_crop_flip",
+    "resolve_root",
+]

@@ -1,0 +1,157 @@
+"""Server side of SSFL and its static-mask baselines: mask construction and sparse FedAvg.
+
+``SparseFedAvgServer`` holds the explicit server state (global values, mask, round) and turns
+client payloads into the next global model. The simulator and the Flower ServerApp drive the same
+object; they differ only in how payloads reach the clients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ssfl.comm import (
+    ParameterLayout,
+    PayloadKind,
+    decode_values,
+    encode_bits,
+    encode_values,
+)
+from ssfl.masks import (
+    Mask,
+    WeightedMean,
+    full_mask,
+    global_topk_mask,
+    mask_digest,
+    mask_to_bits,
+    random_global_mask,
+    unflatten,
+)
+
+# name -> (needs client saliency scores, description)
+ALGORITHMS: dict[str, str] = {
+    "ssfl": "SSFL: mask from federated SNIP saliency scores, global top-k",
+    "fedavg": "dense FedAvg (density 1, no mask round)",
+    "random": "FedAvg inside a random global mask of the same density (static)",
+}
+SCORE_AGGREGATIONS = ("weighted", "uniform")
+
+
+def needs_scores(algorithm: str, density: float) -> bool:
+    return algorithm == "ssfl" and density < 1.0
+
+
+def aggregate_scores(
+    payloads: Iterable[tuple[bytes, int]],
+    shapes: Mapping[str, torch.Size],
+    *,
+    mode: str,
+) -> dict[str, torch.Tensor]:
+    """Mean of the clients' saliency scores: weighted by sample count, or uniform.
+
+    ``payloads`` yields ``(score payload, client sample count)``; the mean is kept as a running
+    sum, so memory does not grow with the number of clients.
+    """
+    if mode not in SCORE_AGGREGATIONS:
+        raise ValueError(f"score aggregation must be one of {SCORE_AGGREGATIONS}, got {mode!r}")
+    names = list(shapes)
+    count = sum(math.prod(s) for s in shapes.values())
+    mean = WeightedMean()
+    for payload, num_samples in payloads:
+        scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count)
+        mean.add(scores, float(num_samples) if mode == "weighted" else 1.0)
+    return unflatten(mean.result(), shapes, names)
+
+
+def build_mask(
+    algorithm: str,
+    prunable_shapes: Mapping[str, torch.Size],
+    density: float,
+    *,
+    scores: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Mask:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+    if density >= 1.0 or algorithm == "fedavg":
+        return full_mask(prunable_shapes)
+    if algorithm == "random":
+        return random_global_mask(prunable_shapes, density, torch.Generator().manual_seed(seed))
+    if scores is None:
+        raise ValueError("SSFL needs the aggregated saliency scores to build its mask")
+    return global_topk_mask(scores, density)
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """What the server learnt from one round's replies."""
+
+    num_clients: int
+    num_samples: int
+    bytes_up: int
+
+
+class SparseFedAvgServer:
+    """FedAvg over the active values of a fixed mask.
+
+    State: ``values`` (the global model as a flat vector of active values in layout order), the
+    ``mask``, and ``round`` (rounds completed).
+    """
+
+    def __init__(
+        self,
+        initial: Mapping[str, torch.Tensor],
+        prunable: list[str],
+        mask: Mask,
+        *,
+        value_dtype: str = "float32",
+    ) -> None:
+        self.shapes = {n: t.shape for n, t in initial.items()}
+        self.prunable = prunable
+        self.mask = mask
+        self.layout = ParameterLayout(self.shapes, mask)
+        self.digest = mask_digest(mask, prunable)
+        self.value_dtype = value_dtype
+        # Gathering through the layout drops masked-out initial weights: the global model starts
+        # inside the mask.
+        self.values = self.layout.gather(initial)
+        self.round = 0
+
+    def mask_payload(self) -> bytes:
+        """The mask as a bitmap payload, sent to each client once."""
+        bits = mask_to_bits(self.mask, self.prunable)
+        count = sum(self.mask[n].numel() for n in self.prunable)
+        return encode_bits(bits, count, digest=self.digest)
+
+    def broadcast(self, round: int) -> bytes:
+        """The payload every client sampled in ``round`` receives: the active global values."""
+        return encode_values(self.values, round=round, digest=self.digest, dtype=self.value_dtype)
+
+    def aggregate(self, round: int, replies: Iterable[tuple[bytes, int]]) -> RoundUpdate:
+        """FedAvg weighted by sample count over the replies' active values.
+
+        The average of vectors laid out on the same mask is itself on the mask: re-masking is
+        implicit because inactive weights have no slot in the vector.
+        """
+        mean = WeightedMean()
+        samples, nbytes = 0, 0
+        for payload, num_samples in replies:
+            values = decode_values(
+                payload,
+                expected_count=self.layout.num_values,
+                expected_digest=self.digest,
+                expected_round=round,
+            )
+            mean.add(values, float(num_samples))
+            samples += num_samples
+            nbytes += len(payload)
+        self.values = mean.result()
+        self.round = round
+        return RoundUpdate(num_clients=mean.count, num_samples=samples, bytes_up=nbytes)
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """The global model as full tensors (inactive weights are zero)."""
+        return self.layout.dense_tensors(self.values)

@@ -1,0 +1,305 @@
+"""In-process simulator: every client of a federation, one after another, in one process.
+
+Clients share one reused model object (memory does not grow with the number of clients) and one
+uint8 image tensor (clients are index sets into it). Every message still goes through the same
+payload encoding as a real deployment, and every byte count is the length of a real payload.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssfl.client import (
+    LocalData,
+    TrainSettings,
+    client_generator,
+    compute_scores,
+    encode_scores,
+    evaluate,
+    train_round,
+)
+from ssfl.comm import encode_values
+from ssfl.config import Config, augmentation_enabled, check_against_data, to_toml
+from ssfl.data.datasets import ImageDataset, load_dataset
+from ssfl.data.partition import class_counts, partition
+from ssfl.masks import layer_densities, mask_density, prunable_parameter_names
+from ssfl.models import build_model
+from ssfl.server import SparseFedAvgServer, aggregate_scores, build_mask, needs_scores
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path | None
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    final_values: torch.Tensor
+    mask: dict[str, torch.Tensor]
+
+
+def learning_rate(config: Config, round: int) -> float:
+    """Learning rate of ``round`` (1-based): ``lr * decay**(round-1)`` or cosine over the run."""
+    t = config.train
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * (round - 1) / config.run.rounds))
+    return t.lr * t.lr_decay ** (round - 1)
+
+
+def sample_clients(seed: int, round: int, num_clients: int, per_round: int) -> list[int]:
+    """The clients of ``round``: seeded by (seed, round) alone, so a resumed or re-run
+    experiment samples the same clients whatever happened in earlier rounds."""
+    rng = np.random.default_rng([seed, round])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def make_run_dir(config: Config, run_dir: Path | None) -> Path:
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(config.run.out_dir) / f"{config.run.name}-{stamp}"
+        run_dir, i = base, 1
+        while run_dir.exists():
+            run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+
+    def update(self, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_experiment(
+    config: Config,
+    run_dir: Path | None = None,
+    *,
+    write: bool = True,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run one federated experiment as ``config`` says and (if ``write``) save it to a folder."""
+    if config.run.threads > 0:
+        torch.set_num_threads(config.run.threads)
+    seed = config.run.seed
+    root = config.data.root or None
+    train_set = load_dataset(config.data.dataset, root, "train", download=config.data.download)
+    test_set = load_dataset(config.data.dataset, root, "test", download=config.data.download)
+    check_against_data(config, len(train_set), train_set.num_classes)
+
+    parts = partition(
+        train_set.labels.numpy(),
+        config.federation.num_clients,
+        config.data.partition,
+        alpha=config.data.alpha,
+        classes_per_client=config.data.classes_per_client,
+        seed=seed,
+    )
+    clients = [
+        LocalData(train_set.images, train_set.labels, torch.from_numpy(p), train_set.mean,
+                  train_set.std)
+        for p in parts
+    ]
+    folder = make_run_dir(config, run_dir) if write else None
+    if folder is not None:
+        (folder / "config.toml").write_text(to_toml(config))
+        counts = class_counts(train_set.labels.numpy(), parts, train_set.num_classes)
+        (folder / "partition.json").write_text(
+            json.dumps({"class_counts": counts.tolist(), "sizes": [len(p) for p in parts]})
+        )
+
+    model = _build(config, train_set)
+    prunable = prunable_parameter_names(model)
+    params = dict(model.named_parameters())
+    prunable_shapes = {n: params[n].shape for n in prunable}
+    initial = {n: p.detach().clone() for n, p in params.items()}
+
+    # ---- mask round ----------------------------------------------------------------------
+    mask_started = time.perf_counter()
+    one_time: dict[str, int] = {}
+    algo = config.algorithm
+    scores = None
+    if needs_scores(algo.name, algo.density):
+        batch_size = algo.saliency_batch_size or config.train.batch_size
+        score_bytes = 0
+
+        def score_payloads() -> Iterator[tuple[bytes, int]]:
+            nonlocal score_bytes
+            for cid, data in enumerate(clients):
+                s = compute_scores(
+                    model, data, num_batches=algo.saliency_batches, batch_size=batch_size,
+                    generator=client_generator(seed, 0, cid),
+                )
+                payload = encode_scores(s)
+                score_bytes += len(payload)
+                yield payload, len(data)
+
+        scores = aggregate_scores(score_payloads(), prunable_shapes, mode=algo.score_aggregation)
+        one_time["score_upload"] = score_bytes
+    mask = build_mask(algo.name, prunable_shapes, algo.density, scores=scores, seed=seed)
+    server = SparseFedAvgServer(initial, prunable, mask, value_dtype=config.comm.value_dtype)
+    if mask_density(mask) < 1.0:
+        one_time["mask_broadcast"] = len(server.mask_payload()) * len(clients)
+    mask_seconds = time.perf_counter() - mask_started
+    mask_info = {
+        "density": mask_density(mask),
+        "kept": int(sum(int(m.sum()) for m in mask.values())),
+        "prunable": int(sum(m.numel() for m in mask.values())),
+        "per_layer": layer_densities(mask),
+        "digest": server.digest.hex(),
+        "scored_clients": len(clients) if scores is not None else 0,
+        "seconds": mask_seconds,
+    }
+    if folder is not None:
+        (folder / "mask.json").write_text(json.dumps(mask_info, indent=1))
+
+    # A dense payload of the same model, encoded for real, is the yardstick for the ratio.
+    dense_payload_bytes = len(
+        encode_values(torch.cat([t.reshape(-1) for t in initial.values()]),
+                      dtype=config.comm.value_dtype)
+    )
+    settings = TrainSettings(
+        momentum=config.train.momentum,
+        weight_decay=config.train.weight_decay,
+        local_epochs=config.train.local_epochs,
+        batch_size=config.train.batch_size,
+        clip_grad_norm=config.train.clip_grad_norm,
+        augment=augmentation_enabled(config),
+    )
+
+    # ---- training rounds -----------------------------------------------------------------
+    metrics: list[dict[str, Any]] = []
+    cumulative = sum(one_time.values())
+    metrics_file = (folder / "metrics.jsonl").open("w") if folder is not None else None
+    progress = _Progress(config.run.rounds, config.run.progress)
+    started = time.perf_counter()
+    last_accuracy: float | None = None
+    try:
+        for rnd in range(1, config.run.rounds + 1):
+            round_started = time.perf_counter()
+            lr = learning_rate(config, rnd)
+            chosen = sample_clients(
+                seed, rnd, config.federation.num_clients, config.federation.clients_per_round
+            )
+            down = server.broadcast(rnd)
+            losses: list[tuple[float, int]] = []
+
+            def replies() -> Iterator[tuple[bytes, int]]:
+                # Clients train lazily as the server consumes replies: one model, one reply
+                # in memory at a time.
+                for cid in chosen:
+                    reply, result = train_round(
+                        model, server.layout, server.mask, server.digest, down, clients[cid],
+                        settings, round=rnd, lr=lr, generator=client_generator(seed, rnd, cid),
+                        value_dtype=config.comm.value_dtype,
+                    )
+                    losses.append((result.mean_loss, result.num_samples))
+                    yield reply, result.num_samples
+
+            update = server.aggregate(rnd, replies())
+            train_seconds = time.perf_counter() - round_started
+            bytes_down = len(down) * len(chosen)
+            cumulative += bytes_down + update.bytes_up
+            row: dict[str, Any] = {
+                "round": rnd,
+                "accuracy": None,
+                "test_loss": None,
+                "train_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
+                "bytes_down": bytes_down,
+                "bytes_up": update.bytes_up,
+                "bytes_cumulative": cumulative,
+                "seconds": train_seconds,
+                "lr": lr,
+                "clients": chosen,
+            }
+            if rnd % config.run.eval_every == 0 or rnd == config.run.rounds:
+                eval_started = time.perf_counter()
+                server.layout.scatter_model_(server.values, model)
+                acc, loss = evaluate(
+                    model, test_set.images, test_set.labels, test_set.mean, test_set.std
+                )
+                row.update(accuracy=acc, test_loss=loss,
+                           eval_seconds=time.perf_counter() - eval_started)
+                last_accuracy = acc
+            metrics.append(row)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if on_round is not None:
+                on_round(row)
+            progress.update(
+                acc=f"{last_accuracy:.3f}" if last_accuracy is not None else "-",
+                loss=f"{row['train_loss']:.3f}",
+            )
+    finally:
+        progress.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    wall = time.perf_counter() - started
+    accuracies = [m["accuracy"] for m in metrics if m["accuracy"] is not None]
+    per_round_down = len(down)
+    per_round_up = update.bytes_up // max(update.num_clients, 1)
+    summary: dict[str, Any] = {
+        "algorithm": algo.name,
+        "density": mask_info["density"],
+        "target_density": algo.density,
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "rounds": config.run.rounds,
+        "seed": seed,
+        "final_accuracy": accuracies[-1] if accuracies else None,
+        "best_accuracy": max(accuracies) if accuracies else None,
+        "one_time_bytes": one_time,
+        # Per client and round: one download and one upload.
+        "bytes_per_round": {"down": per_round_down, "up": per_round_up},
+        "dense_bytes_per_round": {"down": dense_payload_bytes, "up": dense_payload_bytes},
+        "ratio_to_dense": (per_round_down + per_round_up) / (2 * dense_payload_bytes),
+        "total_bytes": cumulative,
+        "num_values": server.layout.num_values,
+        "num_parameters": sum(t.numel() for t in initial.values()),
+        "wall_seconds": wall,
+        "mask_seconds": mask_seconds,
+        "samples_per_second": _throughput(metrics, clients, config),
+    }
+    if folder is not None:
+        (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    return RunResult(folder, summary, metrics, server.values.clone(), mask)
+
+
+def _build(config: Config, data: ImageDataset) -> torch.nn.Module:
+    _, channels, height, _ = data.images.shape
+    return build_model(
+        config.model.name,
+        num_classes=data.num_classes,
+        in_channels=channels,
+        image_size=height,
+        width=config.model.width,
+        seed=config.run.seed,
+    )
+
+
+def _throughput(metrics: list[dict[str, Any]], clients: list[LocalData], config: Config) -> float:
+    samples = sum(
+        len(clients[c]) * config.train.local_epochs for m in metrics for c in m["clients"]
+    )
+    seconds = sum(m["seconds"] for m in metrics)
+    return samples / seconds if seconds > 0 else 0.0
