@@ -14,12 +14,14 @@ def _run(args: argparse.Namespace) -> int:
     from ssfl.data.datasets import CorruptDatasetError, DatasetNotFoundError
     from ssfl.sim import run_experiment
 
-    config_path = args.config
-    overrides = list(args.overrides)
-    # ``ssfl run train.lr=0.1`` (no config file): the first word is an override.
-    if config_path is not None and "=" in config_path:
-        overrides.insert(0, config_path)
-        config_path = None
+    # Words with "=" are overrides; at most one other word, the config file. One positional
+    # list (rather than two) lets options such as --out stand anywhere on the line.
+    overrides = [w for w in args.words if "=" in w]
+    paths = [w for w in args.words if "=" not in w]
+    if len(paths) > 1:
+        print(f"ssfl run: give at most one config file, got {paths}", file=sys.stderr)
+        return 2
+    config_path = paths[0] if paths else None
     try:
         config = load_config(config_path, overrides)
         if args.no_progress:
@@ -60,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a federated experiment. Without a config file it runs the embedded "
         "quickstart (scikit-learn's digits, offline). Overrides look like train.lr=0.1.",
     )
-    run.add_argument("config", nargs="?", help="TOML config file (optional)")
-    run.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    run.add_argument("words", nargs="*", metavar="[CONFIG.toml] [section.key=value ...]",
+                     help="an optional TOML config file, then overrides such as train.lr=0.1")
     run.add_argument("--out", help="run folder (default: <run.out_dir>/<run.name>-<time>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
@@ -73,7 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse cannot take positionals again after an option (``run cfg.toml --out D k=v``);
+    # the words it leaves over are the rest of ``run``'s config and overrides.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [w for w in extra if w.startswith("-") or args.command != "run"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.words = [*args.words, *extra]
     return int(args.func(args))
 
 

@@ -92,7 +92,11 @@ def local_train(
     optimiser is made per call, as in FedAvg, so no momentum carries across rounds.
     """
     params = dict(model.named_parameters())
-    masked = [(params[n], m.to(params[n].dtype)) for n, m in (mask or {}).items()]
+    # Layers kept whole (density 1, dense FedAvg) need no masking work at all.
+    masked = [(params[n], m.to(params[n].dtype)) for n, m in (mask or {}).items()
+              if not bool(m.all())]
+    masked_params = [p for p, _ in masked]
+    masked_keep = [k for _, k in masked]
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
@@ -105,14 +109,16 @@ def local_train(
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs), targets)
             loss.backward()
-            for param, keep in masked:
-                param.grad.mul_(keep)
+            if masked:
+                torch._foreach_mul_([p.grad for p in masked_params], masked_keep)
             if settings.clip_grad_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad_norm)
             optimizer.step()
-            with torch.no_grad():
-                for param, keep in masked:
-                    param.mul_(keep)
+            if masked:
+                # SGD alone keeps them at zero (zero gradient, zero momentum, zero decay); the
+                # re-mask is a cheap guard against any optimiser change that would not.
+                with torch.no_grad():
+                    torch._foreach_mul_(masked_params, masked_keep)
             total_loss += float(loss.detach()) * targets.numel()
             seen += targets.numel()
             steps += 1

@@ -1,0 +1,144 @@
+"""Mask rules on tiny hand-checkable tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ssfl.masks import (
+    WeightedMean,
+    apply_mask_,
+    bits_to_mask,
+    global_topk_mask,
+    mask_density,
+    mask_digest,
+    mask_to_bits,
+    prunable_parameter_names,
+    random_global_mask,
+    saliency_scores,
+    topk_count,
+)
+from ssfl.models import ResNet18, SmallCNN
+
+
+def test_global_topk_on_a_2x3_tensor_by_eye() -> None:
+    scores = {"w": torch.tensor([[0.1, 0.9, 0.3], [0.7, 0.2, 0.8]])}
+    mask = global_topk_mask(scores, density=0.5)  # k = 3: 0.9, 0.8, 0.7
+    assert mask["w"].tolist() == [[False, True, False], [True, False, True]]
+
+
+def test_topk_is_global_across_layers_not_per_layer() -> None:
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([10.0, 20.0])}
+    mask = global_topk_mask(scores, density=0.5)  # k = 3: 20, 10, 4
+    assert mask["a"].tolist() == [False, False, False, True]
+    assert mask["b"].tolist() == [True, True]
+
+
+def test_ties_are_broken_by_position_so_density_is_exact() -> None:
+    scores = {"a": torch.zeros(3), "b": torch.zeros(3)}
+    mask = global_topk_mask(scores, density=0.5)
+    assert mask["a"].tolist() == [True, True, True]  # earlier positions win ties
+    assert mask["b"].tolist() == [False, False, False]
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.2, 0.1, 0.05, 0.013])
+def test_density_is_exact_for_a_real_model(density: float) -> None:
+    model = SmallCNN(10)
+    names = prunable_parameter_names(model)
+    params = dict(model.named_parameters())
+    total = sum(params[n].numel() for n in names)
+    torch.manual_seed(0)
+    scores = {n: torch.rand(params[n].shape).round(decimals=2) for n in names}  # many ties
+    mask = global_topk_mask(scores, density)
+    assert sum(int(m.sum()) for m in mask.values()) == round(density * total)
+    rnd = random_global_mask({n: params[n].shape for n in names}, density,
+                             torch.Generator().manual_seed(1))
+    assert sum(int(m.sum()) for m in rnd.values()) == round(density * total)
+
+
+def test_topk_count_rejects_bad_density() -> None:
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="density"):
+            topk_count(bad, 100)
+    with pytest.raises(ValueError, match="keeps no weight"):
+        topk_count(0.001, 10)
+
+
+def test_prunable_names_are_conv_and_linear_weights_including_first_and_last() -> None:
+    model = SmallCNN(10)
+    assert prunable_parameter_names(model) == [
+        "conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"
+    ]
+    resnet = ResNet18(10, width=0.125)
+    names = prunable_parameter_names(resnet)
+    assert names[0] == "conv1.weight" and names[-1] == "fc.weight"
+    assert not any("norm" in n or n.endswith("bias") for n in names)
+    # 1 stem conv + 8 blocks * 2 convs + 3 shortcut convs + fc
+    assert len(names) == 21
+
+
+def test_saliency_is_abs_grad_times_weight_on_a_hand_computed_linear_model() -> None:
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    x = torch.tensor([[1.0, 2.0]])
+    y = torch.tensor([0])
+    scores = saliency_scores(model, [(x, y)])
+    # logits = W x = [-3, 6.5]; p = softmax; dL/dlogits = p - onehot(0); dL/dW = outer(that, x)
+    p = torch.softmax(torch.tensor([-3.0, 6.5]), 0)
+    g = torch.outer(p - torch.tensor([1.0, 0.0]), x[0])
+    expected = (g * model[0].weight.detach()).abs()
+    torch.testing.assert_close(scores["0.weight"], expected)
+    assert model[0].weight.grad is None  # scoring leaves no gradient behind
+
+
+def test_saliency_averages_per_batch_scores_and_restores_train_mode() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN(3, in_channels=1, image_size=8)
+    b1 = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))
+    b2 = (torch.randn(4, 1, 8, 8), torch.tensor([1, 1, 2, 2]))
+    model.train()
+    s1, s2 = saliency_scores(model, [b1]), saliency_scores(model, [b2])
+    both = saliency_scores(model, [b1, b2])
+    for name in both:
+        torch.testing.assert_close(both[name], (s1[name] + s2[name]) / 2)
+    assert model.training
+
+
+def test_weighted_mean_by_hand() -> None:
+    mean = WeightedMean()
+    mean.add(torch.tensor([1.0, 0.0]), 1.0)
+    mean.add(torch.tensor([4.0, 3.0]), 2.0)
+    torch.testing.assert_close(mean.result(), torch.tensor([3.0, 2.0]))
+    with pytest.raises(ValueError):
+        mean.add(torch.tensor([1.0]), 1.0)
+    with pytest.raises(ValueError):
+        mean.add(torch.tensor([1.0, 1.0]), 0.0)
+
+
+def test_bitmap_round_trip_and_size() -> None:
+    mask = {"a": torch.tensor([[True, False, True]]), "b": torch.tensor([False] * 6)}
+    bits = mask_to_bits(mask, ["a", "b"])
+    assert len(bits) == 2  # 9 bits -> 2 bytes
+    assert bits[0] == 0b10100000
+    back = bits_to_mask(bits, {"a": torch.Size([1, 3]), "b": torch.Size([6])}, ["a", "b"])
+    assert all(torch.equal(back[n], mask[n]) for n in mask)
+    with pytest.raises(ValueError):
+        bits_to_mask(bits + b"\0", {"a": torch.Size([1, 3]), "b": torch.Size([6])}, ["a", "b"])
+
+
+def test_digest_differs_between_masks() -> None:
+    a = {"w": torch.tensor([True, False])}
+    b = {"w": torch.tensor([False, True])}
+    assert mask_digest(a, ["w"]) != mask_digest(b, ["w"])
+    assert mask_digest(a, ["w"]) == mask_digest({"w": a["w"].clone()}, ["w"])
+
+
+def test_apply_mask_zeroes_exactly_the_masked_weights() -> None:
+    model = nn.Linear(3, 2, bias=False)
+    keep = torch.tensor([[True, False, True], [False, True, False]])
+    before = model.weight.detach().clone()
+    apply_mask_(model, {"weight": keep})
+    assert torch.equal(model.weight.detach(), before * keep)
+    assert mask_density({"weight": keep}) == 0.5
