@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ssfl.config import load_config
+from ssfl.report import build_figures, load_run
 from ssfl.sim import run_experiment
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +99,10 @@ def main() -> None:
     (out / "reference.md").write_text(
         "Final test accuracy (%) after the configured rounds; one-time bytes per run:\n\n"
         + text + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in one_time.items()) + "\n")
+    # One line per run; plots are written beside the tables.
+    runs = [load_run(runs_dir / r["name"]) for r in rows]
+    for filename, figure in build_figures(runs).items():
+        figure.savefig(out / f"reference_{filename}", dpi=110, bbox_inches="tight")
     print(text)
 
 

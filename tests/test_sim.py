@@ -119,7 +119,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     part = json.loads((folder / "partition.json").read_text())
     assert len(part["class_counts"]) == 6 and sum(part["sizes"]) <= 1438
     mask = json.loads((folder / "mask.json").read_text())
-    assert mask["scored_clients"] == 6
+    assert mask["scored_clients"] == list(range(6))
 
 
 def test_learning_rate_schedules_by_hand() -> None:

@@ -159,6 +159,63 @@ def random_global_mask(
     return unflatten(keep, shapes, names)
 
 
+def erk_densities(shapes: Mapping[str, torch.Size], density: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel layer densities (Evci et al., RigL), as FedDST and the SSFL
+    ablations use: a layer's density is proportional to ``sum(shape) / prod(shape)``, scaled so
+    that the whole model has ``density``; layers that would exceed 1 are kept dense and the
+    scale is solved again for the rest.
+    """
+    topk_count(density, sum(math.prod(s) for s in shapes.values()))  # validates density
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    raw = {n: sum(s) / sizes[n] for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(sizes.values()) - sum(sizes[n] for n in dense)
+        denom = sum(raw[n] * sizes[n] for n in shapes if n not in dense)
+        scale = budget / denom
+        saturated = {n for n in shapes if n not in dense and scale * raw[n] > 1.0}
+        if not saturated:
+            return {n: 1.0 if n in dense else scale * raw[n] for n in shapes}
+        dense |= saturated
+
+
+def layer_counts(
+    densities: Mapping[str, float], shapes: Mapping[str, torch.Size], total: int
+) -> dict[str, int]:
+    """Per-layer kept counts that follow ``densities`` and add up to exactly ``total``
+    (largest-remainder rounding; ties go to the earlier layer)."""
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    wanted = {n: min(densities[n], 1.0) * sizes[n] for n in shapes}
+    counts = {n: min(int(math.floor(w)), sizes[n]) for n, w in wanted.items()}
+    remainders = sorted(shapes, key=lambda n: (-(wanted[n] - counts[n]), list(shapes).index(n)))
+    short = total - sum(counts.values())
+    for name in remainders * 2:  # a second pass only if rounding left room in full layers
+        if short <= 0:
+            break
+        if counts[name] < sizes[name]:
+            counts[name] += 1
+            short -= 1
+    if short != 0:
+        raise ValueError(f"cannot place {total} weights in layers of sizes {sizes}")
+    return counts
+
+
+def random_layerwise_mask(
+    shapes: Mapping[str, torch.Size],
+    densities: Mapping[str, float],
+    total: int,
+    generator: torch.Generator,
+) -> Mask:
+    """A random mask with the given per-layer densities and exactly ``total`` weights kept."""
+    counts = layer_counts(densities, shapes, total)
+    mask = {}
+    for name, shape in shapes.items():
+        keep = torch.zeros(math.prod(shape), dtype=torch.bool)
+        keep[torch.randperm(keep.numel(), generator=generator)[: counts[name]]] = True
+        mask[name] = keep.reshape(shape)
+    return mask
+
+
 def full_mask(shapes: Mapping[str, torch.Size]) -> Mask:
     return {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
 

@@ -8,7 +8,7 @@ object; they differ only in how payloads reach the clients.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,25 +23,82 @@ from ssfl.comm import (
 from ssfl.masks import (
     Mask,
     WeightedMean,
+    erk_densities,
     full_mask,
     global_topk_mask,
     mask_digest,
     mask_to_bits,
     random_global_mask,
+    random_layerwise_mask,
+    topk_count,
     unflatten,
 )
 
-# name -> (needs client saliency scores, description)
 ALGORITHMS: dict[str, str] = {
-    "ssfl": "SSFL: mask from federated SNIP saliency scores, global top-k",
+    "ssfl": "SSFL: mask from federated SNIP saliency scores of all clients, global top-k",
     "fedavg": "dense FedAvg (density 1, no mask round)",
     "random": "FedAvg inside a random global mask of the same density (static)",
+    "random_erk": "FedAvg inside a random mask with ERK layer densities (static)",
+    "snip_oracle": "SNIP on the pooled data of all clients (not federated: a mask-quality "
+    "upper bound), global top-k",
+    "snip_single": "SNIP on a single client's data (client 0), global top-k",
 }
 SCORE_AGGREGATIONS = ("weighted", "uniform")
 
+# Collects score payloads from the given clients: yields (payload, client sample count). The
+# simulator computes them in process; the Flower server sends query messages.
+ScoreCollector = Callable[[Sequence[int]], Iterable[tuple[bytes, int]]]
+
 
 def needs_scores(algorithm: str, density: float) -> bool:
-    return algorithm == "ssfl" and density < 1.0
+    return algorithm in ("ssfl", "snip_single", "snip_oracle") and density < 1.0
+
+
+@dataclass(frozen=True)
+class MaskRound:
+    """The outcome of the mask round: the mask and what finding it cost."""
+
+    mask: Mask
+    score_upload_bytes: int
+    scored_clients: list[int]
+
+
+def find_mask(
+    algorithm: str,
+    prunable_shapes: Mapping[str, torch.Size],
+    density: float,
+    *,
+    num_clients: int,
+    seed: int,
+    score_aggregation: str = "weighted",
+    collect_scores: ScoreCollector | None = None,
+    pooled_scores: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+) -> MaskRound:
+    """Run the mask round of ``algorithm``: ask the clients for scores where it needs them,
+    aggregate, and build the mask. Score bytes are the lengths of the payloads received."""
+    scored: list[int] = []
+    nbytes = 0
+    scores: Mapping[str, torch.Tensor] | None = None
+
+    def counted(payloads: Iterable[tuple[bytes, int]]) -> Iterable[tuple[bytes, int]]:
+        nonlocal nbytes
+        for payload, n in payloads:
+            nbytes += len(payload)
+            yield payload, n
+
+    if needs_scores(algorithm, density):
+        if algorithm == "snip_oracle":
+            if pooled_scores is None:
+                raise ValueError("snip_oracle needs the pooled data, which only the simulator has")
+            scores = pooled_scores()
+        else:
+            if collect_scores is None:
+                raise ValueError(f"{algorithm} needs a way to collect client scores")
+            scored = list(range(num_clients)) if algorithm == "ssfl" else [0]
+            scores = aggregate_scores(counted(collect_scores(scored)), prunable_shapes,
+                                      mode=score_aggregation)
+    mask = build_mask(algorithm, prunable_shapes, density, scores=scores, seed=seed)
+    return MaskRound(mask=mask, score_upload_bytes=nbytes, scored_clients=scored)
 
 
 def aggregate_scores(
@@ -80,8 +137,12 @@ def build_mask(
         return full_mask(prunable_shapes)
     if algorithm == "random":
         return random_global_mask(prunable_shapes, density, torch.Generator().manual_seed(seed))
+    if algorithm == "random_erk":
+        total = topk_count(density, sum(math.prod(s) for s in prunable_shapes.values()))
+        return random_layerwise_mask(prunable_shapes, erk_densities(prunable_shapes, density),
+                                     total, torch.Generator().manual_seed(seed))
     if scores is None:
-        raise ValueError("SSFL needs the aggregated saliency scores to build its mask")
+        raise ValueError(f"{algorithm} needs the aggregated saliency scores to build its mask")
     return global_topk_mask(scores, density)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from ssfl.data.datasets import ImageDataset, load_dataset
 from ssfl.data.partition import class_counts, partition
 from ssfl.masks import layer_densities, mask_density, prunable_parameter_names
 from ssfl.models import build_model
-from ssfl.server import SparseFedAvgServer, aggregate_scores, build_mask, needs_scores
+from ssfl.server import SparseFedAvgServer, find_mask
 
 
 @dataclass(frozen=True)
@@ -134,27 +134,35 @@ def run_experiment(
 
     # ---- mask round ----------------------------------------------------------------------
     mask_started = time.perf_counter()
-    one_time: dict[str, int] = {}
     algo = config.algorithm
-    scores = None
-    if needs_scores(algo.name, algo.density):
-        batch_size = algo.saliency_batch_size or config.train.batch_size
-        score_bytes = 0
+    score_batch_size = algo.saliency_batch_size or config.train.batch_size
 
-        def score_payloads() -> Iterator[tuple[bytes, int]]:
-            nonlocal score_bytes
-            for cid, data in enumerate(clients):
-                s = compute_scores(
-                    model, data, num_batches=algo.saliency_batches, batch_size=batch_size,
-                    generator=client_generator(seed, 0, cid),
-                )
-                payload = encode_scores(s)
-                score_bytes += len(payload)
-                yield payload, len(data)
+    def collect_scores(client_ids: Sequence[int]) -> Iterator[tuple[bytes, int]]:
+        for cid in client_ids:
+            scores = compute_scores(
+                model, clients[cid], num_batches=algo.saliency_batches,
+                batch_size=score_batch_size, generator=client_generator(seed, 0, cid),
+            )
+            yield encode_scores(scores), len(clients[cid])
 
-        scores = aggregate_scores(score_payloads(), prunable_shapes, mode=algo.score_aggregation)
-        one_time["score_upload"] = score_bytes
-    mask = build_mask(algo.name, prunable_shapes, algo.density, scores=scores, seed=seed)
+    def pooled_scores() -> dict[str, torch.Tensor]:
+        # The oracle sees as many samples as the federated mask round, drawn from all data.
+        pooled = LocalData(train_set.images, train_set.labels,
+                           torch.from_numpy(np.concatenate(parts)), train_set.mean, train_set.std)
+        return compute_scores(
+            model, pooled, num_batches=algo.saliency_batches * len(clients),
+            batch_size=score_batch_size, generator=client_generator(seed, 0, len(clients)),
+        )
+
+    found = find_mask(
+        algo.name, prunable_shapes, algo.density, num_clients=len(clients), seed=seed,
+        score_aggregation=algo.score_aggregation, collect_scores=collect_scores,
+        pooled_scores=pooled_scores,
+    )
+    mask = found.mask
+    one_time: dict[str, int] = {}
+    if found.score_upload_bytes:
+        one_time["score_upload"] = found.score_upload_bytes
     server = SparseFedAvgServer(initial, prunable, mask, value_dtype=config.comm.value_dtype)
     if mask_density(mask) < 1.0:
         one_time["mask_broadcast"] = len(server.mask_payload()) * len(clients)
@@ -165,7 +173,7 @@ def run_experiment(
         "prunable": int(sum(m.numel() for m in mask.values())),
         "per_layer": layer_densities(mask),
         "digest": server.digest.hex(),
-        "scored_clients": len(clients) if scores is not None else 0,
+        "scored_clients": found.scored_clients,
         "seconds": mask_seconds,
     }
     if folder is not None:

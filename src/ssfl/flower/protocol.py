@@ -1,0 +1,211 @@
+"""What the SSFL ServerApp and ClientApp agree on: message types, record layout, run config.
+
+Payloads are the ``bytes`` made by :mod:`ssfl.comm` (28-byte header + raw values); in Flower each
+one travels as ONE uint8 array inside an ``ArrayRecord`` under the key ``"payload"``, so Flower
+adds only its own small framing (the ``.npy`` header and the object metadata) to the value bytes.
+
+Messages, in the order the server sends them:
+
+============== ======================================= =====================================
+message type   server -> client                        client -> server
+============== ======================================= =====================================
+query.hello    (nothing)                               the node's ``partition-id`` (or -1)
+query.scores   ``client-id``                           score payload, ``num-samples``
+query.mask     mask bitmap payload (once per node)     ``digest`` it stored
+train          ``client-id``, ``round``, ``lr``,       value payload, ``num-samples``,
+               value payload (active values only)      ``train-loss``, compute seconds
+============== ======================================= =====================================
+
+Run config: every key of :class:`ssfl.config.Config` is a Flower run-config key
+``<section>.<key-in-kebab-case>`` (``train.lr``, ``federation.num-clients``), plus the Flower-only
+keys of :class:`FlowerSettings` (``flower.*``). Both apps read the same fused run config (the
+defaults in ``[tool.flwr.app.config]`` with ``flwr run --run-config`` overrides), convert it with
+:func:`config_from_run_config`, and so build the same typed, validated ``Config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssfl.config import Config, ConfigError, from_dict, validate
+
+MSG_HELLO = "query.hello"
+MSG_SCORES = "query.scores"
+MSG_MASK = "query.mask"
+MSG_TRAIN = "train"
+
+PAYLOAD = "payload"  # the ArrayRecord (and its single Array) holding payload bytes
+CONFIG = "config"  # the ConfigRecord of a message's parameters
+METRICS = "metrics"  # the MetricRecord of a reply's numbers
+
+@dataclass(frozen=True)
+class FlowerSettings:
+    """The Flower-only run-config keys, ``flower.<kebab-case field>``."""
+
+    # Exact run folder to write ("": <run.out-dir>/<run.name>-<time>, as the simulator does).
+    # A relative path is relative to the working directory of the ServerApp process.
+    run_dir: str = ""
+    # Start once at least this many SuperNodes are connected (and, where SuperNodes carry a
+    # ``partition-id``, every client id has a node).
+    min_nodes: int = 1
+    # Give up if the SuperNodes are not there after this many seconds.
+    node_wait_seconds: float = 300.0
+    # Give up on an exchange (a round, the mask round) whose replies take longer than this.
+    round_timeout_seconds: float = 1800.0
+    # How often the ServerApp asks the SuperLink for replies.
+    poll_interval_seconds: float = 0.1
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def run_config_from_config(
+    config: Config, settings: FlowerSettings | None = None
+) -> dict[str, Any]:
+    """The flat Flower run config (``section.kebab-key`` -> value) of a Config."""
+    flat: dict[str, Any] = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{_kebab(key)}"] = value
+    if settings is not None:
+        for f in dataclasses.fields(settings):
+            flat[f"flower.{_kebab(f.name)}"] = getattr(settings, f.name)
+    return flat
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, FlowerSettings]:
+    """Typed ``Config`` (validated as ``ssfl run`` does) and Flower settings from a run config.
+
+    Keys are ``section.key`` with the key in kebab-case (snake_case is accepted too); an unknown
+    section or key, or a value of the wrong type, raises :class:`ssfl.config.ConfigError` naming
+    the key.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    flower: dict[str, Any] = {}
+    for dotted, value in run_config.items():
+        if "." not in dotted:
+            raise ConfigError(
+                f"run-config key {dotted!r} must look like section.key (e.g. train.lr)"
+            )
+        section, key = dotted.split(".", 1)
+        if section == "flower":
+            flower[_snake(key)] = value
+        else:
+            raw.setdefault(section, {})[_snake(key)] = value
+    config = from_dict(raw)
+    validate(config)
+    return config, _flower_settings(flower)
+
+
+def _flower_settings(values: Mapping[str, Any]) -> FlowerSettings:
+    allowed = {f.name: f for f in dataclasses.fields(FlowerSettings)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown run-config key 'flower.{_kebab(key)}'; allowed: "
+                f"{sorted('flower.' + _kebab(k) for k in allowed)}"
+            )
+        default = allowed[key].default
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(
+                f"flower.{_kebab(key)} must be of type {type(default).__name__}, got {value!r}"
+            )
+        kwargs[key] = value
+    settings = FlowerSettings(**kwargs)
+    if settings.min_nodes < 1:
+        raise ConfigError("flower.min-nodes must be at least 1")
+    if min(settings.node_wait_seconds, settings.round_timeout_seconds,
+           settings.poll_interval_seconds) <= 0:
+        raise ConfigError("flower.*-seconds must be > 0")
+    return settings
+
+
+def run_config_toml(flat: Mapping[str, Any]) -> str:
+    """A flat run config as a TOML file for ``flwr run --run-config FILE.toml``.
+
+    Flower flattens nested tables with dots, so ``[train] lr = 0.1`` is the key ``train.lr``.
+    """
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in flat.items():
+        section, key = dotted.split(".", 1)
+        sections.setdefault(section, {})[key] = value
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_scalar(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text if any(c in text for c in ".eEn") else text + ".0"
+    # JSON string escapes are valid TOML basic-string escapes.
+    return json.dumps(str(value))
+
+
+# ---- payloads in Flower records -----------------------------------------------------------
+
+
+def payload_record(payload: bytes) -> Any:
+    """One payload as an ``ArrayRecord`` holding a single uint8 array (no copy of the values
+    beyond the one Flower makes when it serialises the array)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({PAYLOAD: Array(np.frombuffer(payload, dtype=np.uint8))})
+
+
+def payload_bytes(record: Any) -> bytes:
+    """The payload bytes carried by :func:`payload_record`."""
+    array = record[PAYLOAD].numpy()
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise ValueError(f"payload array must be 1-D uint8, got {array.dtype} {array.shape}")
+    return array.tobytes()
+
+
+def message_wire_bytes(message: Any) -> int:
+    """Bytes of a Flower ``Message`` as Flower serialises it for transport: the sum of the
+    deflated objects (message, record dict, records, arrays, array chunks) it pushes.
+
+    The HTTP request framing around each object comes on top (a few hundred bytes per object;
+    one object per 5 MiB chunk of an array)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+class Stopwatch:
+    """``with Stopwatch() as w: ...`` then ``w.seconds``."""
+
+    def __enter__(self) -> Stopwatch:
+        self._started = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._started
+
+
+def resolve_run_dir(settings: FlowerSettings) -> Path | None:
+    return Path(settings.run_dir).expanduser() if settings.run_dir else None

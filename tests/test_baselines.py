@@ -1,0 +1,86 @@
+"""Static-mask baselines: ERK random masks, SNIP on pooled data, SNIP on one client."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ssfl.comm import HEADER
+from ssfl.config import load_config
+from ssfl.masks import erk_densities, layer_counts, random_layerwise_mask
+from ssfl.server import build_mask, find_mask
+from ssfl.sim import run_experiment
+
+
+def test_erk_densities_by_hand() -> None:
+    shapes = {"a": torch.Size([4, 4]), "b": torch.Size([2, 8])}
+    d = erk_densities(shapes, 0.5)
+    # raw: a 8/16, b 10/16; scale = 16 / (0.5*16 + 0.625*16) = 8/9
+    assert d["a"] == pytest.approx(4 / 9) and d["b"] == pytest.approx(5 / 9)
+
+
+def test_erk_keeps_saturated_layers_dense_and_resolves_the_rest() -> None:
+    shapes = {"a": torch.Size([1, 2]), "b": torch.Size([10, 10])}
+    d = erk_densities(shapes, 0.5)
+    assert d["a"] == 1.0 and d["b"] == pytest.approx(0.49)
+
+
+def test_layer_counts_sum_exactly_and_respect_layer_sizes() -> None:
+    shapes = {"a": torch.Size([3]), "b": torch.Size([3]), "c": torch.Size([3])}
+    counts = layer_counts({"a": 0.5, "b": 0.5, "c": 0.5}, shapes, 5)
+    assert counts == {"a": 2, "b": 2, "c": 1}  # 1.5 each: remainders go to earlier layers
+    assert layer_counts({"a": 1.0, "b": 0.0, "c": 0.0}, shapes, 4) == {"a": 3, "b": 1, "c": 0}
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.05])
+def test_random_erk_mask_has_exact_density_and_erk_shape(density: float) -> None:
+    shapes = {"conv": torch.Size([16, 3, 3, 3]), "fc1": torch.Size([128, 256]),
+              "fc2": torch.Size([10, 128])}
+    total = sum(math.prod(s) for s in shapes.values())
+    mask = build_mask("random_erk", shapes, density, seed=3)
+    assert sum(int(m.sum()) for m in mask.values()) == round(density * total)
+    # The big layer is pruned hardest, as ERK intends.
+    assert mask["fc1"].float().mean() < mask["conv"].float().mean()
+    again = random_layerwise_mask(shapes, erk_densities(shapes, density),
+                                  round(density * total), torch.Generator().manual_seed(3))
+    assert all(torch.equal(again[n], mask[n]) for n in shapes)
+
+
+def test_find_mask_scores_one_client_for_snip_single_and_none_for_random() -> None:
+    shapes = {"w": torch.Size([4])}
+    asked: list[list[int]] = []
+
+    def collect(ids):
+        asked.append(list(ids))
+        from ssfl.comm import PayloadKind, encode_values
+        for _ in ids:
+            yield encode_values(torch.tensor([1.0, 4.0, 2.0, 3.0]), kind=PayloadKind.SCORES), 5
+
+    single = find_mask("snip_single", shapes, 0.5, num_clients=7, seed=0, collect_scores=collect)
+    assert asked == [[0]] and single.scored_clients == [0]
+    assert single.mask["w"].tolist() == [False, True, False, True]
+    assert single.score_upload_bytes == HEADER.size + 16
+    ssfl = find_mask("ssfl", shapes, 0.5, num_clients=3, seed=0, collect_scores=collect)
+    assert asked[-1] == [0, 1, 2] and ssfl.score_upload_bytes == 3 * (HEADER.size + 16)
+    rnd = find_mask("random", shapes, 0.5, num_clients=3, seed=0, collect_scores=collect)
+    assert rnd.score_upload_bytes == 0 and len(asked) == 2
+    with pytest.raises(ValueError, match="pooled"):
+        find_mask("snip_oracle", shapes, 0.5, num_clients=3, seed=0)
+
+
+def test_oracle_and_single_run_end_to_end_with_honest_costs() -> None:
+    common = ["run.rounds=1", "run.progress=false", "federation.num_clients=6",
+              "federation.clients_per_round=2", "train.local_epochs=1",
+              "algorithm.density=0.2"]
+    oracle = run_experiment(load_config(None, [*common, "algorithm.name=snip_oracle"]),
+                            write=False)
+    single = run_experiment(load_config(None, [*common, "algorithm.name=snip_single"]),
+                            write=False)
+    ssfl = run_experiment(load_config(None, [*common, "algorithm.name=ssfl"]), write=False)
+    assert "score_upload" not in oracle.summary["one_time_bytes"]  # computed centrally
+    assert single.summary["one_time_bytes"]["score_upload"] * 6 == \
+        ssfl.summary["one_time_bytes"]["score_upload"]
+    for r in (oracle, single, ssfl):
+        assert abs(r.summary["density"] - 0.2) < 1e-3
