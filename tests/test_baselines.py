@@ -84,3 +84,58 @@ def test_oracle_and_single_run_end_to_end_with_honest_costs() -> None:
         ssfl.summary["one_time_bytes"]["score_upload"]
     for r in (oracle, single, ssfl):
         assert abs(r.summary["density"] - 0.2) < 1e-3
+
+
+def test_clientwise_aggregation_averages_each_weight_over_its_holders() -> None:
+    from ssfl.comm import encode_values
+    from ssfl.masks import mask_digest
+    from ssfl.strategies import ClientMaskStrategy
+
+    initial = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([0.0])}
+    strategy = ClientMaskStrategy(initial, ["w"], 0.5, num_clients=2, seed=0)
+    m0, m1 = strategy.client_mask(0)["w"], strategy.client_mask(1)["w"]
+    assert int(m0.sum()) == int(m1.sum()) == 2
+    replies = []
+    for cid, value, n in ((0, 10.0, 1), (1, 40.0, 3)):
+        mask = strategy.client_mask(cid)
+        # Each client returns `value` for its two weights and its bias.
+        payload = encode_values(torch.full((3,), value), round=1,
+                                digest=mask_digest(mask, ["w"]))
+        replies.append((cid, payload, n))
+    strategy.aggregate(1, replies)
+    w = strategy.weights["w"]
+    for i in range(4):
+        if m0[i] and m1[i]:
+            assert w[i] == pytest.approx((10.0 * 1 + 40.0 * 3) / 4)
+        elif m0[i]:
+            assert w[i] == 10.0
+        elif m1[i]:
+            assert w[i] == 40.0
+        else:
+            assert w[i] == initial["w"][i]  # no holder this round: unchanged
+    assert strategy.weights["b"].item() == pytest.approx(32.5)
+    assert strategy.setup_bytes["mask_broadcast"] == 2 * (HEADER.size + 1)
+
+
+def test_clientwise_runs_end_to_end_with_per_client_payloads() -> None:
+    config = load_config(None, ["run.rounds=2", "run.progress=false", "federation.num_clients=4",
+                                "federation.clients_per_round=2", "train.local_epochs=1",
+                                "algorithm.name=random_clientwise", "algorithm.density=0.1"])
+    result = run_experiment(config, write=False)
+    s = result.summary
+    prunable = sum(m.numel() for m in result.mask.values())
+    assert s["one_time_bytes"] == {"mask_broadcast": 4 * (HEADER.size + math.ceil(prunable / 8))}
+    assert s["density"] > 0.1  # the union of four clients' masks
+    assert abs(s["ratio_to_dense"] - 0.1) < 0.02
+
+
+def test_payload_parts_splits_bundles() -> None:
+    from ssfl.comm import encode_bits, encode_values
+    from ssfl.strategies import payload_parts
+
+    a = encode_bits(b"\xff\x80", 9)
+    b = encode_values(torch.ones(3), dtype="float16")
+    assert payload_parts(a + b) == [a, b]
+    from ssfl.comm import PayloadError
+    with pytest.raises(PayloadError):
+        payload_parts(a + b[:-1])

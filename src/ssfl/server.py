@@ -42,6 +42,8 @@ ALGORITHMS: dict[str, str] = {
     "snip_oracle": "SNIP on the pooled data of all clients (not federated: a mask-quality "
     "upper bound), global top-k",
     "snip_single": "SNIP on a single client's data (client 0), global top-k",
+    "random_clientwise": "FedAvg where each client trains in its own random mask (static); "
+    "each weight is averaged over the clients holding it",
 }
 SCORE_AGGREGATIONS = ("weighted", "uniform")
 
@@ -131,8 +133,9 @@ def build_mask(
     scores: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
 ) -> Mask:
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+    if algorithm not in ALGORITHMS or algorithm == "random_clientwise":
+        raise ValueError(f"no global mask for algorithm {algorithm!r}; global-mask algorithms: "
+                         f"{sorted(set(ALGORITHMS) - {'random_clientwise'})}")
     if density >= 1.0 or algorithm == "fedavg":
         return full_mask(prunable_shapes)
     if algorithm == "random":

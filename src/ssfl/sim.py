@@ -27,13 +27,14 @@ from ssfl.client import (
     evaluate,
     train_round,
 )
-from ssfl.comm import encode_values
+from ssfl.comm import encode_values, read_header
 from ssfl.config import Config, augmentation_enabled, check_against_data, to_toml
 from ssfl.data.datasets import ImageDataset, load_dataset
 from ssfl.data.partition import class_counts, partition
-from ssfl.masks import layer_densities, mask_density, prunable_parameter_names
+from ssfl.masks import layer_densities, mask_density, mask_digest, prunable_parameter_names
 from ssfl.models import build_model
 from ssfl.server import SparseFedAvgServer, find_mask
+from ssfl.strategies import ClientMaskStrategy, StaticMaskStrategy, TrainingStrategy
 
 
 @dataclass(frozen=True)
@@ -154,26 +155,33 @@ def run_experiment(
             batch_size=score_batch_size, generator=client_generator(seed, 0, len(clients)),
         )
 
-    found = find_mask(
-        algo.name, prunable_shapes, algo.density, num_clients=len(clients), seed=seed,
-        score_aggregation=algo.score_aggregation, collect_scores=collect_scores,
-        pooled_scores=pooled_scores,
-    )
-    mask = found.mask
-    one_time: dict[str, int] = {}
-    if found.score_upload_bytes:
-        one_time["score_upload"] = found.score_upload_bytes
-    server = SparseFedAvgServer(initial, prunable, mask, value_dtype=config.comm.value_dtype)
-    if mask_density(mask) < 1.0:
-        one_time["mask_broadcast"] = len(server.mask_payload()) * len(clients)
+    strategy: TrainingStrategy
+    if algo.name == "random_clientwise":
+        strategy = ClientMaskStrategy(initial, prunable, algo.density, len(clients), seed=seed,
+                                      value_dtype=config.comm.value_dtype)
+        scored: list[int] = []
+        one_time: dict[str, int] = {}
+    else:
+        found = find_mask(
+            algo.name, prunable_shapes, algo.density, num_clients=len(clients), seed=seed,
+            score_aggregation=algo.score_aggregation, collect_scores=collect_scores,
+            pooled_scores=pooled_scores,
+        )
+        server = SparseFedAvgServer(initial, prunable, found.mask,
+                                    value_dtype=config.comm.value_dtype)
+        strategy = StaticMaskStrategy(server, len(clients))
+        scored = found.scored_clients
+        one_time = {"score_upload": found.score_upload_bytes} if found.score_upload_bytes else {}
+    one_time.update(strategy.setup_bytes)
+    mask = strategy.global_mask()
     mask_seconds = time.perf_counter() - mask_started
     mask_info = {
         "density": mask_density(mask),
         "kept": int(sum(int(m.sum()) for m in mask.values())),
         "prunable": int(sum(m.numel() for m in mask.values())),
         "per_layer": layer_densities(mask),
-        "digest": server.digest.hex(),
-        "scored_clients": found.scored_clients,
+        "digest": mask_digest(mask, prunable).hex(),
+        "scored_clients": scored,
         "seconds": mask_seconds,
     }
     if folder is not None:
@@ -200,6 +208,7 @@ def run_experiment(
     progress = _Progress(config.run.rounds, config.run.progress)
     started = time.perf_counter()
     last_accuracy: float | None = None
+    values_per_payload = 0
     try:
         for rnd in range(1, config.run.rounds + 1):
             round_started = time.perf_counter()
@@ -207,24 +216,26 @@ def run_experiment(
             chosen = sample_clients(
                 seed, rnd, config.federation.num_clients, config.federation.clients_per_round
             )
-            down = server.broadcast(rnd)
             losses: list[tuple[float, int]] = []
+            bytes_down = 0
 
-            def replies() -> Iterator[tuple[bytes, int]]:
+            def replies() -> Iterator[tuple[int, bytes, int]]:
                 # Clients train lazily as the server consumes replies: one model, one reply
                 # in memory at a time.
+                nonlocal bytes_down, values_per_payload
                 for cid in chosen:
-                    reply, result = train_round(
-                        model, server.layout, server.mask, server.digest, down, clients[cid],
-                        settings, round=rnd, lr=lr, generator=client_generator(seed, rnd, cid),
-                        value_dtype=config.comm.value_dtype,
+                    down = strategy.payload_for(cid, rnd)
+                    bytes_down += len(down)
+                    values_per_payload = read_header(down).count
+                    reply, result = strategy.client_update(
+                        model, down, clients[cid], settings, client_id=cid, round=rnd, lr=lr,
+                        generator=client_generator(seed, rnd, cid),
                     )
                     losses.append((result.mean_loss, result.num_samples))
-                    yield reply, result.num_samples
+                    yield cid, reply, result.num_samples
 
-            update = server.aggregate(rnd, replies())
+            update = strategy.aggregate(rnd, replies())
             train_seconds = time.perf_counter() - round_started
-            bytes_down = len(down) * len(chosen)
             cumulative += bytes_down + update.bytes_up
             row: dict[str, Any] = {
                 "round": rnd,
@@ -240,7 +251,7 @@ def run_experiment(
             }
             if rnd % config.run.eval_every == 0 or rnd == config.run.rounds:
                 eval_started = time.perf_counter()
-                server.layout.scatter_model_(server.values, model)
+                strategy.load_global_(model)
                 acc, loss = evaluate(
                     model, test_set.images, test_set.labels, test_set.mean, test_set.std
                 )
@@ -264,8 +275,9 @@ def run_experiment(
 
     wall = time.perf_counter() - started
     accuracies = [m["accuracy"] for m in metrics if m["accuracy"] is not None]
-    per_round_down = len(down)
-    per_round_up = update.bytes_up // max(update.num_clients, 1)
+    # Per client and round (every client's payload has the same size in a static mask).
+    per_round_down = metrics[-1]["bytes_down"] // len(metrics[-1]["clients"])
+    per_round_up = metrics[-1]["bytes_up"] // len(metrics[-1]["clients"])
     summary: dict[str, Any] = {
         "algorithm": algo.name,
         "density": mask_info["density"],
@@ -282,7 +294,7 @@ def run_experiment(
         "dense_bytes_per_round": {"down": dense_payload_bytes, "up": dense_payload_bytes},
         "ratio_to_dense": (per_round_down + per_round_up) / (2 * dense_payload_bytes),
         "total_bytes": cumulative,
-        "num_values": server.layout.num_values,
+        "num_values": values_per_payload,
         "num_parameters": sum(t.numel() for t in initial.values()),
         "wall_seconds": wall,
         "mask_seconds": mask_seconds,
@@ -290,7 +302,7 @@ def run_experiment(
     }
     if folder is not None:
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-    return RunResult(folder, summary, metrics, server.values.clone(), mask)
+    return RunResult(folder, summary, metrics, strategy.global_values().clone(), mask)
 
 
 def _build(config: Config, data: ImageDataset) -> torch.nn.Module:

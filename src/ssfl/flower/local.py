@@ -1,0 +1,387 @@
+"""A local Flower deployment on loopback: one SuperLink, N SuperNodes, one ``flwr run``.
+
+    python -m ssfl.flower.local --supernodes 3 [CONFIG.toml] [section.key=value ...]
+
+starts ``flower-superlink`` and N ``flower-supernode`` processes (``--insecure``, 127.0.0.1 only,
+free ports), runs the SSFL Flower app (``flower_app/``) on them with ``flwr run``, waits for the
+run to end, and stops every process it started (each in its own process group, also on Ctrl-C or
+SIGTERM). The run folder is the same as ``ssfl run`` writes, plus ``flower-logs/``.
+
+CONFIG.toml and the overrides are an ordinary ``ssfl`` config; they become the run config of the
+Flower app. If the number of SuperNodes equals ``federation.num_clients`` each SuperNode holds one
+client (node config ``partition-id=i num-partitions=N``), otherwise the SuperNodes serve the
+clients in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ssfl.config import ConfigError, load_config
+from ssfl.flower.protocol import FlowerSettings, run_config_from_config, run_config_toml
+
+CONNECTION = "ssfl-local"
+DEFAULT_APP = Path(__file__).resolve().parents[3] / "flower_app"
+
+
+class LocalDeploymentError(RuntimeError):
+    pass
+
+
+class _Interrupted(BaseException):
+    """SIGTERM turned into an exception, so that ``finally`` blocks stop the processes."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (Linux /proc)."""
+    if not Path("/proc").is_dir():
+        return set()
+    tree, out, todo = _children_map(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class LocalDeployment:
+    """Processes of one local deployment; ``stop()`` ends all of them (idempotent)."""
+
+    workdir: Path
+    superlink_port: int
+    env: dict[str, str]
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+        self.logs.append(log)
+        proc = subprocess.Popen(
+            list(command), stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            cwd=self.workdir, start_new_session=True,  # its own process group
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def all_pids(self) -> set[int]:
+        pids = set()
+        for _, proc in self.procs:
+            pids.add(proc.pid)
+            pids |= descendants(proc.pid)
+        return pids
+
+    def stop(self, grace: float = 5.0) -> None:
+        pids = self.all_pids()
+        for _, proc in reversed(self.procs):
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc in self.procs:
+            _signal_group(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        # Anything that left its process group (none should) is ended by pid.
+        for pid in pids:
+            if alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for log in self.logs:
+            log.close()
+        self.procs.clear()
+        self.logs.clear()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes], what: str) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LocalDeploymentError(f"{what} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise LocalDeploymentError(f"{what} did not answer on {url} in time")
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        # Never let a SuperLink/SuperNode install the app's dependencies (it would pull a CUDA
+        # torch): the apps run in this environment, where ssfl is installed.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        # SuperExec looks for new tasks every second by default; 0.1 s shortens each hop.
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env_or(env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
+    })
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def env_or(env: dict[str, str], key: str, default: str) -> str:
+    return env.get(key) or default
+
+
+def write_connection(flwr_home: Path, port: int, name: str = CONNECTION) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+
+
+def start_deployment(
+    workdir: Path, num_supernodes: int, *, pinned_partitions: int | None
+) -> LocalDeployment:
+    """SuperLink + ``num_supernodes`` SuperNodes on 127.0.0.1; returns once the link answers.
+
+    ``pinned_partitions``: give SuperNode i ``partition-id=i num-partitions=<that>``; ``None``:
+    no partition in the node config (the nodes serve any client)."""
+    flwr_home = workdir / "flwr-home"
+    port = free_port()
+    write_connection(flwr_home, port)
+    dep = LocalDeployment(workdir, port, flower_env(flwr_home))
+    try:
+        link = dep.start("superlink", [
+            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation",
+        ])
+        _wait_http(f"http://127.0.0.1:{port}/health", time.monotonic() + 60, link, "SuperLink")
+        for i in range(num_supernodes):
+            command = [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                "--host", "127.0.0.1", "--port", str(free_port()),
+            ]
+            if pinned_partitions is not None:
+                command += ["--node-config", f"partition-id={i} num-partitions={pinned_partitions}"]
+            dep.start(f"supernode-{i}", command)
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
+def flwr_run(
+    dep: LocalDeployment, app: Path, run_config_file: Path, timeout: float, echo: bool = True
+) -> int:
+    """``flwr run --stream`` against the deployment; returns the run id once the run ends."""
+    log_path = dep.workdir / "flwr-run.log"
+    command = ["flwr", "run", str(app), CONNECTION, "--run-config", str(run_config_file),
+               "--stream"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dep.env, cwd=dep.workdir, start_new_session=True)
+        dep.procs.append(("flwr-run", proc))
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        run_id = None
+        buffer = b""
+        while True:
+            chunk = proc.stdout.read()
+            if chunk:
+                log.write(chunk)
+                log.flush()
+                if echo:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                buffer += chunk
+                if run_id is None and b"Successfully started run " in buffer:
+                    tail = buffer.split(b"Successfully started run ", 1)[1].split()
+                    if tail and tail[0].isdigit():
+                        run_id = int(tail[0])
+            if proc.poll() is not None and not chunk:
+                break
+            if time.monotonic() > deadline:
+                raise LocalDeploymentError(f"the run did not finish within {timeout:.0f} s")
+            time.sleep(0.1)
+    if proc.returncode != 0 or run_id is None:
+        raise LocalDeploymentError(
+            f"`flwr run` failed (exit code {proc.returncode}); see {log_path}"
+        )
+    return run_id
+
+
+def run_status(dep: LocalDeployment, run_id: int) -> str:
+    out = subprocess.run(
+        ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        capture_output=True, env=dep.env, cwd=dep.workdir, timeout=120, check=False,
+    )
+    try:
+        data: Any = json.loads(out.stdout)
+        runs = data.get("runs", [])
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+    except (json.JSONDecodeError, AttributeError, IndexError):
+        return f"unknown ({out.stdout.decode(errors='replace')[-200:]})"
+
+
+def run_local(
+    config_path: str | None,
+    overrides: Sequence[str],
+    *,
+    supernodes: int = 3,
+    run_dir: Path | None = None,
+    app: Path = DEFAULT_APP,
+    timeout: float = 3600.0,
+    pool: bool = False,
+    echo: bool = True,
+    keep_workdir: bool = False,
+) -> Path:
+    """Run one experiment on a local deployment; returns the run folder."""
+    if supernodes < 1:
+        raise ValueError("need at least one SuperNode")
+    config = load_config(config_path, overrides)
+    config.run.progress = False
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(config.run.out_dir) / f"{config.run.name}-flower-{stamp}"
+    run_dir = run_dir.expanduser().resolve()
+    if (run_dir / "summary.json").exists():
+        raise LocalDeploymentError(f"{run_dir} already holds a finished run")
+    pinned = None if pool or supernodes != config.federation.num_clients else supernodes
+    settings = FlowerSettings(run_dir=str(run_dir), min_nodes=supernodes)
+    workdir = Path(tempfile.mkdtemp(prefix="ssfl-flower-"))
+    run_config_file = workdir / "run-config.toml"
+    run_config_file.write_text(run_config_toml(run_config_from_config(config, settings)))
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise _Interrupted()
+
+    signal.signal(signal.SIGTERM, on_term)
+    dep: LocalDeployment | None = None
+    try:
+        dep = start_deployment(workdir, supernodes, pinned_partitions=pinned)
+        run_id = flwr_run(dep, app, run_config_file, timeout, echo=echo)
+        status = run_status(dep, run_id)
+        if not (run_dir / "summary.json").exists():
+            raise LocalDeploymentError(
+                f"run {run_id} ended ({status}) without writing {run_dir}/summary.json; "
+                f"logs in {workdir}"
+            )
+        return run_dir
+    except _Interrupted:
+        raise KeyboardInterrupt from None
+    finally:
+        try:
+            if dep is not None:
+                dep.stop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if run_dir.is_dir():
+                logs = run_dir / "flower-logs"
+                logs.mkdir(exist_ok=True)
+                for log in workdir.glob("*.log"):
+                    shutil.copy(log, logs / log.name)
+            if not keep_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssfl.flower.local",
+        description="Run SSFL on a local Flower deployment (SuperLink + N SuperNodes on "
+                    "127.0.0.1) and stop every process afterwards.",
+    )
+    parser.add_argument("words", nargs="*", metavar="CONFIG|section.key=value",
+                        help="an ssfl config file and/or overrides, as for `ssfl run`")
+    parser.add_argument("--supernodes", "-n", type=int, default=3)
+    parser.add_argument("--out", help="run folder (default: <run.out_dir>/<name>-flower-<time>)")
+    parser.add_argument("--app", default=str(DEFAULT_APP), help="Flower app folder")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+    parser.add_argument("--pool", action="store_true",
+                        help="SuperNodes without partition-id: they serve the clients in turn")
+    parser.add_argument("--keep-workdir", action="store_true",
+                        help="keep the temporary FLWR_HOME and logs")
+    args = parser.parse_args(argv)
+    overrides = [w for w in args.words if "=" in w]
+    paths = [w for w in args.words if "=" not in w]
+    if len(paths) > 1:
+        parser.error(f"give at most one config file, got {paths}")
+    try:
+        run_dir = run_local(
+            paths[0] if paths else None, overrides, supernodes=args.supernodes,
+            run_dir=Path(args.out) if args.out else None, app=Path(args.app),
+            timeout=args.timeout, pool=args.pool, keep_workdir=args.keep_workdir,
+        )
+    except (ConfigError, LocalDeploymentError) as exc:
+        print(f"ssfl.flower.local: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ssfl.flower.local: interrupted; all processes stopped", file=sys.stderr)
+        return 130
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"\nssfl on Flower: {summary['algorithm']} density {summary['density']:.3f}, final "
+          f"accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds on "
+          f"{summary['nodes']} SuperNodes\nresults: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
