@@ -34,7 +34,8 @@ from ssfl.data.partition import class_counts, partition
 from ssfl.masks import layer_densities, mask_density, mask_digest, prunable_parameter_names
 from ssfl.models import build_model
 from ssfl.server import SparseFedAvgServer, find_mask
-from ssfl.strategies import ClientMaskStrategy, StaticMaskStrategy, TrainingStrategy
+from ssfl.algorithms import TRAINING_STRATEGIES, StrategyContext
+from ssfl.strategies import StaticMaskStrategy, TrainingStrategy
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,10 @@ def run_experiment(
         )
 
     strategy: TrainingStrategy
-    if algo.name == "random_clientwise":
-        strategy = ClientMaskStrategy(initial, prunable, algo.density, len(clients), seed=seed,
-                                      value_dtype=config.comm.value_dtype)
+    if algo.name in TRAINING_STRATEGIES:
+        strategy = TRAINING_STRATEGIES[algo.name](
+            StrategyContext(config, model, initial, prunable, clients)
+        )
         scored: list[int] = []
         one_time: dict[str, int] = {}
     else:
