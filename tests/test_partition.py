@@ -163,3 +163,18 @@ def test_errors(kwargs: dict, match: str) -> None:
     labels = np.array([0, 1] * 5)
     with pytest.raises(ValueError, match=match):
         partition(labels, **kwargs)
+
+
+def test_matching_test_splits_follow_each_clients_classes_by_hand() -> None:
+    from ssfl.data.partition import matching_test_splits
+
+    test_labels = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    train_counts = np.array([[30, 10, 0], [0, 0, 5], [1, 1, 1]])
+    splits = matching_test_splits(test_labels, train_counts, per_client=8, seed=0)
+    got = [np.bincount(test_labels[s], minlength=3).tolist() for s in splits]
+    assert got[0] == [6, 2, 0]  # 8 * 3/4 and 8 * 1/4
+    assert got[1] == [0, 0, 8]
+    assert sorted(got[2]) == [2, 3, 3] and sum(got[2]) == 8
+    assert all(len(np.unique(s)) == len(s) for s in splits)  # no repeats within a client
+    again = matching_test_splits(test_labels, train_counts, per_client=8, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(splits, again))

@@ -115,9 +115,15 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     assert rows[2]["accuracy"] is not None  # the last round is always evaluated
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["final_accuracy"] == rows[2]["accuracy"]
+    assert 0.0 <= rows[2]["personal_accuracy"] <= 1.0
+    assert summary["final_personal_accuracy"] == rows[2]["personal_accuracy"]
     assert load_config(folder / "config.toml").run.eval_every == 2
     part = json.loads((folder / "partition.json").read_text())
     assert len(part["class_counts"]) == 6 and sum(part["sizes"]) <= 1438
+    # Each client's test split holds only classes the client trains on.
+    for train_row, test_row in zip(part["class_counts"], part["test_class_counts"]):
+        assert all(t == 0 for c, t in zip(train_row, test_row) if c == 0)
+        assert sum(test_row) == 359 // 6
     mask = json.loads((folder / "mask.json").read_text())
     assert mask["scored_clients"] == list(range(6))
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ssfl.client import LocalData
-from ssfl.config import Config
+from ssfl.client import LocalData, TrainSettings, client_generator
+from ssfl.config import Config, augmentation_enabled
+from ssfl.dynamic import FedDSTStrategy, PruneFLStrategy
 from ssfl.strategies import ClientMaskStrategy, TrainingStrategy
 
 
@@ -35,6 +36,38 @@ def _random_clientwise(ctx: StrategyContext) -> TrainingStrategy:
                               value_dtype=ctx.config.comm.value_dtype)
 
 
+def _update_until(config: Config) -> int:
+    """Last round of mask updates of the dynamic methods; 0 in the config: half the run."""
+    return config.algorithm.update_until or config.run.rounds // 2
+
+
+def _feddst(ctx: StrategyContext) -> TrainingStrategy:
+    a = ctx.config.algorithm
+    return FedDSTStrategy(ctx.initial, ctx.prunable, a.density, prune_fraction=a.prune_fraction,
+                          update_interval=a.update_interval,
+                          update_until=_update_until(ctx.config),
+                          value_dtype=ctx.config.comm.value_dtype)
+
+
+def _prunefl(ctx: StrategyContext) -> TrainingStrategy:
+    c = ctx.config
+    settings = TrainSettings(
+        momentum=c.train.momentum, weight_decay=c.train.weight_decay,
+        local_epochs=c.train.local_epochs, batch_size=c.train.batch_size,
+        clip_grad_norm=c.train.clip_grad_norm, augment=augmentation_enabled(c),
+    )
+    # Initial pruning runs on client 0 before round 1, at round 1's learning rate (train.lr under
+    # both schedules), with that client's round-0 RNG stream.
+    return PruneFLStrategy(ctx.initial, ctx.prunable, c.algorithm.density, model=ctx.model,
+                           initial_client=ctx.clients[0], settings=settings, lr=c.train.lr,
+                           generator=client_generator(c.run.seed, 0, 0),
+                           initial_rounds=c.algorithm.prunefl_initial_rounds,
+                           update_interval=c.algorithm.update_interval,
+                           update_until=_update_until(c), value_dtype=c.comm.value_dtype)
+
+
 TRAINING_STRATEGIES: dict[str, Callable[[StrategyContext], TrainingStrategy]] = {
     "random_clientwise": _random_clientwise,
+    "feddst": _feddst,
+    "prunefl": _prunefl,
 }

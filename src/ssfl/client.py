@@ -127,6 +127,30 @@ def local_train(
 
 
 @torch.inference_mode()
+def evaluate_samples(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample correctness (bool) and cross-entropy of ``model`` on a uint8 image tensor.
+
+    Per-sample results let one pass over the test set serve both the global accuracy and every
+    client's personalised accuracy (a mean over that client's test indices).
+    """
+    model.eval()
+    correct, losses = [], []
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start : start + batch_size], mean, std)
+        y = labels[start : start + batch_size]
+        logits = model(x)
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+        correct.append(logits.argmax(1) == y)
+    return torch.cat(correct), torch.cat(losses)
+
+
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -136,16 +160,8 @@ def evaluate(
     batch_size: int = 1000,
 ) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of ``model`` on a whole uint8 image tensor."""
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(labels), batch_size):
-        x = normalize(images[start : start + batch_size], mean, std)
-        y = labels[start : start + batch_size]
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    n = len(labels)
-    return correct / n, loss_sum / n
+    correct, losses = evaluate_samples(model, images, labels, mean, std, batch_size)
+    return float(correct.float().mean()), float(losses.mean())
 
 
 def compute_scores(

@@ -62,6 +62,15 @@ class AlgorithmSection:
     score_aggregation: str = "weighted"
     saliency_batches: int = 1
     saliency_batch_size: int = 0  # 0: the training batch size
+    # Dynamic masks (feddst, prunefl): the global mask is updated every `update_interval` rounds
+    # (R; rounds R, 2R, ...) up to round `update_until` (0: half the run). FedDST's clients drop
+    # a fraction alpha_r = prune_fraction/2 * (1 + cos(pi * round / update_until)) of their
+    # smallest active weights per layer and regrow as many by gradient magnitude.
+    update_interval: int = 10
+    update_until: int = 0
+    prune_fraction: float = 0.3  # alpha, in [0, 1]; 0 keeps FedDST's initial ERK mask fixed
+    # PruneFL: local rounds of initial pruning on client 0 before federated training
+    prunefl_initial_rounds: int = 5
 
 
 @dataclass
@@ -222,12 +231,19 @@ def validate(config: Config) -> None:
         ("train.local_epochs", config.train.local_epochs),
         ("train.batch_size", config.train.batch_size),
         ("algorithm.saliency_batches", config.algorithm.saliency_batches),
+        ("algorithm.update_interval", config.algorithm.update_interval),
+        ("algorithm.prunefl_initial_rounds", config.algorithm.prunefl_initial_rounds),
         ("data.classes_per_client", config.data.classes_per_client),
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if config.algorithm.saliency_batch_size < 0:
         raise ConfigError("algorithm.saliency_batch_size must be >= 0 (0: the training batch size)")
+    if config.algorithm.update_until < 0:
+        raise ConfigError("algorithm.update_until must be >= 0 (0: half of run.rounds)")
+    fraction = config.algorithm.prune_fraction
+    if not (0.0 <= fraction <= 1.0) or not math.isfinite(fraction):
+        raise ConfigError(f"algorithm.prune_fraction must be in [0, 1], got {fraction}")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
     if config.federation.clients_per_round > config.federation.num_clients:

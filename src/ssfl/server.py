@@ -44,6 +44,8 @@ ALGORITHMS: dict[str, str] = {
     "snip_single": "SNIP on a single client's data (client 0), global top-k",
     "random_clientwise": "FedAvg where each client trains in its own random mask (static); "
     "each weight is averaged over the clients holding it",
+    "feddst": "FedDST: ERK magnitude mask, clients drop/regrow every R rounds (dynamic)",
+    "prunefl": "PruneFL: pruned on client 0, top-k by squared gradients every R rounds (dynamic)",
 }
 SCORE_AGGREGATIONS = ("weighted", "uniform")
 

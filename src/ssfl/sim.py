@@ -24,13 +24,12 @@ from ssfl.client import (
     client_generator,
     compute_scores,
     encode_scores,
-    evaluate,
-    train_round,
+    evaluate_samples,
 )
 from ssfl.comm import encode_values, read_header
 from ssfl.config import Config, augmentation_enabled, check_against_data, to_toml
 from ssfl.data.datasets import ImageDataset, load_dataset
-from ssfl.data.partition import class_counts, partition
+from ssfl.data.partition import class_counts, matching_test_splits, partition
 from ssfl.masks import layer_densities, mask_density, mask_digest, prunable_parameter_names
 from ssfl.models import build_model
 from ssfl.server import SparseFedAvgServer, find_mask
@@ -120,13 +119,22 @@ def run_experiment(
                   train_set.std)
         for p in parts
     ]
+    train_counts = class_counts(train_set.labels.numpy(), parts, train_set.num_classes)
+    client_tests = [
+        torch.from_numpy(idx) for idx in matching_test_splits(
+            test_set.labels.numpy(), train_counts,
+            per_client=max(1, len(test_set) // len(parts)), seed=seed,
+        )
+    ]
     folder = make_run_dir(config, run_dir) if write else None
     if folder is not None:
         (folder / "config.toml").write_text(to_toml(config))
-        counts = class_counts(train_set.labels.numpy(), parts, train_set.num_classes)
-        (folder / "partition.json").write_text(
-            json.dumps({"class_counts": counts.tolist(), "sizes": [len(p) for p in parts]})
-        )
+        (folder / "partition.json").write_text(json.dumps({
+            "class_counts": train_counts.tolist(), "sizes": [len(p) for p in parts],
+            "test_class_counts": class_counts(
+                test_set.labels.numpy(), [t.numpy() for t in client_tests],
+                train_set.num_classes).tolist(),
+        }))
 
     model = _build(config, train_set)
     prunable = prunable_parameter_names(model)
@@ -254,11 +262,18 @@ def run_experiment(
             if rnd % config.run.eval_every == 0 or rnd == config.run.rounds:
                 eval_started = time.perf_counter()
                 strategy.load_global_(model)
-                acc, loss = evaluate(
+                correct, losses_per_sample = evaluate_samples(
                     model, test_set.images, test_set.labels, test_set.mean, test_set.std
                 )
-                row.update(accuracy=acc, test_loss=loss,
-                           eval_seconds=time.perf_counter() - eval_started)
+                acc = float(correct.float().mean())
+                row.update(
+                    accuracy=acc,
+                    test_loss=float(losses_per_sample.mean()),
+                    # Mean over clients of the accuracy on the client's own test split.
+                    personal_accuracy=float(torch.stack(
+                        [correct[idx].float().mean() for idx in client_tests]).mean()),
+                    eval_seconds=time.perf_counter() - eval_started,
+                )
                 last_accuracy = acc
             metrics.append(row)
             if metrics_file is not None:
@@ -290,6 +305,10 @@ def run_experiment(
         "seed": seed,
         "final_accuracy": accuracies[-1] if accuracies else None,
         "best_accuracy": max(accuracies) if accuracies else None,
+        # The personalised protocol (each client on its own test split) beside the global one.
+        "final_personal_accuracy": next(
+            (m["personal_accuracy"] for m in reversed(metrics) if m["accuracy"] is not None),
+            None),
         "one_time_bytes": one_time,
         # Per client and round: one download and one upload.
         "bytes_per_round": {"down": per_round_down, "up": per_round_up},

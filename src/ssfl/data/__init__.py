@@ -11,7 +11,7 @@ from .datasets import (
     resolve_root,
 )
 from .download import ARCHIVES, download_and_extract
-from .partition import PARTITIONS, class_counts, partition
+from .partition import PARTITIONS, class_counts, matching_test_splits, partition
 
 __all__ = [
     "ARCHIVES",
@@ -25,6 +25,7 @@ __all__ = [
     "download_and_extract",
     "load_dataset",
     "normalize",
+    "matching_test_splits",
     "partition",
     "random_crop_flip",
     "resolve_root",

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PARTITIONS", "class_counts", "partition"]
+__all__ = ["PARTITIONS", "class_counts", "matching_test_splits", "partition"]
 
 PARTITIONS: tuple[str, ...] = ("balanced_dirichlet", "dirichlet", "pathological", "iid")
 
@@ -279,3 +279,43 @@ def _largest_remainder(sizes: np.ndarray, total: int) -> np.ndarray:
         alloc[room[:deficit]] += 1
         deficit = total - alloc.sum()
     return alloc
+
+
+def matching_test_splits(
+    test_labels: np.ndarray,
+    train_counts: np.ndarray,
+    *,
+    per_client: int,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """A test split per client that follows that client's training class distribution.
+
+    This is the personalised evaluation protocol of the SSFL and DisPFL code: a client is
+    tested on the classes it trains on, in the same proportions. Client ``k`` gets
+    ``per_client`` test indices whose class counts are ``per_client * train_counts[k] /
+    sum(train_counts[k])`` (largest-remainder rounding), drawn without replacement inside the
+    client from the global test set; different clients may share test images, as the test set
+    is far smaller than the union of the clients' needs. A class with fewer test images than
+    needed contributes all it has.
+    """
+    y = _check_labels(test_labels)
+    counts = np.asarray(train_counts, dtype=np.int64)
+    if counts.ndim != 2 or counts.shape[1] <= int(y.max(initial=0)):
+        raise ValueError(f"train_counts must be [clients, classes], got shape {counts.shape}")
+    if per_client < 1:
+        raise ValueError(f"per_client must be at least 1, got {per_client}")
+    rng = np.random.default_rng(seed)
+    pools = [np.flatnonzero(y == c) for c in range(counts.shape[1])]
+    splits = []
+    for row in counts:
+        if row.sum() == 0:
+            splits.append(np.empty(0, dtype=np.int64))
+            continue
+        exact = row * per_client / row.sum()
+        wanted = np.floor(exact).astype(np.int64)
+        # Largest remainders get the leftover samples; classes the client lacks get none.
+        wanted[np.argsort(-(exact - wanted), kind="stable")[: per_client - wanted.sum()]] += 1
+        chosen = [rng.choice(pools[c], size=min(int(n), len(pools[c])), replace=False)
+                  for c, n in enumerate(wanted) if n > 0]
+        splits.append(np.sort(np.concatenate(chosen)).astype(np.int64))
+    return splits

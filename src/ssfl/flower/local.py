@@ -34,9 +34,9 @@ from typing import IO, Any
 
 from ssfl.config import ConfigError, load_config
 from ssfl.flower.protocol import FlowerSettings, run_config_from_config, run_config_toml
+from ssfl.flower.runconfig import write_app
 
 CONNECTION = "ssfl-local"
-DEFAULT_APP = Path(__file__).resolve().parents[3] / "flower_app"
 
 
 class LocalDeploymentError(RuntimeError):
@@ -261,9 +261,8 @@ def flwr_run(
                 raise LocalDeploymentError(f"the run did not finish within {timeout:.0f} s")
             time.sleep(0.1)
     if proc.returncode != 0 or run_id is None:
-        raise LocalDeploymentError(
-            f"`flwr run` failed (exit code {proc.returncode}); see {log_path}"
-        )
+        tail = log_path.read_text(errors="replace")[-1500:]
+        raise LocalDeploymentError(f"`flwr run` failed (exit code {proc.returncode}):\n{tail}")
     return run_id
 
 
@@ -286,7 +285,7 @@ def run_local(
     *,
     supernodes: int = 3,
     run_dir: Path | None = None,
-    app: Path = DEFAULT_APP,
+    app: Path | None = None,
     timeout: float = 3600.0,
     pool: bool = False,
     echo: bool = True,
@@ -306,6 +305,9 @@ def run_local(
     pinned = None if pool or supernodes != config.federation.num_clients else supernodes
     settings = FlowerSettings(run_dir=str(run_dir), min_nodes=supernodes)
     workdir = Path(tempfile.mkdtemp(prefix="ssfl-flower-"))
+    if app is None:
+        # A fresh app definition, rendered from this version's Config (never stale).
+        app = write_app(workdir / "app").parent
     run_config_file = workdir / "run-config.toml"
     run_config_file.write_text(run_config_toml(run_config_from_config(config, settings)))
 
@@ -319,11 +321,10 @@ def run_local(
     try:
         dep = start_deployment(workdir, supernodes, pinned_partitions=pinned)
         run_id = flwr_run(dep, app, run_config_file, timeout, echo=echo)
-        status = run_status(dep, run_id)
         if not (run_dir / "summary.json").exists():
             raise LocalDeploymentError(
-                f"run {run_id} ended ({status}) without writing {run_dir}/summary.json; "
-                f"logs in {workdir}"
+                f"run {run_id} ended (status: {run_status(dep, run_id)}) without writing "
+                f"{run_dir}/summary.json; logs in {run_dir / 'flower-logs'}"
             )
         return run_dir
     except _Interrupted:
@@ -334,11 +335,10 @@ def run_local(
                 dep.stop()
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if run_dir.is_dir():
-                logs = run_dir / "flower-logs"
-                logs.mkdir(exist_ok=True)
-                for log in workdir.glob("*.log"):
-                    shutil.copy(log, logs / log.name)
+            logs = run_dir / "flower-logs"  # kept also when the run failed
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in workdir.glob("*.log"):
+                shutil.copy(log, logs / log.name)
             if not keep_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
 
@@ -353,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="an ssfl config file and/or overrides, as for `ssfl run`")
     parser.add_argument("--supernodes", "-n", type=int, default=3)
     parser.add_argument("--out", help="run folder (default: <run.out_dir>/<name>-flower-<time>)")
-    parser.add_argument("--app", default=str(DEFAULT_APP), help="Flower app folder")
+    parser.add_argument("--app", help="Flower app folder (default: one rendered from this "
+                        "version of ssfl, the same as flower_app/)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
     parser.add_argument("--pool", action="store_true",
                         help="SuperNodes without partition-id: they serve the clients in turn")
@@ -367,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_dir = run_local(
             paths[0] if paths else None, overrides, supernodes=args.supernodes,
-            run_dir=Path(args.out) if args.out else None, app=Path(args.app),
+            run_dir=Path(args.out) if args.out else None,
+            app=Path(args.app) if args.app else None,
             timeout=args.timeout, pool=args.pool, keep_workdir=args.keep_workdir,
         )
     except (ConfigError, LocalDeploymentError) as exc:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ssfl.client import evaluate
 from ssfl.comm import encode_values
-from ssfl.config import Config, to_toml
+from ssfl.config import Config, ConfigError, to_toml
 from ssfl.data.partition import class_counts
 from ssfl.flower.protocol import (
     CONFIG,
@@ -49,7 +49,7 @@ from ssfl.flower.protocol import (
 )
 from ssfl.flower.setup import build_model, load_federation, set_threads
 from ssfl.masks import layer_densities, mask_density, prunable_parameter_names
-from ssfl.server import SparseFedAvgServer, aggregate_scores, build_mask, needs_scores
+from ssfl.server import SparseFedAvgServer, find_mask
 from ssfl.sim import learning_rate, make_run_dir, sample_clients
 
 app = ServerApp()
@@ -158,6 +158,21 @@ def _map_clients(known: dict[int, int], num_clients: int) -> tuple[dict[int, int
     return pinned, ""
 
 
+# Global-mask algorithms whose mask round the Flower app runs (``ssfl.server.find_mask``).
+# Not here: snip_oracle (needs every client's data in one place, only the simulator has it) and
+# the algorithms with their own training rounds (``ssfl.algorithms.TRAINING_STRATEGIES``:
+# per-client masks, dynamic masks), which need messages this app does not have yet.
+FLOWER_ALGORITHMS = ("ssfl", "fedavg", "random", "random_erk", "snip_single")
+
+
+def check_supported(config: Config) -> None:
+    if config.algorithm.name not in FLOWER_ALGORITHMS:
+        raise ConfigError(
+            f"algorithm.name = {config.algorithm.name!r} does not run on Flower yet; "
+            f"choose one of {list(FLOWER_ALGORITHMS)} (or use the simulator, `ssfl run`)"
+        )
+
+
 def _payload_and_metrics(reply: Message) -> tuple[bytes, Any]:
     return payload_bytes(reply.content[PAYLOAD]), reply.content[METRICS]
 
@@ -166,7 +181,9 @@ def run_on_grid(
     grid: Grid, config: Config, settings: FlowerSettings, run_dir: Path | None = None,
     *, write: bool = True,
 ) -> dict[str, Any]:
-    """Run one experiment over Flower; returns ``{"run_dir", "summary", "metrics", "mask"}``."""
+    """Run one experiment over Flower; returns ``{"run_dir", "summary", "metrics", "mask",
+    "values"}``."""
+    check_supported(config)
     set_threads(config)
     seed = config.run.seed
     fed = load_federation(config)
@@ -195,26 +212,29 @@ def run_on_grid(
 
     # ---- mask round ----------------------------------------------------------------------
     mask_started = time.perf_counter()
-    one_time: dict[str, int] = {}
     algo = config.algorithm
-    scores = None
-    score_compute: list[float] = []
-    if needs_scores(algo.name, algo.density):
+    score_compute: dict[int, float] = {}
+
+    def collect_scores(client_ids: Sequence[int]) -> Iterator[tuple[bytes, int]]:
         asks = [
             Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), mapping[cid],
                     MSG_SCORES, group_id="mask")
-            for cid in range(config.federation.num_clients)
+            for cid in client_ids
         ]
-        replies = [_payload_and_metrics(r) for r in _exchange(grid, asks, settings, "scores")]
-        one_time["score_upload"] = sum(len(p) for p, _ in replies)
-        score_compute = [float(m["compute-seconds"]) for _, m in replies]
-        # In client-id order, weighted by each client's own sample count, as the simulator.
-        scores = aggregate_scores(
-            ((p, int(m["num-samples"])) for p, m in replies), prunable_shapes,
-            mode=algo.score_aggregation,
-        )
-        del replies
-    mask = build_mask(algo.name, prunable_shapes, algo.density, scores=scores, seed=seed)
+        # Replies come back in the order asked (client-id order), as the simulator sums them.
+        for reply in _exchange(grid, asks, settings, "scores"):
+            payload, metrics = _payload_and_metrics(reply)
+            score_compute[int(metrics["client-id"])] = float(metrics["compute-seconds"])
+            yield payload, int(metrics["num-samples"])
+
+    found = find_mask(
+        algo.name, prunable_shapes, algo.density, num_clients=config.federation.num_clients,
+        seed=seed, score_aggregation=algo.score_aggregation, collect_scores=collect_scores,
+    )
+    one_time: dict[str, int] = (
+        {"score_upload": found.score_upload_bytes} if found.score_upload_bytes else {}
+    )
+    mask = found.mask
     server = SparseFedAvgServer(initial, prunable, mask, value_dtype=config.comm.value_dtype)
     dense = mask_density(mask) >= 1.0
     mask_payload = server.mask_payload()
@@ -235,9 +255,9 @@ def run_on_grid(
         "prunable": int(sum(m.numel() for m in mask.values())),
         "per_layer": layer_densities(mask),
         "digest": server.digest.hex(),
-        "scored_clients": len(score_compute),
+        "scored_clients": found.scored_clients,
         "seconds": mask_seconds,
-        "score_compute_seconds": score_compute,
+        "score_compute_seconds": [score_compute[c] for c in found.scored_clients],
         "nodes": len(nodes),
     }
     if folder is not None:

@@ -1,0 +1,391 @@
+"""SSFL on Flower: run-config mapping, payload encoding overhead, and parity with the simulator
+(in process through an in-memory Grid, and across processes on a local deployment)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from ssfl.comm import HEADER, encode_values  # noqa: E402
+from ssfl.config import Config, ConfigError, load_config  # noqa: E402
+from ssfl.flower import client_app as client_module  # noqa: E402
+from ssfl.flower.local import alive, run_local  # noqa: E402
+from ssfl.flower.protocol import (  # noqa: E402
+    CONFIG,
+    FlowerSettings,
+    config_from_run_config,
+    message_wire_bytes,
+    payload_bytes,
+    payload_record,
+    run_config_from_config,
+    run_config_toml,
+)
+from ssfl.flower.runconfig import render_pyproject  # noqa: E402
+from ssfl.flower.server_app import FlowerRunError, run_on_grid  # noqa: E402
+from ssfl.masks import mask_digest  # noqa: E402
+from ssfl.models import build_model  # noqa: E402
+from ssfl.sim import run_experiment  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "flower_app"
+
+# Small and quick, but every stage of SSFL: mask round with scores, several rounds, sampling.
+QUICK = [
+    "run.rounds=2", "run.threads=1", "run.progress=false",
+    "federation.num_clients=3", "federation.clients_per_round=2",
+    "train.local_epochs=1", "train.batch_size=64",
+]
+COMPARED = ["round", "accuracy", "test_loss", "train_loss", "bytes_down", "bytes_up",
+            "bytes_cumulative", "lr", "clients"]
+
+
+def _assert_same_metrics(sim: list[dict], fl: list[dict], one_time_extra: int = 0) -> None:
+    """``one_time_extra``: mask bytes the Flower run sends beyond the simulator's count (the
+    simulator counts one mask per client; Flower sends one per node)."""
+    assert len(sim) == len(fl)
+    for a, b in zip(sim, fl):
+        b = dict(b, bytes_cumulative=b["bytes_cumulative"] - one_time_extra)
+        for key in COMPARED:
+            if isinstance(a[key], float):
+                assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), (key, a, b)
+            else:
+                assert a[key] == b[key], (key, a, b)
+        assert len(b["client_compute_seconds"]) == len(b["clients"])
+        assert b["aggregation_seconds"] >= 0
+
+
+# ---- run config -----------------------------------------------------------------------------
+
+
+def test_run_config_round_trip_and_typed_errors() -> None:
+    config = load_config(None, ["train.lr=0.1", "algorithm.density=0.1", "run.name=x"])
+    settings = FlowerSettings(run_dir="/tmp/x", min_nodes=3)
+    flat = run_config_from_config(config, settings)
+    assert flat["train.lr"] == 0.1 and flat["federation.num-clients"] == 20
+    back, back_settings = config_from_run_config(flat)
+    assert back == config and back_settings == settings
+    # A run-config TOML file, as `flwr run --run-config FILE.toml` flattens it.
+    parsed = tomllib.loads(run_config_toml(flat))
+    flat_again = {f"{s}.{k}": v for s, table in parsed.items() for k, v in table.items()}
+    assert flat_again == flat
+    # ints are accepted for floats; wrong types and unknown keys name the key.
+    assert config_from_run_config({"train.lr": 1})[0].train.lr == 1.0
+    with pytest.raises(ConfigError, match="train.local_epochs"):
+        config_from_run_config({"train.local-epochs": "two"})
+    with pytest.raises(ConfigError, match="federation.num_client"):
+        config_from_run_config({"federation.num-client": 3})
+    with pytest.raises(ConfigError, match="flower.min-node"):
+        config_from_run_config({"flower.min-node": 3})
+    with pytest.raises(ConfigError, match="density"):
+        config_from_run_config({"algorithm.density": 1.5})
+
+
+def test_flower_app_is_up_to_date_and_lists_every_config_key() -> None:
+    """Flower only accepts --run-config overrides of keys the app declares: all of them."""
+    assert (APP / "pyproject.toml").read_text() == render_pyproject(), (
+        "flower_app/pyproject.toml is stale: run `python -m ssfl.flower.runconfig --app "
+        "flower_app`")
+    declared = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    flat = {f"{s}.{k}": v for s, table in declared["config"].items() for k, v in table.items()}
+    assert set(flat) == set(run_config_from_config(Config(), FlowerSettings()))
+    config, _ = config_from_run_config(flat)  # the defaults are a valid config
+    assert config.data.dataset == "digits"
+    components = declared["components"]
+    assert components == {"serverapp": "ssfl.flower.server_app:app",
+                          "clientapp": "ssfl.flower.client_app:app"}
+
+
+# ---- payload encoding -------------------------------------------------------------------------
+
+
+def _metadata(message_type: str) -> Metadata:
+    return Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=2,
+                    reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
+                    message_type=message_type)
+
+
+def test_payload_record_round_trip_through_flower_serialisation() -> None:
+    payload = encode_values(torch.randn(1000), round=3)
+    msg = Message(RecordDict({"payload": payload_record(payload)}), metadata=_metadata("train"))
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    back = inflate_object_from_contents(msg.object_id, contents)
+    assert payload_bytes(back.content["payload"]) == payload
+
+
+@pytest.mark.parametrize("density", [1.0, 0.05])
+def test_flower_encoding_overhead_at_resnet18_size_is_below_2_percent(density: float) -> None:
+    """A train message and its reply, serialised as Flower pushes them (every nested object
+    deflated), against the raw value bytes of a ResNet-18 payload (dense and at 5 % density)."""
+    model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32, seed=0)
+    total = sum(p.numel() for p in model.parameters())
+    count = int(total * density)
+    values = torch.randn(count)  # random: chunks do not de-duplicate
+    payload = encode_values(values, round=1)
+    raw_value_bytes = 4 * count
+    train = Message(
+        RecordDict({CONFIG: ConfigRecord({"client-id": 17, "round": 1, "lr": 0.05}),
+                    "payload": payload_record(payload)}),
+        metadata=_metadata("train"),
+    )
+    down = message_wire_bytes(train)
+    overhead = (down - raw_value_bytes) / raw_value_bytes
+    assert down > raw_value_bytes
+    assert overhead < 0.02, f"{down} bytes for {raw_value_bytes} value bytes: {overhead:.4%}"
+    # The SSFL header is 28 bytes; Flower adds the .npy header and per-object metadata.
+    assert down - len(payload) < 2_000 + 200 * math.ceil(len(payload) / 5_242_880)
+
+
+# ---- in-process Grid: the apps without processes ------------------------------------------------
+
+
+class InMemoryGrid(Grid):
+    """Delivers each message to the ClientApp of its node at once, through Flower's own
+    serialisation (deflate/inflate), with one persistent Context per node as a SuperNode keeps."""
+
+    def __init__(self, config_flat: dict, node_configs: list[dict]) -> None:
+        self.contexts = {
+            1000 + i: Context(run_id=1, node_id=1000 + i, node_config=nc, state=RecordDict(),
+                              run_config=dict(config_flat))
+            for i, nc in enumerate(node_configs)
+        }
+        self.replies: dict[str, Message] = {}
+        self.received: list[tuple[int, str]] = []
+
+    def set_run(self, run):  # pragma: no cover - unused
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - unused
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    @staticmethod
+    def _transport(message: Message) -> Message:
+        contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+        return inflate_object_from_contents(message.object_id, contents)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            self.received.append((node, msg.metadata.message_type))
+            delivered = self._transport(msg)
+            delivered.metadata.__dict__["_message_id"] = msg.object_id
+            reply = client_module.app(delivered, self.contexts[node])
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            self.replies[msg.object_id] = self._transport(reply)
+            ids.append(msg.object_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - unused
+        return self.pull_messages(self.push_messages(messages))
+
+
+@pytest.fixture()
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "node_configs"),
+    [
+        # one SuperNode per client, pinned by partition-id (a real deployment)
+        (QUICK, [{"partition-id": i, "num-partitions": 3} for i in range(3)]),
+        # 5 clients served by 2 SuperNodes without a partition-id; float16 values; random mask
+        (QUICK + ["federation.num_clients=5", "federation.clients_per_round=3",
+                  "comm.value_dtype=float16"], [{}, {}]),
+        (QUICK + ["algorithm.name=random", "algorithm.density=0.1"], [{}, {}]),
+        (QUICK + ["algorithm.name=fedavg", "algorithm.density=1.0"], [{}]),
+        (QUICK + ["algorithm.name=snip_single", "algorithm.density=0.2"], [{}, {}]),
+        (QUICK + ["algorithm.name=random_erk", "algorithm.density=0.2"], [{}, {}]),
+    ],
+)
+def test_in_process_flower_run_matches_simulator(
+    task_identity: None, tmp_path: Path, overrides: list[str], node_configs: list[dict]
+) -> None:
+    config = load_config(None, overrides)
+    sim = run_experiment(config, write=False)
+    grid = InMemoryGrid(run_config_from_config(config), node_configs)
+    fl = run_on_grid(grid, config, FlowerSettings(node_wait_seconds=5), tmp_path / "run")
+    prunable = list(sim.mask)
+    assert mask_digest(fl["mask"], prunable) == mask_digest(sim.mask, prunable)
+    assert json.loads((tmp_path / "run" / "mask.json").read_text())["digest"] == \
+        mask_digest(sim.mask, prunable).hex()
+    extra = sum(fl["summary"]["one_time_bytes"].values()) - sum(
+        sim.summary["one_time_bytes"].values())
+    if len(node_configs) == config.federation.num_clients:
+        assert extra == 0
+    _assert_same_metrics(sim.metrics, fl["metrics"], extra)
+    assert torch.equal(fl["values"], sim.final_values)
+    for key in ["density", "final_accuracy", "bytes_per_round", "dense_bytes_per_round",
+                "ratio_to_dense", "num_values"]:
+        assert fl["summary"][key] == sim.summary[key], key
+    if len(node_configs) == config.federation.num_clients:
+        assert fl["summary"]["total_bytes"] == sim.summary["total_bytes"]
+    # The mask goes to each node once; training rounds carry values only.
+    types = [t for _, t in grid.received]
+    assert types.count("query.mask") == len(node_configs)
+    assert types.count("train") == config.run.rounds * config.federation.clients_per_round
+    written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    _assert_same_metrics(sim.metrics, written, extra)
+    assert {"config.toml", "partition.json", "mask.json", "metrics.jsonl", "summary.json"} <= {
+        p.name for p in (tmp_path / "run").iterdir()}
+
+
+@pytest.mark.parametrize("algorithm", ["snip_oracle", "random_clientwise", "feddst", "prunefl"])
+def test_algorithms_not_on_flower_are_refused_before_any_work(algorithm: str) -> None:
+    config = load_config(None, [*QUICK, f"algorithm.name={algorithm}"])
+    with pytest.raises(ConfigError, match="does not run on Flower"):
+        run_on_grid(InMemoryGrid(run_config_from_config(config), [{}]), config,
+                    FlowerSettings(), write=False)
+
+
+def test_pinned_nodes_must_cover_every_client(task_identity: None) -> None:
+    config = load_config(None, QUICK)
+    grid = InMemoryGrid(run_config_from_config(config),
+                        [{"partition-id": 0, "num-partitions": 3}])
+    with pytest.raises(FlowerRunError, match=r"partition\(s\) \[1, 2\]"):
+        run_on_grid(grid, config, FlowerSettings(node_wait_seconds=0.5), write=False)
+    grid = InMemoryGrid(run_config_from_config(config),
+                        [{"partition-id": 0, "num-partitions": 4}])
+    with pytest.raises(FlowerRunError, match="num-partitions=4"):
+        run_on_grid(grid, config, FlowerSettings(node_wait_seconds=0.5), write=False)
+
+
+def test_train_before_mask_is_an_error_reply(task_identity: None) -> None:
+    config = load_config(None, QUICK)
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
+                      run_config=run_config_from_config(config))
+    msg = Message(RecordDict({CONFIG: ConfigRecord({"client-id": 0, "round": 1, "lr": 0.1}),
+                              "payload": payload_record(b"x" * HEADER.size)}),
+                  metadata=_metadata("train"))
+    with pytest.raises(RuntimeError, match="no mask"):
+        client_module.app(msg, context)
+
+
+# ---- a real local deployment: SuperLink + SuperNodes as processes ---------------------------------
+
+
+def _flower_processes() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if (b"flower-super" in cmd or b"flwr-" in cmd or b"flwr run" in cmd) and \
+                    alive(int(entry.name)):
+                pids.add(int(entry.name))
+    return pids
+
+
+def _kill_leftovers(before: set[int]) -> set[int]:
+    leftovers = set()
+    for _ in range(20):  # processes may take a moment to exit after SIGTERM
+        leftovers = _flower_processes() - before
+        if not leftovers:
+            return set()
+        time.sleep(0.5)
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return leftovers
+
+
+needs_linux = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+
+
+@needs_linux
+def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path) -> None:
+    """2 SuperNodes (one per client) and a SuperLink as processes on 127.0.0.1, ``flwr run``
+    with the shipped app folder; same mask digest and per-round metrics as the simulator."""
+    before = _flower_processes()
+    overrides = [*QUICK, "federation.num_clients=2"]
+    config = load_config(None, overrides)
+    try:
+        run_dir = run_local(None, overrides, supernodes=2, run_dir=tmp_path / "run",
+                            app=APP, timeout=240, echo=False)
+    finally:
+        leftovers = _kill_leftovers(before)
+    assert not leftovers, f"processes left running: {leftovers}"
+    sim = run_experiment(config, write=False)
+    mask = json.loads((run_dir / "mask.json").read_text())
+    prunable = list(sim.mask)
+    assert mask["digest"] == mask_digest(sim.mask, prunable).hex()
+    fl = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    _assert_same_metrics(sim.metrics, fl)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["nodes"] == 2 and summary["engine"] == "flower"
+    assert summary["total_bytes"] == sim.summary["total_bytes"]
+    assert summary["one_time_bytes"] == sim.summary["one_time_bytes"]
+    assert (run_dir / "flower-logs" / "superlink.log").is_file()
+
+
+@needs_linux
+def test_local_deployment_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    before = _flower_processes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssfl.flower.local", "--supernodes", "2", *QUICK,
+         "run.rounds=50", "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        seen = b""
+        while b"Successfully started run" not in seen and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert b"Successfully started run" in seen, seen.decode(errors="replace")[-2000:]
+        assert len(_flower_processes() - before) >= 3  # link + 2 nodes (+ helpers)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out.decode(errors="replace")[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        leftovers = _kill_leftovers(before)
+    assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_numpy_uint8_payload_is_one_array() -> None:
+    record = payload_record(b"\x01\x02\x03")
+    assert list(record) == ["payload"]
+    assert record["payload"].numpy().dtype == np.uint8
