@@ -29,7 +29,12 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from ssfl.comm import HEADER, encode_values  # noqa: E402
 from ssfl.config import Config, ConfigError, load_config  # noqa: E402
 from ssfl.flower import client_app as client_module  # noqa: E402
-from ssfl.flower.local import alive, run_local  # noqa: E402
+from ssfl.flower.local import (  # noqa: E402
+    processes_of,
+    run_local,
+    start_deployment,
+    supernode_command,
+)
 from ssfl.flower.protocol import (  # noqa: E402
     CONFIG,
     FlowerSettings,
@@ -297,24 +302,13 @@ def test_train_before_mask_is_an_error_reply(task_identity: None) -> None:
 # ---- a real local deployment: SuperLink + SuperNodes as processes ---------------------------------
 
 
-def _flower_processes() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if (b"flower-super" in cmd or b"flwr-" in cmd or b"flwr run" in cmd) and \
-                    alive(int(entry.name)):
-                pids.add(int(entry.name))
-    return pids
-
-
-def _kill_leftovers(before: set[int]) -> set[int]:
-    leftovers = set()
+def _stop_leftovers(workdir: Path) -> set[int]:
+    """Processes of the deployment in ``workdir`` still running after it was stopped (killed
+    here, so that no test leaves one behind). Only that deployment's processes: they carry the
+    workdir in their environment, so other Flower processes on the machine are never touched."""
+    leftovers: set[int] = set()
     for _ in range(20):  # processes may take a moment to exit after SIGTERM
-        leftovers = _flower_processes() - before
+        leftovers = processes_of(workdir)
         if not leftovers:
             return set()
         time.sleep(0.5)
@@ -333,14 +327,14 @@ needs_linux = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux
 def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path) -> None:
     """2 SuperNodes (one per client) and a SuperLink as processes on 127.0.0.1, ``flwr run``
     with the shipped app folder; same mask digest and per-round metrics as the simulator."""
-    before = _flower_processes()
     overrides = [*QUICK, "federation.num_clients=2"]
     config = load_config(None, overrides)
+    workdir = (tmp_path / "work").resolve()
     try:
         run_dir = run_local(None, overrides, supernodes=2, run_dir=tmp_path / "run",
-                            app=APP, timeout=240, echo=False)
+                            app=APP, timeout=240, echo=False, workdir=workdir)
     finally:
-        leftovers = _kill_leftovers(before)
+        leftovers = _stop_leftovers(workdir)
     assert not leftovers, f"processes left running: {leftovers}"
     sim = run_experiment(config, write=False)
     mask = json.loads((run_dir / "mask.json").read_text())
@@ -357,10 +351,10 @@ def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path
 
 @needs_linux
 def test_local_deployment_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    before = _flower_processes()
+    workdir = tmp_path / "work"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ssfl.flower.local", "--supernodes", "2", *QUICK,
-         "run.rounds=50", "--out", str(tmp_path / "run")],
+         "run.rounds=50", "--out", str(tmp_path / "run"), "--workdir", str(workdir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -373,7 +367,7 @@ def test_local_deployment_stops_everything_on_sigterm(tmp_path: Path) -> None:
                 break
             seen += line
         assert b"Successfully started run" in seen, seen.decode(errors="replace")[-2000:]
-        assert len(_flower_processes() - before) >= 3  # link + 2 nodes (+ helpers)
+        assert len(processes_of(workdir.resolve())) >= 3  # link + 2 nodes (+ helpers)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, out.decode(errors="replace")[-2000:]
@@ -381,7 +375,43 @@ def test_local_deployment_stops_everything_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        leftovers = _kill_leftovers(before)
+        leftovers = _stop_leftovers(workdir.resolve())
+    assert not leftovers, f"processes left running: {leftovers}"
+
+
+@needs_linux
+def test_secure_superlink_refuses_unregistered_and_plaintext_supernodes(tmp_path: Path) -> None:
+    """TLS + SuperNode authentication: the registered SuperNode connects; a SuperNode with an
+    unregistered key, one without a key, and one without TLS are all refused."""
+    from ssfl.flower.certs import make_supernode_keys
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    dep = start_deployment(workdir, 1, pinned_partitions=None, secure=True)
+    try:
+        assert dep.certs is not None
+        stranger = make_supernode_keys(dep.certs, "stranger")["stranger"]
+        port = dep.superlink_port
+        refused = {
+            "unregistered": dep.start("unregistered", supernode_command(
+                port, certs=dep.certs, key=stranger, max_wait=10)),
+            "no-key": dep.start("no-key", supernode_command(port, certs=dep.certs, max_wait=10)),
+            "plaintext": dep.start("plaintext", supernode_command(port, max_wait=10)),
+        }
+        for name, proc in refused.items():
+            assert proc.wait(timeout=60) != 0, name
+        log = (workdir / "supernode-0.log").read_text()
+        deadline = time.monotonic() + 30
+        while "SuperNode ID:" not in log and time.monotonic() < deadline:
+            time.sleep(0.5)
+            log = (workdir / "supernode-0.log").read_text()
+        assert "SuperNode ID:" in log, log[-2000:]
+        assert dep.procs[1][1].poll() is None  # the registered SuperNode is still connected
+        link_log = (workdir / "superlink.log").read_text()
+        assert "No SuperNode found with the given public key" in link_log
+    finally:
+        dep.stop()
+        leftovers = _stop_leftovers(workdir.resolve())
     assert not leftovers, f"processes left running: {leftovers}"
 
 

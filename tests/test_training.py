@@ -88,15 +88,6 @@ def test_server_fedavg_is_sample_weighted_by_hand() -> None:
     assert dense["w"].tolist() == [[3.0, 0.0], [0.0, 5.0]] and dense["b"].tolist() == [7.0]
 
 
-def test_server_rejects_replies_for_another_mask_or_round() -> None:
-    initial = {"w": torch.ones(2, 2)}
-    server = SparseFedAvgServer(initial, ["w"], {"w": torch.eye(2, dtype=torch.bool)})
-    with pytest.raises(PayloadError, match="different mask"):
-        server.aggregate(1, [(encode_values(torch.ones(2), round=1), 1)])
-    with pytest.raises(PayloadError, match="round"):
-        server.aggregate(1, [(encode_values(torch.ones(2), round=2, digest=server.digest), 1)])
-
-
 def test_score_aggregation_weighted_and_uniform_by_hand() -> None:
     shapes = {"w": torch.Size([2])}
     payloads = [

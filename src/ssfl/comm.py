@@ -105,13 +105,20 @@ def decode_values(
     expected_count: int | None = None,
     expected_digest: bytes | None = None,
     expected_round: int | None = None,
+    expected_dtype: str | None = None,
+    require_finite: bool = False,
 ) -> torch.Tensor:
-    """Decode a value payload into a float32 tensor, checking every header field it is given."""
+    """Decode a value payload into a float32 tensor, checking every header field it is given
+    (and, with ``require_finite``, that no value is NaN or infinite)."""
     header = read_header(payload)
     if header.kind != expected_kind:
         raise PayloadError(f"expected a {expected_kind.name} payload, got {header.kind.name}")
     if header.dtype_code not in _CODE_TO_DTYPE:
         raise PayloadError(f"unknown value dtype code {header.dtype_code}")
+    if expected_dtype is not None and header.dtype_code != VALUE_DTYPES[expected_dtype][0]:
+        got = next(name for name, (code, _) in VALUE_DTYPES.items()
+                   if code == header.dtype_code)
+        raise PayloadError(f"payload values are {got}, expected {expected_dtype}")
     np_dtype = _CODE_TO_DTYPE[header.dtype_code]
     if expected_count is not None and header.count != expected_count:
         raise PayloadError(f"payload has {header.count} values, expected {expected_count}")
@@ -126,7 +133,11 @@ def decode_values(
             f"of {np_dtype.itemsize} bytes"
         )
     body = np.frombuffer(payload, dtype=np_dtype, offset=HEADER.size, count=header.count)
-    return torch.from_numpy(body.astype(np.float32))
+    values = torch.from_numpy(body.astype(np.float32))
+    if require_finite and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise PayloadError(f"payload has {bad} NaN or infinite values")
+    return values
 
 
 def decode_bits(payload: bytes, *, expected_count: int) -> bytes:

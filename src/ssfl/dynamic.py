@@ -361,7 +361,8 @@ class FedDSTStrategy(DynamicMaskStrategy):
       authors' ``rate_decay_end``.
     - Client, in an update round: after local training (the authors readjust in the last local
       epoch, after its steps), take the dense gradient on one fresh minibatch of its data, drop
-      ``round(alpha_r * active)`` smallest-magnitude active weights per layer and grow as many
+      ``floor(alpha_r * active + 1/2)`` smallest-magnitude active weights per layer (at most
+      the layer's inactive count) and grow as many
       weights that were inactive before the drop, by largest gradient magnitude
       (``drop_and_regrow``). Excluding the just-dropped weights from regrowth (the authors'
       ``topk`` over all weights may pick them, or even active ones) makes every readjustment a

@@ -7,6 +7,7 @@ object; they differ only in how payloads reach the clients.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from ssfl.comm import (
+    HEADER,
+    VALUE_DTYPES,
     ParameterLayout,
+    PayloadError,
     PayloadKind,
     decode_values,
     encode_bits,
@@ -33,6 +37,8 @@ from ssfl.masks import (
     topk_count,
     unflatten,
 )
+
+logger = logging.getLogger(__name__)
 
 ALGORITHMS: dict[str, str] = {
     "ssfl": "SSFL: mask from federated SNIP saliency scores of all clients, global top-k",
@@ -152,12 +158,35 @@ def build_mask(
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """A client update the server refused, and why (logged and recorded in the metrics)."""
+
+    client_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class RoundUpdate:
     """What the server learnt from one round's replies."""
 
     num_clients: int
     num_samples: int
     bytes_up: int
+    rejected: tuple[Rejection, ...] = ()
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid replies to aggregate a round; the global model was left unchanged."""
+
+    def __init__(self, round: int, valid: int, required: int,
+                 rejected: Sequence[Rejection]) -> None:
+        reasons = "; ".join(f"client {r.client_id}: {r.reason}" for r in rejected)
+        super().__init__(
+            f"round {round}: {valid} valid replies, at least {required} required"
+            + (f" (rejected: {reasons})" if reasons else "")
+        )
+        self.round, self.valid, self.required = round, valid, required
+        self.rejected = tuple(rejected)
 
 
 class SparseFedAvgServer:
@@ -174,10 +203,12 @@ class SparseFedAvgServer:
         mask: Mask,
         *,
         value_dtype: str = "float32",
+        update_clip_norm: float = 0.0,
     ) -> None:
         self.shapes = {n: t.shape for n, t in initial.items()}
         self.prunable = prunable
         self.mask = mask
+        self.update_clip_norm = update_clip_norm  # 0: no clipping
         self.layout = ParameterLayout(self.shapes, mask)
         self.digest = mask_digest(mask, prunable)
         self.value_dtype = value_dtype
@@ -196,27 +227,69 @@ class SparseFedAvgServer:
         """The payload every client sampled in ``round`` receives: the active global values."""
         return encode_values(self.values, round=round, digest=self.digest, dtype=self.value_dtype)
 
-    def aggregate(self, round: int, replies: Iterable[tuple[bytes, int]]) -> RoundUpdate:
-        """FedAvg weighted by sample count over the replies' active values.
+    def aggregate(self, round: int, replies: Iterable[tuple[bytes, int]], *,
+                  min_replies: int = 1) -> RoundUpdate:
+        """FedAvg of ``(payload, sample count)`` replies; see ``aggregate_from``."""
+        return self.aggregate_from(
+            round, ((i, p, n) for i, (p, n) in enumerate(replies)), min_replies=min_replies
+        )
 
-        The average of vectors laid out on the same mask is itself on the mask: re-masking is
-        implicit because inactive weights have no slot in the vector.
+    def check_update(self, round: int, payload: bytes, num_samples: object) -> torch.Tensor:
+        """Decode one client update, or raise PayloadError saying what is wrong with it.
+
+        A valid update has exactly the expected size, the server's dtype, this round and this
+        mask, only finite values, and a positive integer sample count.
+        """
+        expected_size = HEADER.size + self.layout.num_values * VALUE_DTYPES[self.value_dtype][
+            1].itemsize
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
+        if len(payload) > expected_size:
+            raise PayloadError(f"payload of {len(payload)} bytes is over the limit of "
+                               f"{expected_size} bytes")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise PayloadError(f"sample count must be a positive integer, got {num_samples!r}")
+        return decode_values(
+            payload, expected_count=self.layout.num_values, expected_digest=self.digest,
+            expected_round=round, expected_dtype=self.value_dtype, require_finite=True,
+        )
+
+    def aggregate_from(self, round: int, replies: Iterable[tuple[int, bytes, int]], *,
+                       min_replies: int = 1) -> RoundUpdate:
+        """FedAvg weighted by sample count over the valid replies' active values.
+
+        Each reply is checked first (``check_update``); a bad one is rejected with its reason
+        and the round goes on without it. With fewer than ``min_replies`` valid replies the
+        round raises ``RoundFailed`` and the global model stays as it was. With
+        ``update_clip_norm`` set, each client's change to the global model is clipped to that
+        L2 norm before averaging (robust aggregation). The average of vectors laid out on the
+        same mask is itself on the mask: inactive weights have no slot in the vector.
         """
         mean = WeightedMean()
         samples, nbytes = 0, 0
-        for payload, num_samples in replies:
-            values = decode_values(
-                payload,
-                expected_count=self.layout.num_values,
-                expected_digest=self.digest,
-                expected_round=round,
-            )
+        rejected: list[Rejection] = []
+        for client_id, payload, num_samples in replies:
+            try:
+                values = self.check_update(round, payload, num_samples)
+            except PayloadError as exc:
+                rejected.append(Rejection(client_id, str(exc)))
+                logger.warning("round %d: rejected update of client %d: %s", round, client_id,
+                               exc)
+                continue
+            if self.update_clip_norm > 0:
+                delta = values - self.values
+                norm = float(delta.norm())
+                if norm > self.update_clip_norm:
+                    values = self.values + delta * (self.update_clip_norm / norm)
             mean.add(values, float(num_samples))
             samples += num_samples
             nbytes += len(payload)
+        if mean.count < min_replies:
+            raise RoundFailed(round, mean.count, min_replies, rejected)
         self.values = mean.result()
         self.round = round
-        return RoundUpdate(num_clients=mean.count, num_samples=samples, bytes_up=nbytes)
+        return RoundUpdate(num_clients=mean.count, num_samples=samples, bytes_up=nbytes,
+                           rejected=tuple(rejected))
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         """The global model as full tensors (inactive weights are zero)."""

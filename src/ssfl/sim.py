@@ -185,15 +185,8 @@ def run_experiment(
     one_time.update(strategy.setup_bytes)
     mask = strategy.global_mask()
     mask_seconds = time.perf_counter() - mask_started
-    mask_info = {
-        "density": mask_density(mask),
-        "kept": int(sum(int(m.sum()) for m in mask.values())),
-        "prunable": int(sum(m.numel() for m in mask.values())),
-        "per_layer": layer_densities(mask),
-        "digest": mask_digest(mask, prunable).hex(),
-        "scored_clients": scored,
-        "seconds": mask_seconds,
-    }
+    mask_info = {**_mask_stats(mask, prunable), "scored_clients": scored,
+                 "seconds": mask_seconds}
     if folder is not None:
         (folder / "mask.json").write_text(json.dumps(mask_info, indent=1))
 
@@ -291,13 +284,20 @@ def run_experiment(
             metrics_file.close()
 
     wall = time.perf_counter() - started
+    # Dynamic methods change the global mask during training: report the final one too.
+    mask = strategy.global_mask()
+    mask_info["final"] = _mask_stats(mask, prunable)
+    if folder is not None:
+        (folder / "mask.json").write_text(json.dumps(mask_info, indent=1))
     accuracies = [m["accuracy"] for m in metrics if m["accuracy"] is not None]
-    # Per client and round (every client's payload has the same size in a static mask).
-    per_round_down = metrics[-1]["bytes_down"] // len(metrics[-1]["clients"])
-    per_round_up = metrics[-1]["bytes_up"] // len(metrics[-1]["clients"])
+    # Per client and round, averaged over the run: equal in every round for a static mask,
+    # varying for methods whose masks travel when they change.
+    client_rounds = sum(len(m["clients"]) for m in metrics)
+    per_round_down = round(sum(m["bytes_down"] for m in metrics) / client_rounds)
+    per_round_up = round(sum(m["bytes_up"] for m in metrics) / client_rounds)
     summary: dict[str, Any] = {
         "algorithm": algo.name,
-        "density": mask_info["density"],
+        "density": mask_info["final"]["density"],
         "target_density": algo.density,
         "dataset": config.data.dataset,
         "model": config.model.name,
@@ -324,6 +324,16 @@ def run_experiment(
     if folder is not None:
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     return RunResult(folder, summary, metrics, strategy.global_values().clone(), mask)
+
+
+def _mask_stats(mask: dict[str, torch.Tensor], prunable: list[str]) -> dict[str, Any]:
+    return {
+        "density": mask_density(mask),
+        "kept": int(sum(int(m.sum()) for m in mask.values())),
+        "prunable": int(sum(m.numel() for m in mask.values())),
+        "per_layer": layer_densities(mask),
+        "digest": mask_digest(mask, prunable).hex(),
+    }
 
 
 def _build(config: Config, data: ImageDataset) -> torch.nn.Module:

@@ -97,7 +97,7 @@ class StaticMaskStrategy(TrainingStrategy):
                            round=round, lr=lr, generator=generator, value_dtype=s.value_dtype)
 
     def aggregate(self, round: int, replies: Iterable[Reply]) -> RoundUpdate:
-        return self.server.aggregate(round, ((p, n) for _, p, n in replies))
+        return self.server.aggregate_from(round, replies)
 
     def load_global_(self, model: nn.Module) -> None:
         self.server.layout.scatter_model_(self.server.values, model)

@@ -2,13 +2,13 @@
 
     python -m ssfl.flower.local --supernodes 3 [CONFIG.toml] [section.key=value ...]
 
-starts ``flower-superlink`` and N ``flower-supernode`` processes (``--insecure``, 127.0.0.1 only,
-free ports), runs the SSFL Flower app (``flower_app/``) on them with ``flwr run``, waits for the
+starts ``flower-superlink`` and N ``flower-supernode`` processes (``--insecure``, or with
+``--secure`` TLS and SuperNode authentication; 127.0.0.1 only, free ports), runs the SSFL Flower app (``flower_app/``) on them with ``flwr run``, waits for the
 run to end, and stops every process it started (each in its own process group, also on Ctrl-C or
 SIGTERM). The run folder is the same as ``ssfl run`` writes, plus ``flower-logs/``.
 
-CONFIG.toml and the overrides are an ordinary ``ssfl`` config; they become the run config of the
-Flower app. If the number of SuperNodes equals ``federation.num_clients`` each SuperNode holds one
+CONFIG.toml and the overrides are an ordinary ``ssfl`` config (without a file: the app's
+shortened digits quickstart, 3 clients and 5 rounds); they become the run config of the Flower app. If the number of SuperNodes equals ``federation.num_clients`` each SuperNode holds one
 client (node config ``partition-id=i num-partitions=N``), otherwise the SuperNodes serve the
 clients in turn.
 """
@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from typing import IO, Any
 
 from ssfl.config import ConfigError, load_config
 from ssfl.flower.protocol import FlowerSettings, run_config_from_config, run_config_toml
-from ssfl.flower.runconfig import write_app
+from ssfl.flower.runconfig import APP_DEFAULTS, write_app
 
 CONNECTION = "ssfl-local"
 
@@ -81,6 +82,26 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+MARKER = "SSFL_FLOWER_WORKDIR"  # every process of a deployment carries its workdir in its env
+
+
+def processes_of(workdir: Path) -> set[int]:
+    """Live processes that carry ``workdir``'s marker in their environment: exactly the
+    processes of that deployment (and nobody else's), however they were started."""
+    wanted = f"{MARKER}={workdir}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0") and alive(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -96,6 +117,7 @@ class LocalDeployment:
     workdir: Path
     superlink_port: int
     env: dict[str, str]
+    certs: Path | None = None  # secure profile: the folder of certs.make_certificates
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -133,7 +155,7 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 pass
         # Anything that left its process group (none should) is ended by pid.
-        for pid in pids:
+        for pid in pids | processes_of(self.workdir):
             if alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -152,23 +174,28 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes], what: str) -> None:
+def _wait_health(dep: LocalDeployment, deadline: float, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until the SuperLink's HTTP(S) endpoint answers."""
+    scheme = "https" if dep.certs is not None else "http"
+    url = f"{scheme}://127.0.0.1:{dep.superlink_port}/health"
+    context = ssl.create_default_context(cafile=str(dep.certs / "ca.crt")) if dep.certs else None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise LocalDeploymentError(f"{what} exited with code {proc.returncode}")
+            raise LocalDeploymentError(f"the SuperLink exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise LocalDeploymentError(f"{what} did not answer on {url} in time")
+    raise LocalDeploymentError(f"the SuperLink did not answer on {url} in time")
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
+def flower_env(flwr_home: Path, workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
+        MARKER: str(workdir),
         "FLWR_HOME": str(flwr_home),
         # Never let a SuperLink/SuperNode install the app's dependencies (it would pull a CUDA
         # torch): the apps run in this environment, where ssfl is installed.
@@ -187,39 +214,87 @@ def env_or(env: dict[str, str], key: str, default: str) -> str:
     return env.get(key) or default
 
 
-def write_connection(flwr_home: Path, port: int, name: str = CONNECTION) -> None:
+def write_connection(flwr_home: Path, port: int, ca: Path | None = None,
+                     name: str = CONNECTION) -> None:
+    """The ``flwr`` CLI's connection to the SuperLink (``$FLWR_HOME/config.toml``)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{ca}"\n' if ca is not None else "insecure = true\n"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'address = "127.0.0.1:{port}"\n{security}'
     )
 
 
+def superlink_command(port: int, certs: Path | None) -> list[str]:
+    command = ["flower-superlink", "--host", "127.0.0.1", "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return command + ["--insecure"]
+    return command + ["--ssl-ca-certfile", str(certs / "ca.crt"),
+                      "--ssl-certfile", str(certs / "server.pem"),
+                      "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth"]
+
+
+def supernode_command(
+    port: int, *, certs: Path | None = None, key: Path | None = None,
+    node_config: str = "", max_wait: float | None = None,
+) -> list[str]:
+    """A SuperNode on 127.0.0.1: plaintext (``certs`` None) or TLS, with ``key`` for
+    SuperNode authentication."""
+    command = ["flower-supernode", "--superlink", f"127.0.0.1:{port}",
+               "--host", "127.0.0.1", "--port", str(free_port())]
+    command += ["--insecure"] if certs is None else ["--root-certificates", str(certs / "ca.crt")]
+    if key is not None:
+        command += ["--auth-supernode-private-key", str(key)]
+    if node_config:
+        command += ["--node-config", node_config]
+    if max_wait is not None:
+        command += ["--max-retries", "3", "--max-wait-time", str(max_wait)]
+    return command
+
+
+def register_supernode(dep: LocalDeployment, public_key: Path) -> None:
+    """``flwr supernode register``: the SuperLink will accept the SuperNode holding this key."""
+    out = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION],
+                         capture_output=True, env=dep.env, cwd=dep.workdir, timeout=120,
+                         check=False)
+    if out.returncode != 0:
+        raise LocalDeploymentError(
+            f"could not register {public_key}: {out.stdout.decode(errors='replace')[-800:]}")
+
+
 def start_deployment(
-    workdir: Path, num_supernodes: int, *, pinned_partitions: int | None
+    workdir: Path, num_supernodes: int, *, pinned_partitions: int | None, secure: bool = False
 ) -> LocalDeployment:
     """SuperLink + ``num_supernodes`` SuperNodes on 127.0.0.1; returns once the link answers.
 
     ``pinned_partitions``: give SuperNode i ``partition-id=i num-partitions=<that>``; ``None``:
-    no partition in the node config (the nodes serve any client)."""
+    no partition in the node config (the nodes serve any client). ``secure``: TLS with a fresh
+    private CA (``workdir/certs``) and SuperNode authentication (each SuperNode's public key is
+    registered with the SuperLink before the SuperNode starts)."""
+    workdir = workdir.resolve()
     flwr_home = workdir / "flwr-home"
     port = free_port()
-    write_connection(flwr_home, port)
-    dep = LocalDeployment(workdir, port, flower_env(flwr_home))
+    certs = None
+    if secure:
+        from ssfl.flower.certs import make_certificates
+
+        certs = workdir / "certs"
+        make_certificates(certs, num_supernodes=num_supernodes)
+    write_connection(flwr_home, port, certs / "ca.crt" if certs else None)
+    dep = LocalDeployment(workdir, port, flower_env(flwr_home, workdir), certs)
     try:
-        link = dep.start("superlink", [
-            "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation",
-        ])
-        _wait_http(f"http://127.0.0.1:{port}/health", time.monotonic() + 60, link, "SuperLink")
+        link = dep.start("superlink", superlink_command(port, certs))
+        _wait_health(dep, time.monotonic() + 60, link)
         for i in range(num_supernodes):
-            command = [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--host", "127.0.0.1", "--port", str(free_port()),
-            ]
-            if pinned_partitions is not None:
-                command += ["--node-config", f"partition-id={i} num-partitions={pinned_partitions}"]
-            dep.start(f"supernode-{i}", command)
+            key = None
+            if certs is not None:
+                register_supernode(dep, certs / f"supernode-{i}.pub")
+                key = certs / f"supernode-{i}"
+            node_config = (f"partition-id={i} num-partitions={pinned_partitions}"
+                           if pinned_partitions is not None else "")
+            dep.start(f"supernode-{i}", supernode_command(port, certs=certs, key=key,
+                                                          node_config=node_config))
     except BaseException:
         dep.stop()
         raise
@@ -290,10 +365,18 @@ def run_local(
     pool: bool = False,
     echo: bool = True,
     keep_workdir: bool = False,
+    secure: bool = False,
+    workdir: Path | None = None,
 ) -> Path:
-    """Run one experiment on a local deployment; returns the run folder."""
+    """Run one experiment on a local deployment; returns the run folder.
+
+    ``secure``: TLS and SuperNode authentication (fresh certificates and keys). ``workdir``:
+    where FLWR_HOME, logs and certificates go (default: a temporary folder, removed after)."""
     if supernodes < 1:
         raise ValueError("need at least one SuperNode")
+    if config_path is None:
+        # No config file: the Flower app's quickstart (3 clients, 5 rounds), then the overrides.
+        overrides = [*APP_DEFAULTS, *overrides]
     config = load_config(config_path, overrides)
     config.run.progress = False
     if run_dir is None:
@@ -304,7 +387,12 @@ def run_local(
         raise LocalDeploymentError(f"{run_dir} already holds a finished run")
     pinned = None if pool or supernodes != config.federation.num_clients else supernodes
     settings = FlowerSettings(run_dir=str(run_dir), min_nodes=supernodes)
-    workdir = Path(tempfile.mkdtemp(prefix="ssfl-flower-"))
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="ssfl-flower-"))
+    else:
+        workdir = workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        keep_workdir = True
     if app is None:
         # A fresh app definition, rendered from this version's Config (never stale).
         app = write_app(workdir / "app").parent
@@ -319,7 +407,7 @@ def run_local(
     signal.signal(signal.SIGTERM, on_term)
     dep: LocalDeployment | None = None
     try:
-        dep = start_deployment(workdir, supernodes, pinned_partitions=pinned)
+        dep = start_deployment(workdir, supernodes, pinned_partitions=pinned, secure=secure)
         run_id = flwr_run(dep, app, run_config_file, timeout, echo=echo)
         if not (run_dir / "summary.json").exists():
             raise LocalDeploymentError(
@@ -358,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
     parser.add_argument("--pool", action="store_true",
                         help="SuperNodes without partition-id: they serve the clients in turn")
+    parser.add_argument("--secure", action="store_true",
+                        help="TLS (fresh private CA) and SuperNode authentication")
+    parser.add_argument("--workdir", help="folder for FLWR_HOME, logs and certificates "
+                        "(kept; default: a temporary folder, removed afterwards)")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the temporary FLWR_HOME and logs")
     args = parser.parse_args(argv)
@@ -371,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir=Path(args.out) if args.out else None,
             app=Path(args.app) if args.app else None,
             timeout=args.timeout, pool=args.pool, keep_workdir=args.keep_workdir,
+            secure=args.secure, workdir=Path(args.workdir) if args.workdir else None,
         )
     except (ConfigError, LocalDeploymentError) as exc:
         print(f"ssfl.flower.local: {exc}", file=sys.stderr)
