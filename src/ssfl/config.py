@@ -77,6 +77,9 @@ class AlgorithmSection:
 class FederationSection:
     num_clients: int = 20
     clients_per_round: int = 5
+    # Robust aggregation: clip each client's change to the global model to this L2 norm before
+    # averaging (0: off). Invalid updates are always rejected, whatever this is.
+    update_clip_norm: float = 0.0
 
 
 @dataclass
@@ -223,6 +226,8 @@ def validate(config: Config) -> None:
     _positive("train.momentum", config.train.momentum, allow_zero=True)
     _positive("train.weight_decay", config.train.weight_decay, allow_zero=True)
     _positive("train.clip_grad_norm", config.train.clip_grad_norm, allow_zero=True)
+    _positive("federation.update_clip_norm", config.federation.update_clip_norm,
+              allow_zero=True)
     for key, value in [
         ("run.rounds", config.run.rounds),
         ("run.eval_every", config.run.eval_every),

@@ -178,7 +178,8 @@ def run_experiment(
             pooled_scores=pooled_scores,
         )
         server = SparseFedAvgServer(initial, prunable, found.mask,
-                                    value_dtype=config.comm.value_dtype)
+                                    value_dtype=config.comm.value_dtype,
+                                    update_clip_norm=config.federation.update_clip_norm)
         strategy = StaticMaskStrategy(server, len(clients))
         scored = found.scored_clients
         one_time = {"score_upload": found.score_upload_bytes} if found.score_upload_bytes else {}
@@ -252,6 +253,9 @@ def run_experiment(
                 "lr": lr,
                 "clients": chosen,
             }
+            if update.rejected:
+                row["rejected"] = [{"client": r.client_id, "reason": r.reason}
+                                   for r in update.rejected]
             if rnd % config.run.eval_every == 0 or rnd == config.run.rounds:
                 eval_started = time.perf_counter()
                 strategy.load_global_(model)
