@@ -299,7 +299,7 @@ def test_train_before_mask_is_an_error_reply(task_identity: None) -> None:
         client_module.app(msg, context)
 
 
-# ---- a real local deployment: SuperLink + SuperNodes as processes ---------------------------------
+# ---- a real local deployment: SuperLink + SuperNodes as processes -------------------------------
 
 
 def _stop_leftovers(workdir: Path) -> set[int]:
@@ -325,14 +325,14 @@ needs_linux = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux
 
 @needs_linux
 def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path) -> None:
-    """2 SuperNodes (one per client) and a SuperLink as processes on 127.0.0.1, ``flwr run``
-    with the shipped app folder; same mask digest and per-round metrics as the simulator."""
+    """2 SuperNodes (one per client) and a SuperLink as processes on 127.0.0.1, ``flwr run``;
+    same mask digest and per-round metrics as the simulator."""
     overrides = [*QUICK, "federation.num_clients=2"]
     config = load_config(None, overrides)
     workdir = (tmp_path / "work").resolve()
     try:
         run_dir = run_local(None, overrides, supernodes=2, run_dir=tmp_path / "run",
-                            app=APP, timeout=240, echo=False, workdir=workdir)
+                            timeout=240, echo=False, workdir=workdir)
     finally:
         leftovers = _stop_leftovers(workdir)
     assert not leftovers, f"processes left running: {leftovers}"
@@ -347,6 +347,24 @@ def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path
     assert summary["total_bytes"] == sim.summary["total_bytes"]
     assert summary["one_time_bytes"] == sim.summary["one_time_bytes"]
     assert (run_dir / "flower-logs" / "superlink.log").is_file()
+
+
+@needs_linux
+def test_simulation_engine_matches_simulator_and_leaves_no_process(tmp_path: Path) -> None:
+    """``flwr run`` on Flower's simulation engine (Ray, 3 simulated SuperNodes)."""
+    pytest.importorskip("ray")
+    config = load_config(None, QUICK)
+    workdir = (tmp_path / "work").resolve()
+    try:
+        run_dir = run_local(None, QUICK, supernodes=3, run_dir=tmp_path / "run", timeout=240,
+                            echo=False, workdir=workdir, simulation=True)
+    finally:
+        leftovers = _stop_leftovers(workdir)
+    assert not leftovers, f"processes left running: {leftovers}"
+    sim = run_experiment(config, write=False)
+    assert json.loads((run_dir / "mask.json").read_text())["digest"] == \
+        mask_digest(sim.mask, list(sim.mask)).hex()
+    _assert_same_metrics(sim.metrics, [json.loads(x) for x in (run_dir / "metrics.jsonl").open()])
 
 
 @needs_linux

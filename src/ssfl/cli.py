@@ -11,6 +11,7 @@ from ssfl.config import ConfigError, load_config
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ssfl.checkpoint import CheckpointError
     from ssfl.data.datasets import CorruptDatasetError, DatasetNotFoundError
     from ssfl.sim import run_experiment
 
@@ -23,11 +24,18 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     config_path = paths[0] if paths else None
     try:
-        config = load_config(config_path, overrides)
-        if args.no_progress:
-            config.run.progress = False
-        result = run_experiment(config, Path(args.out) if args.out else None)
-    except (ConfigError, DatasetNotFoundError, CorruptDatasetError) as exc:
+        if args.resume:
+            if paths or overrides or args.out:
+                raise ConfigError("--resume takes only the run folder: the run continues with "
+                                  "the config it was started with")
+            run_dir = Path(args.resume)
+            config = load_config(run_dir / "config.toml")
+        else:
+            config = load_config(config_path, overrides)
+            run_dir = Path(args.out) if args.out else None
+        result = run_experiment(config, run_dir, resume=bool(args.resume),
+                                progress=False if args.no_progress else None)
+    except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError) as exc:
         print(f"ssfl run: {exc}", file=sys.stderr)
         return 2
     s = result.summary
@@ -66,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an optional TOML config file, then overrides such as train.lr=0.1")
     run.add_argument("--out", help="run folder (default: <run.out_dir>/<run.name>-<time>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint")
     run.set_defaults(func=_run)
     rep = sub.add_parser("report", help="tables and plots for one or several run folders")
     rep.add_argument("runs", nargs="+", help="run folders")

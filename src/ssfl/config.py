@@ -37,6 +37,8 @@ class RunSection:
     out_dir: str = "runs"
     threads: int = 0  # 0: leave PyTorch's default
     progress: bool = True
+    # Save the server state every n rounds (and after the last) for `ssfl run --resume`; 0: never
+    checkpoint_every: int = 10
 
 
 @dataclass
@@ -249,6 +251,8 @@ def validate(config: Config) -> None:
     fraction = config.algorithm.prune_fraction
     if not (0.0 <= fraction <= 1.0) or not math.isfinite(fraction):
         raise ConfigError(f"algorithm.prune_fraction must be in [0, 1], got {fraction}")
+    if config.run.checkpoint_every < 0:
+        raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
     if config.federation.clients_per_round > config.federation.num_clients:

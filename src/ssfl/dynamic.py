@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ssfl.checkpoint import prefixed, unprefixed
 from ssfl.client import LocalData, TrainResult, TrainSettings, iterate_batches, local_train
 from ssfl.comm import (
     ParameterLayout,
@@ -334,6 +336,27 @@ class DynamicMaskStrategy(TrainingStrategy):
     def global_values(self) -> torch.Tensor:
         """The dense global model (masked-out weights are 0): the active set changes."""
         return torch.cat([self.weights[n].reshape(-1) for n in self.shapes])
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        meta = {"mask_changes": self.mask_changes,
+                "client_digest": {str(c): d.hex() for c, d in self._client_digest.items()}}
+        bits = {str(c): torch.frombuffer(bytearray(b), dtype=torch.uint8)
+                for c, b in self._client_bits.items()}
+        return meta, {**prefixed("weights", self.weights), **prefixed("mask", self.mask),
+                      **prefixed("client_bits", bits)}
+
+    def load_state_dict(self, meta: Mapping[str, Any],
+                        tensors: Mapping[str, torch.Tensor]) -> None:
+        weights = unprefixed("weights", dict(tensors))
+        if {n: w.shape for n, w in weights.items()} != self.shapes:
+            raise ValueError("the checkpoint's weights do not fit this model")
+        self._set_mask(unprefixed("mask", dict(tensors)))
+        self.weights = {n: w.clone() for n, w in weights.items()}
+        self.mask_changes = [int(r) for r in meta["mask_changes"]]
+        self._client_digest = {int(c): bytes.fromhex(d)
+                               for c, d in meta["client_digest"].items()}
+        self._client_bits = {int(c): bytes(t.numpy().tobytes())
+                             for c, t in unprefixed("client_bits", dict(tensors)).items()}
 
     def _finish(self, round: int, mask: Mask, weights: dict[str, torch.Tensor]) -> None:
         self.weights = weights

@@ -32,7 +32,15 @@ from ssfl.data.datasets import ImageDataset, load_dataset
 from ssfl.data.partition import class_counts, matching_test_splits, partition
 from ssfl.masks import layer_densities, mask_density, mask_digest, prunable_parameter_names
 from ssfl.models import build_model
-from ssfl.server import SparseFedAvgServer, find_mask
+from ssfl.checkpoint import (
+    FILENAME as CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    prefixed,
+    save_checkpoint,
+    unprefixed,
+)
+from ssfl.server import MaskRound, SparseFedAvgServer, find_mask
 from ssfl.algorithms import TRAINING_STRATEGIES, StrategyContext
 from ssfl.strategies import StaticMaskStrategy, TrainingStrategy
 
@@ -73,12 +81,12 @@ def make_run_dir(config: Config, run_dir: Path | None) -> Path:
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, done: int = 0) -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, unit="round", dynamic_ncols=True)
 
     def update(self, **postfix: Any) -> None:
         if self.bar is not None:
@@ -96,8 +104,22 @@ def run_experiment(
     *,
     write: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
 ) -> RunResult:
-    """Run one federated experiment as ``config`` says and (if ``write``) save it to a folder."""
+    """Run one federated experiment as ``config`` says and (if ``write``) save it to a folder.
+
+    With ``resume``, ``run_dir`` is a run folder with a checkpoint: the run continues after the
+    checkpoint's round and ends exactly as an uninterrupted run would (all randomness is drawn
+    from (seed, round, client), so no RNG state needs saving).
+    """
+    checkpoint = None
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs the run folder")
+        checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT)
+        if checkpoint[0]["config"] != to_toml(config):
+            raise CheckpointError(f"the config differs from the one {run_dir} was started with")
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
     seed = config.run.seed
@@ -127,7 +149,7 @@ def run_experiment(
         )
     ]
     folder = make_run_dir(config, run_dir) if write else None
-    if folder is not None:
+    if folder is not None and checkpoint is None:
         (folder / "config.toml").write_text(to_toml(config))
         (folder / "partition.json").write_text(json.dumps({
             "class_counts": train_counts.tolist(), "sizes": [len(p) for p in parts],
@@ -165,6 +187,8 @@ def run_experiment(
         )
 
     strategy: TrainingStrategy
+    saved_mask = (unprefixed("mask", unprefixed("strategy", checkpoint[1]))
+                  if checkpoint is not None else None)
     if algo.name in TRAINING_STRATEGIES:
         strategy = TRAINING_STRATEGIES[algo.name](
             StrategyContext(config, model, initial, prunable, clients)
@@ -172,11 +196,14 @@ def run_experiment(
         scored: list[int] = []
         one_time: dict[str, int] = {}
     else:
-        found = find_mask(
-            algo.name, prunable_shapes, algo.density, num_clients=len(clients), seed=seed,
-            score_aggregation=algo.score_aggregation, collect_scores=collect_scores,
-            pooled_scores=pooled_scores,
-        )
+        if saved_mask is not None:  # resuming: the mask round is done, its mask saved
+            found = MaskRound(saved_mask, 0, [])
+        else:
+            found = find_mask(
+                algo.name, prunable_shapes, algo.density, num_clients=len(clients), seed=seed,
+                score_aggregation=algo.score_aggregation, collect_scores=collect_scores,
+                pooled_scores=pooled_scores,
+            )
         server = SparseFedAvgServer(initial, prunable, found.mask,
                                     value_dtype=config.comm.value_dtype,
                                     update_clip_norm=config.federation.update_clip_norm)
@@ -188,6 +215,10 @@ def run_experiment(
     mask_seconds = time.perf_counter() - mask_started
     mask_info = {**_mask_stats(mask, prunable), "scored_clients": scored,
                  "seconds": mask_seconds}
+    if checkpoint is not None:
+        meta, tensors = checkpoint
+        strategy.load_state_dict(meta["strategy"], unprefixed("strategy", tensors))
+        one_time, mask_info = meta["one_time"], meta["mask_info"]
     if folder is not None:
         (folder / "mask.json").write_text(json.dumps(mask_info, indent=1))
 
@@ -208,13 +239,24 @@ def run_experiment(
     # ---- training rounds -----------------------------------------------------------------
     metrics: list[dict[str, Any]] = []
     cumulative = sum(one_time.values())
+    first_round, earlier_seconds = 1, 0.0
+    if checkpoint is not None:
+        meta = checkpoint[0]
+        metrics, cumulative = meta["metrics"], meta["cumulative"]
+        first_round, earlier_seconds = meta["round"] + 1, meta["wall_seconds"]
     metrics_file = (folder / "metrics.jsonl").open("w") if folder is not None else None
-    progress = _Progress(config.run.rounds, config.run.progress)
-    started = time.perf_counter()
-    last_accuracy: float | None = None
+    if metrics_file is not None:
+        # Rows after the checkpoint (from a crashed process) are dropped and computed again.
+        metrics_file.writelines(json.dumps(row) + "\n" for row in metrics)
+        metrics_file.flush()
+    bar = _Progress(config.run.rounds, config.run.progress if progress is None else progress,
+                    done=first_round - 1)
+    started = time.perf_counter() - earlier_seconds
+    last_accuracy = next((m["accuracy"] for m in reversed(metrics)
+                          if m["accuracy"] is not None), None)
     values_per_payload = 0
     try:
-        for rnd in range(1, config.run.rounds + 1):
+        for rnd in range(first_round, config.run.rounds + 1):
             round_started = time.perf_counter()
             lr = learning_rate(config, rnd)
             chosen = sample_clients(
@@ -276,14 +318,23 @@ def run_experiment(
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            every = config.run.checkpoint_every
+            if folder is not None and every > 0 and (rnd % every == 0 or
+                                                     rnd == config.run.rounds):
+                strategy_meta, strategy_tensors = strategy.state_dict()
+                save_checkpoint(folder / CHECKPOINT, {
+                    "round": rnd, "config": to_toml(config), "metrics": metrics,
+                    "cumulative": cumulative, "one_time": one_time, "mask_info": mask_info,
+                    "wall_seconds": time.perf_counter() - started, "strategy": strategy_meta,
+                }, prefixed("strategy", strategy_tensors))
             if on_round is not None:
                 on_round(row)
-            progress.update(
+            bar.update(
                 acc=f"{last_accuracy:.3f}" if last_accuracy is not None else "-",
                 loss=f"{row['train_loss']:.3f}",
             )
     finally:
-        progress.close()
+        bar.close()
         if metrics_file is not None:
             metrics_file.close()
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from ssfl.checkpoint import prefixed, unprefixed
 from ssfl.client import LocalData, TrainResult, TrainSettings, train_round
 from ssfl.comm import (
     HEADER,
@@ -73,6 +75,14 @@ class TrainingStrategy(ABC):
     def global_values(self) -> torch.Tensor:
         """The global model as a flat vector (for checks and checkpoints)."""
 
+    @abstractmethod
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Everything needed to continue the run: JSON-able metadata and tensors."""
+
+    @abstractmethod
+    def load_state_dict(self, meta: Mapping[str, Any],
+                        tensors: Mapping[str, torch.Tensor]) -> None: ...
+
 
 class StaticMaskStrategy(TrainingStrategy):
     """Sparse FedAvg in one fixed global mask; all clients get the same payload in a round."""
@@ -107,6 +117,23 @@ class StaticMaskStrategy(TrainingStrategy):
 
     def global_values(self) -> torch.Tensor:
         return self.server.values
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {"values": self.server.values, **prefixed("mask", self.server.mask)}
+        return {"round": self.server.round}, tensors
+
+    def load_state_dict(self, meta: Mapping[str, Any],
+                        tensors: Mapping[str, torch.Tensor]) -> None:
+        if unprefixed("mask", dict(tensors)).keys() != self.server.mask.keys() or any(
+            not torch.equal(tensors[f"mask.{n}"], m) for n, m in self.server.mask.items()
+        ):
+            raise ValueError("the checkpoint was saved with a different mask")
+        values = tensors["values"]
+        if values.shape != self.server.values.shape:
+            raise ValueError("the checkpoint's values do not fit this model and mask")
+        self.server.values = values.clone()
+        self.server.round = int(meta["round"])
+        self._cached = None
 
 
 class ClientMaskStrategy(TrainingStrategy):
@@ -200,6 +227,16 @@ class ClientMaskStrategy(TrainingStrategy):
 
     def global_values(self) -> torch.Tensor:
         return torch.cat([self.weights[n].reshape(-1) for n in self.shapes])
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {}, prefixed("weights", self.weights)
+
+    def load_state_dict(self, meta: Mapping[str, Any],
+                        tensors: Mapping[str, torch.Tensor]) -> None:
+        weights = unprefixed("weights", dict(tensors))
+        if {n: w.shape for n, w in weights.items()} != self.shapes:
+            raise ValueError("the checkpoint's weights do not fit this model")
+        self.weights = {n: w.clone() for n, w in weights.items()}
 
 
 def payload_parts(payload: bytes) -> list[bytes]:

@@ -3,14 +3,16 @@
     python -m ssfl.flower.local --supernodes 3 [CONFIG.toml] [section.key=value ...]
 
 starts ``flower-superlink`` and N ``flower-supernode`` processes (``--insecure``, or with
-``--secure`` TLS and SuperNode authentication; 127.0.0.1 only, free ports), runs the SSFL Flower app (``flower_app/``) on them with ``flwr run``, waits for the
-run to end, and stops every process it started (each in its own process group, also on Ctrl-C or
-SIGTERM). The run folder is the same as ``ssfl run`` writes, plus ``flower-logs/``.
+``--secure`` TLS and SuperNode authentication; 127.0.0.1 only, free ports), runs the SSFL Flower
+app on them with ``flwr run``, waits for the run to end, and stops every process it started (each
+in its own process group, also on Ctrl-C or SIGTERM). The run folder is the same as ``ssfl run``
+writes, plus ``flower-logs/``.
 
 CONFIG.toml and the overrides are an ordinary ``ssfl`` config (without a file: the app's
-shortened digits quickstart, 3 clients and 5 rounds); they become the run config of the Flower app. If the number of SuperNodes equals ``federation.num_clients`` each SuperNode holds one
-client (node config ``partition-id=i num-partitions=N``), otherwise the SuperNodes serve the
-clients in turn.
+shortened digits quickstart, 3 clients and 5 rounds); they become the run config of the Flower
+app. If the number of SuperNodes equals ``federation.num_clients``, SuperNode i holds client i
+(node config ``partition-id=i num-partitions=N``); otherwise the SuperNodes serve the clients in
+turn.
 """
 
 from __future__ import annotations
@@ -139,32 +141,43 @@ class LocalDeployment:
         return pids
 
     def stop(self, grace: float = 5.0) -> None:
-        pids = self.all_pids()
+        """SIGTERM to every process group started here and to every process carrying this
+        deployment's marker (e.g. the detached SuperLink of a simulation), SIGKILL to what is
+        left after ``grace`` seconds."""
+        pids = self.all_pids() | processes_of(self.workdir)
         for _, proc in reversed(self.procs):
             _signal_group(proc.pid, signal.SIGTERM)
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc in self.procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.1)
         for _, proc in self.procs:
             _signal_group(proc.pid, signal.SIGKILL)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        # Anything that left its process group (none should) is ended by pid.
+        # Anything that left its process group is ended by pid.
         for pid in pids | processes_of(self.workdir):
             if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal(pid, signal.SIGKILL)
         for log in self.logs:
             log.close()
         self.procs.clear()
         self.logs.clear()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -203,15 +216,11 @@ def flower_env(flwr_home: Path, workdir: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         # SuperExec looks for new tasks every second by default; 0.1 s shortens each hop.
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env_or(env, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL") or "0.1",
     })
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env
-
-
-def env_or(env: dict[str, str], key: str, default: str) -> str:
-    return env.get(key) or default
 
 
 def write_connection(flwr_home: Path, port: int, ca: Path | None = None,
@@ -301,13 +310,37 @@ def start_deployment(
     return dep
 
 
+def prepare_simulation(workdir: Path) -> LocalDeployment:
+    """Flower's simulation engine (Ray): ``flwr run`` itself starts a local SuperLink in
+    simulation mode (detached; on free ports here) that runs the ServerApp and the simulated
+    SuperNodes in one process. Needs ``ray`` (``pip install "flwr[simulation]==1.42.0"``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise LocalDeploymentError(
+            "the simulation engine needs ray: pip install ray==2.55.1 (flwr 1.42's "
+            "[simulation] extra)")
+    workdir = workdir.resolve()
+    flwr_home = workdir / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        'address = ":local:"\n')
+    env = flower_env(flwr_home, workdir)
+    port = free_port()
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    return LocalDeployment(workdir, port, env)
+
+
 def flwr_run(
-    dep: LocalDeployment, app: Path, run_config_file: Path, timeout: float, echo: bool = True
+    dep: LocalDeployment, app: Path, run_config_file: Path, timeout: float, echo: bool = True,
+    extra: Sequence[str] = (),
 ) -> int:
     """``flwr run --stream`` against the deployment; returns the run id once the run ends."""
     log_path = dep.workdir / "flwr-run.log"
     command = ["flwr", "run", str(app), CONNECTION, "--run-config", str(run_config_file),
-               "--stream"]
+               "--stream", *extra]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=dep.env, cwd=dep.workdir, start_new_session=True)
@@ -358,7 +391,7 @@ def run_local(
     config_path: str | None,
     overrides: Sequence[str],
     *,
-    supernodes: int = 3,
+    supernodes: int | None = 3,
     run_dir: Path | None = None,
     app: Path | None = None,
     timeout: float = 3600.0,
@@ -367,24 +400,33 @@ def run_local(
     keep_workdir: bool = False,
     secure: bool = False,
     workdir: Path | None = None,
+    simulation: bool = False,
 ) -> Path:
     """Run one experiment on a local deployment; returns the run folder.
 
     ``secure``: TLS and SuperNode authentication (fresh certificates and keys). ``workdir``:
-    where FLWR_HOME, logs and certificates go (default: a temporary folder, removed after)."""
-    if supernodes < 1:
-        raise ValueError("need at least one SuperNode")
+    where FLWR_HOME, logs and certificates go (default: a temporary folder, removed after).
+    ``simulation``: Flower's simulation engine instead of SuperLink and SuperNode processes
+    (``supernodes`` simulated SuperNodes, which must equal ``federation.num_clients``)."""
     if config_path is None:
         # No config file: the Flower app's quickstart (3 clients, 5 rounds), then the overrides.
         overrides = [*APP_DEFAULTS, *overrides]
     config = load_config(config_path, overrides)
     config.run.progress = False
+    if supernodes is None:
+        supernodes = config.federation.num_clients if simulation else 3
+    if supernodes < 1:
+        raise ValueError("need at least one SuperNode")
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.run.out_dir) / f"{config.run.name}-flower-{stamp}"
     run_dir = run_dir.expanduser().resolve()
     if (run_dir / "summary.json").exists():
         raise LocalDeploymentError(f"{run_dir} already holds a finished run")
+    if simulation and (pool or secure or supernodes != config.federation.num_clients):
+        raise LocalDeploymentError(
+            "the simulation engine gives SuperNode i partition i: use as many SuperNodes as "
+            f"federation.num_clients ({config.federation.num_clients}), without --pool/--secure")
     pinned = None if pool or supernodes != config.federation.num_clients else supernodes
     settings = FlowerSettings(run_dir=str(run_dir), min_nodes=supernodes)
     if workdir is None:
@@ -407,8 +449,14 @@ def run_local(
     signal.signal(signal.SIGTERM, on_term)
     dep: LocalDeployment | None = None
     try:
-        dep = start_deployment(workdir, supernodes, pinned_partitions=pinned, secure=secure)
-        run_id = flwr_run(dep, app, run_config_file, timeout, echo=echo)
+        extra: list[str] = []
+        if simulation:
+            dep = prepare_simulation(workdir)
+            extra = ["--federation-config",
+                     f"num-supernodes={supernodes} client-resources-num-cpus=1"]
+        else:
+            dep = start_deployment(workdir, supernodes, pinned_partitions=pinned, secure=secure)
+        run_id = flwr_run(dep, app, run_config_file, timeout, echo=echo, extra=extra)
         if not (run_dir / "summary.json").exists():
             raise LocalDeploymentError(
                 f"run {run_id} ended (status: {run_status(dep, run_id)}) without writing "
@@ -425,7 +473,7 @@ def run_local(
             signal.signal(signal.SIGTERM, previous)
             logs = run_dir / "flower-logs"  # kept also when the run failed
             logs.mkdir(parents=True, exist_ok=True)
-            for log in workdir.glob("*.log"):
+            for log in [*workdir.glob("*.log"), *workdir.glob("flwr-home/local-superlink/*.log")]:
                 shutil.copy(log, logs / log.name)
             if not keep_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -439,7 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("words", nargs="*", metavar="CONFIG|section.key=value",
                         help="an ssfl config file and/or overrides, as for `ssfl run`")
-    parser.add_argument("--supernodes", "-n", type=int, default=3)
+    parser.add_argument("--supernodes", "-n", type=int, default=None,
+                        help="SuperNodes to start (default: 3; with --simulation: "
+                             "federation.num_clients)")
     parser.add_argument("--out", help="run folder (default: <run.out_dir>/<name>-flower-<time>)")
     parser.add_argument("--app", help="Flower app folder (default: one rendered from this "
                         "version of ssfl, the same as flower_app/)")
@@ -448,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="SuperNodes without partition-id: they serve the clients in turn")
     parser.add_argument("--secure", action="store_true",
                         help="TLS (fresh private CA) and SuperNode authentication")
+    parser.add_argument("--simulation", action="store_true",
+                        help="Flower's simulation engine (Ray) instead of SuperLink/SuperNode "
+                             "processes; --supernodes defaults to federation.num_clients")
     parser.add_argument("--workdir", help="folder for FLWR_HOME, logs and certificates "
                         "(kept; default: a temporary folder, removed afterwards)")
     parser.add_argument("--keep-workdir", action="store_true",
@@ -464,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app=Path(args.app) if args.app else None,
             timeout=args.timeout, pool=args.pool, keep_workdir=args.keep_workdir,
             secure=args.secure, workdir=Path(args.workdir) if args.workdir else None,
+            simulation=args.simulation,
         )
     except (ConfigError, LocalDeploymentError) as exc:
         print(f"ssfl.flower.local: {exc}", file=sys.stderr)
