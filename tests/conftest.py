@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Flower must never install an app's dependencies at run time (that would pull a CUDA torch).
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Default location of the read-only shared test data, next to the repository.
 DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
