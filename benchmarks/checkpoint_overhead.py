@@ -43,7 +43,7 @@ def measure(model_name: str, data_root: str | None, repeats: int, clients_per_ro
     params = dict(model.named_parameters())
     initial = {n: p.detach().clone() for n, p in params.items()}
     mask = global_topk_mask({n: params[n].detach().abs() for n in names}, 0.5)
-    strategy = StaticMaskStrategy(SparseFedAvgServer(initial, names, mask), 100)
+    strategy = StaticMaskStrategy(SparseFedAvgServer(initial, names, mask))
     settings = TrainSettings(local_epochs=1, batch_size=32)
 
     def one_round(rnd: int) -> None:

@@ -55,8 +55,9 @@ def test_find_mask_scores_one_client_for_snip_single_and_none_for_random() -> No
     def collect(ids):
         asked.append(list(ids))
         from ssfl.comm import PayloadKind, encode_values
-        for _ in ids:
-            yield encode_values(torch.tensor([1.0, 4.0, 2.0, 3.0]), kind=PayloadKind.SCORES), 5
+        for cid in ids:
+            yield cid, encode_values(torch.tensor([1.0, 4.0, 2.0, 3.0]),
+                                     kind=PayloadKind.SCORES), 5
 
     single = find_mask("snip_single", shapes, 0.5, num_clients=7, seed=0, collect_scores=collect)
     assert asked == [[0]] and single.scored_clients == [0]

@@ -89,19 +89,19 @@ def test_uniform_and_weighted_score_aggregation_both_run() -> None:
 
 
 def test_clients_share_one_image_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssfl.sim as sim
+    import ssfl.engine as engine
 
     seen = []
-    real = sim.LocalData
+    real = engine.LocalData
 
     def spy(*args, **kwargs):
         data = real(*args, **kwargs)
         seen.append(data.images.data_ptr())
         return data
 
-    monkeypatch.setattr(sim, "LocalData", spy)
+    monkeypatch.setattr(engine, "LocalData", spy)
     _run()
-    assert len(seen) == 6 and len(set(seen)) == 1
+    assert len(seen) >= 6 and len(set(seen)) == 1
 
 
 def test_run_folder_contents(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from ssfl.config import ConfigError, load_config
 def _run(args: argparse.Namespace) -> int:
     from ssfl.checkpoint import CheckpointError
     from ssfl.data.datasets import CorruptDatasetError, DatasetNotFoundError
+    from ssfl.server import RoundFailed
     from ssfl.sim import run_experiment
 
     # Words with "=" are overrides; at most one other word, the config file. One positional
@@ -38,6 +39,10 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError) as exc:
         print(f"ssfl run: {exc}", file=sys.stderr)
         return 2
+    except RoundFailed as exc:
+        where = f"; continue it with: ssfl run --resume {exc.run_dir}" if exc.run_dir else ""
+        print(f"ssfl run: the run stopped: {exc}{where}", file=sys.stderr)
+        return 3
     s = result.summary
     acc = s["final_accuracy"]
     print(

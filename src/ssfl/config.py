@@ -82,6 +82,14 @@ class FederationSection:
     # Robust aggregation: clip each client's change to the global model to this L2 norm before
     # averaging (0: off). Invalid updates are always rejected, whatever this is.
     update_clip_norm: float = 0.0
+    # A round needs at least this many valid client updates; with fewer it is retried (the
+    # same clients, a new attempt) up to `max_round_attempts` times, then the run stops with
+    # its last checkpoint intact. Never silently skipped.
+    min_replies: int = 1
+    max_round_attempts: int = 3
+    # Fault injection for reliability studies (simulator only): each sampled client crashes
+    # with this probability in each attempt of a round (seeded).
+    failure_rate: float = 0.0
 
 
 @dataclass
@@ -255,6 +263,17 @@ def validate(config: Config) -> None:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
+    if not 0.0 <= config.federation.failure_rate < 1.0:
+        raise ConfigError(f"federation.failure_rate must be in [0, 1), got "
+                          f"{config.federation.failure_rate}")
+    for key, value in [("federation.min_replies", config.federation.min_replies),
+                       ("federation.max_round_attempts", config.federation.max_round_attempts)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.federation.min_replies > config.federation.clients_per_round:
+        raise ConfigError(
+            f"federation.min_replies ({config.federation.min_replies}) exceeds "
+            f"federation.clients_per_round ({config.federation.clients_per_round})")
     if config.federation.clients_per_round > config.federation.num_clients:
         raise ConfigError(
             f"federation.clients_per_round ({config.federation.clients_per_round}) exceeds "

@@ -55,9 +55,10 @@ ALGORITHMS: dict[str, str] = {
 }
 SCORE_AGGREGATIONS = ("weighted", "uniform")
 
-# Collects score payloads from the given clients: yields (payload, client sample count). The
-# simulator computes them in process; the Flower server sends query messages.
-ScoreCollector = Callable[[Sequence[int]], Iterable[tuple[bytes, int]]]
+# Collects score payloads from the given clients: yields (client id, payload, client sample
+# count) for each client that answered. The simulator computes them in process; the Flower
+# server sends query messages.
+ScoreCollector = Callable[[Sequence[int]], Iterable[tuple[int, bytes, int]]]
 
 
 def needs_scores(algorithm: str, density: float) -> bool:
@@ -85,15 +86,17 @@ def find_mask(
     pooled_scores: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> MaskRound:
     """Run the mask round of ``algorithm``: ask the clients for scores where it needs them,
-    aggregate, and build the mask. Score bytes are the lengths of the payloads received."""
+    aggregate, and build the mask. The mask is built from the clients that answered (recorded
+    in ``scored_clients``); score bytes are the lengths of the payloads received."""
     scored: list[int] = []
     nbytes = 0
     scores: Mapping[str, torch.Tensor] | None = None
 
-    def counted(payloads: Iterable[tuple[bytes, int]]) -> Iterable[tuple[bytes, int]]:
+    def counted(payloads: Iterable[tuple[int, bytes, int]]) -> Iterable[tuple[bytes, int]]:
         nonlocal nbytes
-        for payload, n in payloads:
+        for client_id, payload, n in payloads:
             nbytes += len(payload)
+            scored.append(client_id)
             yield payload, n
 
     if needs_scores(algorithm, density):
@@ -104,8 +107,8 @@ def find_mask(
         else:
             if collect_scores is None:
                 raise ValueError(f"{algorithm} needs a way to collect client scores")
-            scored = list(range(num_clients)) if algorithm == "ssfl" else [0]
-            scores = aggregate_scores(counted(collect_scores(scored)), prunable_shapes,
+            asked = list(range(num_clients)) if algorithm == "ssfl" else [0]
+            scores = aggregate_scores(counted(collect_scores(asked)), prunable_shapes,
                                       mode=score_aggregation)
     mask = build_mask(algorithm, prunable_shapes, density, scores=scores, seed=seed)
     return MaskRound(mask=mask, score_upload_bytes=nbytes, scored_clients=scored)
@@ -128,8 +131,11 @@ def aggregate_scores(
     count = sum(math.prod(s) for s in shapes.values())
     mean = WeightedMean()
     for payload, num_samples in payloads:
-        scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count)
+        scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
+                               require_finite=True)
         mean.add(scores, float(num_samples) if mode == "weighted" else 1.0)
+    if mean.count == 0:
+        raise RoundFailed(0, 0, 1, [])
     return unflatten(mean.result(), shapes, names)
 
 
@@ -187,6 +193,7 @@ class RoundFailed(RuntimeError):
         )
         self.round, self.valid, self.required = round, valid, required
         self.rejected = tuple(rejected)
+        self.run_dir: object = None  # set by the engine: where the last checkpoint is
 
 
 class SparseFedAvgServer:

@@ -87,13 +87,11 @@ class TrainingStrategy(ABC):
 class StaticMaskStrategy(TrainingStrategy):
     """Sparse FedAvg in one fixed global mask; all clients get the same payload in a round."""
 
-    def __init__(self, server: SparseFedAvgServer, num_clients: int) -> None:
+    def __init__(self, server: SparseFedAvgServer, min_replies: int = 1) -> None:
         self.server = server
-        # The mask bitmap goes to every client once; a dense run has no mask to send.
-        sparse = any(not bool(m.all()) for m in server.mask.values())
-        self.setup_bytes = (
-            {"mask_broadcast": len(server.mask_payload()) * num_clients} if sparse else {}
-        )
+        self.min_replies = min_replies  # valid updates a round needs
+        # The mask bitmap travels once, before round 1, through the transport (engine.run).
+        self.setup_bytes = {}
         self._cached: tuple[int, bytes] | None = None
 
     def payload_for(self, client_id: int, round: int) -> bytes:
@@ -107,7 +105,7 @@ class StaticMaskStrategy(TrainingStrategy):
                            round=round, lr=lr, generator=generator, value_dtype=s.value_dtype)
 
     def aggregate(self, round: int, replies: Iterable[Reply]) -> RoundUpdate:
-        return self.server.aggregate_from(round, replies)
+        return self.server.aggregate_from(round, replies, min_replies=self.min_replies)
 
     def load_global_(self, model: nn.Module) -> None:
         self.server.layout.scatter_model_(self.server.values, model)

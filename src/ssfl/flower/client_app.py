@@ -31,7 +31,7 @@ from ssfl.flower.protocol import (
     payload_bytes,
     payload_record,
 )
-from ssfl.flower.setup import Federation, build_model, load_federation, set_threads, train_settings
+from ssfl.engine import Experiment, prepare, seeded_model, train_settings
 from ssfl.masks import Mask, bits_to_mask, full_mask, mask_digest, prunable_parameter_names
 
 # Keys of what a node keeps in ``context.state`` between messages of one run.
@@ -47,8 +47,7 @@ class _Process:
 
     key: Any = None
     config: Config
-    federation: Federation
-    model: torch.nn.Module
+    federation: Experiment
     setup_seconds: float = 0.0  # data loading and model building for the current message
     layout: tuple[bytes, ParameterLayout, Mask] | None = None
 
@@ -63,10 +62,8 @@ def _setup(context: Context) -> _Process:
     if _PROC.key != key:
         with Stopwatch() as watch:
             config, _ = config_from_run_config(context.run_config)
-            set_threads(config)
             _PROC.config = config
-            _PROC.federation = load_federation(config, data_root, with_test=False)
-            _PROC.model = build_model(config, _PROC.federation.train_set)
+            _PROC.federation = prepare(config, data_root=data_root, with_test=False)
             _PROC.layout = None
             _PROC.key = key
         _PROC.setup_seconds = watch.seconds
@@ -113,7 +110,7 @@ def scores(message: Message, context: Context) -> Message:
     data = proc.federation.client(cid)
     with Stopwatch() as watch:
         # A fresh seeded model: the process's model may already have been trained.
-        model = build_model(config, proc.federation.train_set)
+        model = seeded_model(config, proc.federation.train_set)
         s = compute_scores(
             model, data, num_batches=algo.saliency_batches,
             batch_size=algo.saliency_batch_size or config.train.batch_size,
@@ -131,7 +128,7 @@ def scores(message: Message, context: Context) -> Message:
 def receive_mask(message: Message, context: Context) -> Message:
     """Keep the mask bitmap for the rest of the run; later rounds carry only values."""
     proc = _setup(context)
-    model = proc.model
+    model = proc.federation.model
     prunable = prunable_parameter_names(model)
     params = dict(model.named_parameters())
     dense = bool(message.content[CONFIG]["dense"])
@@ -157,7 +154,7 @@ def _mask_and_layout(context: Context, proc: _Process) -> tuple[bytes, Parameter
     digest = bytes.fromhex(str(info["digest"]))
     if proc.layout is not None and proc.layout[0] == digest:
         return proc.layout
-    model = proc.model
+    model = proc.federation.model
     prunable = prunable_parameter_names(model)
     shapes = {n: p.shape for n, p in model.named_parameters() if n in prunable}
     if bool(info["dense"]):
@@ -188,7 +185,7 @@ def train(message: Message, context: Context) -> Message:
     data = proc.federation.client(cid)
     with Stopwatch() as watch:
         reply, result = train_round(
-            proc.model, layout, mask, digest, payload, data, train_settings(config),
+            proc.federation.model, layout, mask, digest, payload, data, train_settings(config),
             round=rnd, lr=lr, generator=client_generator(config.run.seed, rnd, cid),
             value_dtype=config.comm.value_dtype,
         )

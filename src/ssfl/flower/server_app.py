@@ -1,7 +1,7 @@
 """The SSFL ServerApp: the simulator's experiment, with Flower moving the payloads.
 
-The sequence is exactly :func:`ssfl.sim.run_experiment`'s (same seeds, same order of floating-
-point sums), so the two produce the same mask and the same per-round metrics:
+The experiment is :func:`ssfl.engine.run`, the simulator's own; Flower only carries the
+payloads (``FlowerTransport``), so the two produce the same mask and per-round metrics:
 
 1. load the data set and partition it (seeded); build the seeded model;
 2. mask round: every client scores the initial weights on its data (``query.scores``); the
@@ -18,19 +18,17 @@ seconds, and the time spent in Flower's send-and-receive.
 
 from __future__ import annotations
 
-import json
+import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ssfl.client import evaluate
-from ssfl.comm import encode_values
-from ssfl.config import Config, ConfigError, to_toml
-from ssfl.data.partition import class_counts
+from ssfl.config import Config, ConfigError
+from ssfl.engine import ClientReply, Transport, prepare, run
 from ssfl.flower.protocol import (
     CONFIG,
     METRICS,
@@ -47,12 +45,10 @@ from ssfl.flower.protocol import (
     payload_record,
     resolve_run_dir,
 )
-from ssfl.flower.setup import build_model, load_federation, set_threads
-from ssfl.masks import layer_densities, mask_density, prunable_parameter_names
-from ssfl.server import SparseFedAvgServer, find_mask
-from ssfl.sim import learning_rate, make_run_dir, sample_clients
+from ssfl.strategies import TrainingStrategy
 
 app = ServerApp()
+logger = logging.getLogger(__name__)
 
 
 @app.main()
@@ -71,7 +67,19 @@ class FlowerRunError(RuntimeError):
 def _exchange(
     grid: Grid, messages: Sequence[Message], settings: FlowerSettings, what: str
 ) -> list[Message]:
-    """Send ``messages`` and return their replies in the same order.
+    """Send ``messages`` and return their replies in the same order; any failure is an error."""
+    replies = _exchange_tolerant(grid, messages, settings, what)
+    for reply in replies:
+        if isinstance(reply, str):
+            raise FlowerRunError(f"{what}: {reply}")
+    return replies  # type: ignore[return-value]
+
+
+def _exchange_tolerant(
+    grid: Grid, messages: Sequence[Message], settings: FlowerSettings, what: str
+) -> list[Message | str]:
+    """Send ``messages``; per message, its reply, or why there is none (an error reply, or no
+    reply within ``round-timeout-seconds``: a crashed, slow or disconnected node).
 
     Pushes, then pulls every ``poll-interval-seconds`` (``Grid.send_and_receive`` sleeps 3 s
     between pulls, a fixed cost on every round that this loop avoids)."""
@@ -83,29 +91,25 @@ def _exchange(
     pending = set(ids)
     replies: dict[str, Message] = {}
     deadline = time.monotonic() + settings.round_timeout_seconds
-    while pending:
+    while pending and time.monotonic() <= deadline:
         for reply in grid.pull_messages(sorted(pending)):
             key = reply.metadata.reply_to_message_id
             if key in pending:
                 pending.discard(key)
                 replies[key] = reply
-        if not pending:
-            break
-        if time.monotonic() > deadline:
-            raise FlowerRunError(
-                f"{what}: {len(replies)} of {len(messages)} replies within "
-                f"{settings.round_timeout_seconds:.0f} s"
-            )
-        time.sleep(settings.poll_interval_seconds)
-    ordered = [replies[i] for i in ids]
-    for message, reply in zip(messages, ordered):
-        if reply.has_error():
-            e = reply.error
-            raise FlowerRunError(
-                f"{what}: node {message.metadata.dst_node_id} replied with error {e.code}: "
-                f"{e.reason}"
-            )
-    return ordered
+        if pending:
+            time.sleep(settings.poll_interval_seconds)
+    out: list[Message | str] = []
+    for message, mid in zip(messages, ids):
+        node = message.metadata.dst_node_id
+        reply = replies.get(mid)
+        if reply is None:
+            out.append(f"node {node} sent no reply within {settings.round_timeout_seconds:.0f} s")
+        elif reply.has_error():
+            out.append(f"node {node} replied with error {reply.error.code}: {reply.error.reason}")
+        else:
+            out.append(reply)
+    return out
 
 
 def assign_clients(grid: Grid, num_clients: int, settings: FlowerSettings) -> dict[int, int]:
@@ -177,6 +181,99 @@ def _payload_and_metrics(reply: Message) -> tuple[bytes, Any]:
     return payload_bytes(reply.content[PAYLOAD]), reply.content[METRICS]
 
 
+class FlowerTransport(Transport):
+    """Carries the engine's payloads as Flower messages: ``query.scores`` for the mask round,
+    ``query.mask`` once per node, ``train`` per sampled client and round. It also records what
+    the processes measured: each client's compute seconds and the time in send-and-receive."""
+
+    def __init__(self, grid: Grid, config: Config, settings: FlowerSettings) -> None:
+        self.grid, self.settings = grid, settings
+        started = time.perf_counter()
+        self.mapping = assign_clients(grid, config.federation.num_clients, settings)
+        self.nodes = sorted(set(self.mapping.values()))
+        self.node_wait_seconds = time.perf_counter() - started
+        self.score_compute: dict[int, float] = {}
+        self.message_bytes: dict[str, int] = {}
+        self._round: dict[str, Any] = {}
+
+    def check_supported(self, config: Config) -> None:
+        check_supported(config)
+
+    def collect_scores(self, client_ids: Sequence[int]) -> Iterator[tuple[int, bytes, int]]:
+        asks = [
+            Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), self.mapping[cid],
+                    MSG_SCORES, group_id="mask")
+            for cid in client_ids
+        ]
+        # Replies come back in the order asked (client-id order), as the engine sums them; the
+        # mask is built from the clients that answered.
+        for cid, reply in zip(client_ids, _exchange_tolerant(self.grid, asks, self.settings,
+                                                             "scores")):
+            if isinstance(reply, str):
+                logger.warning("mask round: client %d failed: %s", cid, reply)
+                continue
+            payload, metrics = _payload_and_metrics(reply)
+            self.score_compute[cid] = float(metrics["compute-seconds"])
+            yield cid, payload, int(metrics["num-samples"])
+
+    def deliver_mask(self, payload: bytes | None) -> int:
+        deliveries = []
+        for node in self.nodes:
+            content = RecordDict({CONFIG: ConfigRecord({"dense": payload is None})})
+            if payload is not None:
+                content[PAYLOAD] = payload_record(payload)
+            deliveries.append(Message(content, node, MSG_MASK, group_id="mask"))
+        _exchange(self.grid, deliveries, self.settings, "mask")
+        # Once per node (one node per client in a pinned deployment, as the simulator counts).
+        return 0 if payload is None else len(payload) * len(self.nodes)
+
+    def train(self, round: int, lr: float, client_ids: Sequence[int],
+              strategy: TrainingStrategy, attempt: int = 1) -> Iterator[ClientReply]:
+        downs = {cid: strategy.payload_for(cid, round) for cid in client_ids}
+        out = [
+            Message(RecordDict({
+                CONFIG: ConfigRecord({"client-id": cid, "round": round, "lr": lr}),
+                PAYLOAD: payload_record(downs[cid]),
+            }), self.mapping[cid], MSG_TRAIN, group_id=str(round))
+            for cid in client_ids
+        ]
+        with Stopwatch() as exchange:
+            replies = _exchange_tolerant(self.grid, out, self.settings, f"round {round}")
+        arrived = [r for r in replies if not isinstance(r, str)]
+        if not self.message_bytes and arrived:
+            self.message_bytes = {"down": message_wire_bytes(out[0]),
+                                  "up": message_wire_bytes(arrived[0])}
+        unpacked = [r if isinstance(r, str) else _payload_and_metrics(r) for r in replies]
+        del replies, arrived, out
+        ok = [u for u in unpacked if not isinstance(u, str)]
+        self._round = {
+            "client_compute_seconds": [float(m["compute-seconds"]) for _, m in ok],
+            "client_setup_seconds": [float(m["setup-seconds"]) for _, m in ok],
+            "exchange_seconds": exchange.seconds,
+        }
+        for cid, got in zip(client_ids, unpacked):
+            if isinstance(got, str):
+                yield ClientReply(cid, downs[cid], b"", 0, float("nan"), error=got)
+            else:
+                payload, metrics = got
+                yield ClientReply(cid, downs[cid], payload, int(metrics["num-samples"]),
+                                  float(metrics["train-loss"]))
+
+    def round_info(self) -> dict[str, Any]:
+        return self._round
+
+    def summary_info(self) -> dict[str, Any]:
+        return {
+            # Flower only: how the run was carried.
+            "engine": "flower",
+            "nodes": len(self.nodes),
+            "node_wait_seconds": self.node_wait_seconds,
+            "score_compute_seconds": [self.score_compute[c] for c in sorted(self.score_compute)],
+            # One train message and one reply as Flower serialises them, vs. the payload bytes.
+            "message_bytes_per_round": self.message_bytes,
+        }
+
+
 def run_on_grid(
     grid: Grid, config: Config, settings: FlowerSettings, run_dir: Path | None = None,
     *, write: bool = True,
@@ -184,203 +281,15 @@ def run_on_grid(
     """Run one experiment over Flower; returns ``{"run_dir", "summary", "metrics", "mask",
     "values"}``."""
     check_supported(config)
-    set_threads(config)
-    seed = config.run.seed
-    fed = load_federation(config)
-    train_set, test_set = fed.train_set, fed.test_set
-    assert test_set is not None
-    sizes = [len(p) for p in fed.parts]
-
-    folder = make_run_dir(config, run_dir) if write else None
-    if folder is not None:
-        (folder / "config.toml").write_text(to_toml(config))
-        counts = class_counts(train_set.labels.numpy(), fed.parts, train_set.num_classes)
-        (folder / "partition.json").write_text(
-            json.dumps({"class_counts": counts.tolist(), "sizes": sizes})
-        )
-
-    model = build_model(config, train_set)
-    prunable = prunable_parameter_names(model)
-    params = dict(model.named_parameters())
-    prunable_shapes = {n: params[n].shape for n in prunable}
-    initial = {n: p.detach().clone() for n, p in params.items()}
-
-    nodes_started = time.perf_counter()
-    mapping = assign_clients(grid, config.federation.num_clients, settings)
-    nodes = sorted(set(mapping.values()))
-    node_wait_seconds = time.perf_counter() - nodes_started
-
-    # ---- mask round ----------------------------------------------------------------------
-    mask_started = time.perf_counter()
-    algo = config.algorithm
-    score_compute: dict[int, float] = {}
-
-    def collect_scores(client_ids: Sequence[int]) -> Iterator[tuple[bytes, int]]:
-        asks = [
-            Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), mapping[cid],
-                    MSG_SCORES, group_id="mask")
-            for cid in client_ids
-        ]
-        # Replies come back in the order asked (client-id order), as the simulator sums them.
-        for reply in _exchange(grid, asks, settings, "scores"):
-            payload, metrics = _payload_and_metrics(reply)
-            score_compute[int(metrics["client-id"])] = float(metrics["compute-seconds"])
-            yield payload, int(metrics["num-samples"])
-
-    found = find_mask(
-        algo.name, prunable_shapes, algo.density, num_clients=config.federation.num_clients,
-        seed=seed, score_aggregation=algo.score_aggregation, collect_scores=collect_scores,
-    )
-    one_time: dict[str, int] = (
-        {"score_upload": found.score_upload_bytes} if found.score_upload_bytes else {}
-    )
-    mask = found.mask
-    server = SparseFedAvgServer(initial, prunable, mask, value_dtype=config.comm.value_dtype)
-    dense = mask_density(mask) >= 1.0
-    mask_payload = server.mask_payload()
-    deliveries = []
-    for node in nodes:
-        content = RecordDict({CONFIG: ConfigRecord({"dense": dense})})
-        if not dense:
-            content[PAYLOAD] = payload_record(mask_payload)
-        deliveries.append(Message(content, node, MSG_MASK, group_id="mask"))
-    _exchange(grid, deliveries, settings, "mask")
-    if not dense:
-        # Once per node (one node per client in a pinned deployment, as the simulator counts).
-        one_time["mask_broadcast"] = len(mask_payload) * len(nodes)
-    mask_seconds = time.perf_counter() - mask_started
-    mask_info = {
-        "density": mask_density(mask),
-        "kept": int(sum(int(m.sum()) for m in mask.values())),
-        "prunable": int(sum(m.numel() for m in mask.values())),
-        "per_layer": layer_densities(mask),
-        "digest": server.digest.hex(),
-        "scored_clients": found.scored_clients,
-        "seconds": mask_seconds,
-        "score_compute_seconds": [score_compute[c] for c in found.scored_clients],
-        "nodes": len(nodes),
-    }
-    if folder is not None:
-        (folder / "mask.json").write_text(json.dumps(mask_info, indent=1))
-
-    dense_payload_bytes = len(
-        encode_values(torch_cat(initial.values()), dtype=config.comm.value_dtype)
-    )
-
-    # ---- training rounds -----------------------------------------------------------------
-    metrics: list[dict[str, Any]] = []
-    cumulative = sum(one_time.values())
-    message_bytes: dict[str, int] = {}
-    metrics_file = (folder / "metrics.jsonl").open("w") if folder is not None else None
-    started = time.perf_counter()
-    try:
-        for rnd in range(1, config.run.rounds + 1):
-            round_started = time.perf_counter()
-            lr = learning_rate(config, rnd)
-            chosen = sample_clients(
-                seed, rnd, config.federation.num_clients, config.federation.clients_per_round
-            )
-            down = server.broadcast(rnd)
-            out = [
-                Message(
-                    RecordDict({
-                        CONFIG: ConfigRecord({"client-id": cid, "round": rnd, "lr": lr}),
-                        PAYLOAD: payload_record(down),
-                    }),
-                    mapping[cid], MSG_TRAIN, group_id=str(rnd),
-                )
-                for cid in chosen
-            ]
-            with Stopwatch() as exchange:
-                replies = _exchange(grid, out, settings, f"round {rnd}")
-            if not message_bytes:
-                message_bytes = {"down": message_wire_bytes(out[0]),
-                                 "up": message_wire_bytes(replies[0])}
-            unpacked = [_payload_and_metrics(r) for r in replies]
-            del replies, out
-            with Stopwatch() as aggregation:
-                # In sampled-client order, as the simulator, so the float sums match.
-                update = server.aggregate(rnd, ((p, int(m["num-samples"])) for p, m in unpacked))
-            train_seconds = time.perf_counter() - round_started
-            bytes_down = len(down) * len(chosen)
-            cumulative += bytes_down + update.bytes_up
-            losses = [(float(m["train-loss"]), int(m["num-samples"])) for _, m in unpacked]
-            row: dict[str, Any] = {
-                "round": rnd,
-                "accuracy": None,
-                "test_loss": None,
-                "train_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
-                "bytes_down": bytes_down,
-                "bytes_up": update.bytes_up,
-                "bytes_cumulative": cumulative,
-                "seconds": train_seconds,
-                "lr": lr,
-                "clients": chosen,
-                "client_compute_seconds": [float(m["compute-seconds"]) for _, m in unpacked],
-                "client_setup_seconds": [float(m["setup-seconds"]) for _, m in unpacked],
-                "aggregation_seconds": aggregation.seconds,
-                "exchange_seconds": exchange.seconds,
-            }
-            del unpacked
-            if rnd % config.run.eval_every == 0 or rnd == config.run.rounds:
-                eval_started = time.perf_counter()
-                server.layout.scatter_model_(server.values, model)
-                acc, loss = evaluate(
-                    model, test_set.images, test_set.labels, test_set.mean, test_set.std
-                )
-                row.update(accuracy=acc, test_loss=loss,
-                           eval_seconds=time.perf_counter() - eval_started)
-            metrics.append(row)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            print(f"ssfl round {rnd}: train loss {row['train_loss']:.4f}"
-                  + (f", accuracy {row['accuracy']:.4f}" if row["accuracy"] is not None else "")
-                  + f", {train_seconds:.2f} s", flush=True)
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-
-    wall = time.perf_counter() - started
-    accuracies = [m["accuracy"] for m in metrics if m["accuracy"] is not None]
-    per_round_down = len(down)
-    per_round_up = update.bytes_up // max(update.num_clients, 1)
-    samples = sum(sizes[c] * config.train.local_epochs for m in metrics for c in m["clients"])
-    seconds = sum(m["seconds"] for m in metrics)
-    summary: dict[str, Any] = {
-        "algorithm": algo.name,
-        "density": mask_info["density"],
-        "target_density": algo.density,
-        "dataset": config.data.dataset,
-        "model": config.model.name,
-        "rounds": config.run.rounds,
-        "seed": seed,
-        "final_accuracy": accuracies[-1] if accuracies else None,
-        "best_accuracy": max(accuracies) if accuracies else None,
-        "one_time_bytes": one_time,
-        "bytes_per_round": {"down": per_round_down, "up": per_round_up},
-        "dense_bytes_per_round": {"down": dense_payload_bytes, "up": dense_payload_bytes},
-        "ratio_to_dense": (per_round_down + per_round_up) / (2 * dense_payload_bytes),
-        "total_bytes": cumulative,
-        "num_values": server.layout.num_values,
-        "num_parameters": sum(t.numel() for t in initial.values()),
-        "wall_seconds": wall,
-        "mask_seconds": mask_seconds,
-        "samples_per_second": samples / seconds if seconds > 0 else 0.0,
-        # Flower only: how the run was carried.
-        "engine": "flower",
-        "nodes": len(nodes),
-        "node_wait_seconds": node_wait_seconds,
-        # One train message and one reply as Flower serialises them, vs. the payload bytes.
-        "message_bytes_per_round": message_bytes,
-    }
-    if folder is not None:
-        (folder / "summary.json").write_text(json.dumps(summary, indent=1))
-    return {"run_dir": folder, "summary": summary, "metrics": metrics, "mask": mask,
-            "values": server.values.clone()}
+    exp = prepare(config)
+    transport = FlowerTransport(grid, config, settings)
+    result = run(exp, transport, run_dir, write=write, progress=False,
+                 on_round=_print_round)
+    return {"run_dir": result.run_dir, "summary": result.summary, "metrics": result.metrics,
+            "mask": result.mask, "values": result.final_values}
 
 
-def torch_cat(tensors: Iterable[Any]) -> Any:
-    import torch
-
-    return torch.cat([t.reshape(-1) for t in tensors])
+def _print_round(row: dict[str, Any]) -> None:
+    print(f"ssfl round {row['round']}: train loss {row['train_loss']:.4f}"
+          + (f", accuracy {row['accuracy']:.4f}" if row["accuracy"] is not None else "")
+          + f", {row['seconds']:.2f} s", flush=True)
