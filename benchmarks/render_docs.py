@@ -6,6 +6,7 @@ never drifts from what the commands produce:
     python benchmarks/throughput.py     # -> results/throughput.json
     python benchmarks/memory.py         # -> results/memory.json
     python benchmarks/reference.py      # -> results/reference.json (+ plots)
+    python benchmarks/checkpoint_overhead.py  # -> results/checkpoint_overhead.json
     python benchmarks/render_docs.py    # -> docs/benchmarks.md
 """
 
@@ -62,6 +63,19 @@ def reference_section(data: dict[str, Any] | None) -> str:
             + "\n![accuracy against bytes](../benchmarks/results/reference_accuracy_vs_bytes.png)\n")
 
 
+def checkpoint_section(data: dict[str, Any] | None) -> str:
+    if data is None:
+        return "_Not yet measured: run `python benchmarks/checkpoint_overhead.py`._\n"
+    lines = ["| model | round (s) | checkpoint save (ms) | checkpoint size (MB) | overhead, "
+             "saved every round | overhead, saved every 10 rounds |", "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        lines.append(f"| {r['model']} ({r['clients_per_round']} clients x "
+                     f"{r['samples_per_client']} samples) | {r['round_seconds']:.2f} | "
+                     f"{r['checkpoint_seconds'] * 1000:.0f} | {r['checkpoint_bytes'] / 1e6:.1f} | "
+                     f"{r['overhead_every_round']:.4f} | {r['overhead_every_10_rounds']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(
@@ -82,6 +96,10 @@ def main() -> None:
         "`ssfl run` processes; clients are index sets into one uint8 tensor and share one "
         "model, so memory does not grow with the number of clients.\n\n"
         + memory_section(_load("memory.json"))
+        + "\n## Checkpoint overhead\n\n`python benchmarks/checkpoint_overhead.py`: time to "
+        "save one checkpoint of the server state, as a fraction of the round it protects "
+        "(median of repeats, same process).\n\n"
+        + checkpoint_section(_load("checkpoint_overhead.json"))
     )
     print(f"written {DOC}")
 
