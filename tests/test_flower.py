@@ -437,3 +437,33 @@ def test_numpy_uint8_payload_is_one_array() -> None:
     record = payload_record(b"\x01\x02\x03")
     assert list(record) == ["payload"]
     assert record["payload"].numpy().dtype == np.uint8
+
+
+def test_flower_server_resumes_from_its_checkpoint_bit_identical(
+    task_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssfl.flower.server_app as server_app
+
+    config = load_config(None, [*QUICK, "run.rounds=4", "run.checkpoint_every=1"])
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    reference = run_on_grid(InMemoryGrid(run_config_from_config(config), nodes), config,
+                            FlowerSettings(node_wait_seconds=5), tmp_path / "ref")
+
+    real_train = server_app.FlowerTransport.train
+
+    def crash_in_round_3(self, round, *args, **kwargs):
+        if round == 3:
+            raise KeyboardInterrupt("server killed")
+        return real_train(self, round, *args, **kwargs)
+
+    monkeypatch.setattr(server_app.FlowerTransport, "train", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_on_grid(InMemoryGrid(run_config_from_config(config), nodes), config,
+                    FlowerSettings(node_wait_seconds=5), tmp_path / "crashed")
+    monkeypatch.setattr(server_app.FlowerTransport, "train", real_train)
+    # A new server process and fresh nodes (the mask is sent again, not counted again).
+    resumed = run_on_grid(InMemoryGrid(run_config_from_config(config), nodes), config,
+                          FlowerSettings(node_wait_seconds=5, resume=True), tmp_path / "crashed")
+    _assert_same_metrics(reference["metrics"], resumed["metrics"])
+    assert torch.equal(resumed["values"], reference["values"])
+    assert resumed["summary"]["total_bytes"] == reference["summary"]["total_bytes"]

@@ -413,3 +413,17 @@ def test_blank_lines_and_missing_config_are_fine(tmp_path: Path) -> None:
     run = load_run(folder)
     assert run.name == "plain-folder" and run.config == {}
     assert len(run.metrics) == 3
+
+
+def test_personal_accuracy_is_reported_beside_global(tmp_path: Path) -> None:
+    rows = [_row(1, 0.5, 10, 10, 20, 1.0, personal_accuracy=0.75),
+            _row(2, None, 10, 10, 40, 1.0),
+            _row(3, 0.6, 10, 10, 60, 1.0, personal_accuracy=0.875)]
+    finished = write_run(tmp_path / "done", name="done", metrics=rows,
+                         summary={"final_accuracy": 0.6, "final_personal_accuracy": 0.9})
+    interrupted = write_run(tmp_path / "cut", name="cut", metrics=rows, summary=None)
+    table = parse_table(summary_table([load_run(finished), load_run(interrupted)]))
+    assert table["done"]["Final acc (%)"] == "60.00"
+    assert table["done"]["Personal acc (%)"] == "90.00"  # the summary's figure wins
+    cut = next(v for k, v in table.items() if k.startswith("cut"))
+    assert cut["Personal acc (%)"] == "87.50"  # else the last evaluated round's

@@ -283,6 +283,9 @@ class RunStats:
     rounds: int | None
     final_accuracy: float | None
     best_accuracy: float | None
+    # The personalised protocol: mean over clients of the accuracy on each client's own test
+    # split (follows its training classes); reported beside the global accuracy.
+    personal_accuracy: float | None
     mb_per_round: float | None
     total_mb: float | None
     ratio_to_dense: float | None
@@ -312,6 +315,11 @@ def run_stats(run: RunRecord, name: str | None = None) -> RunStats:
         ),
         best_accuracy=_first_num(
             summary.get("best_accuracy"), max(accuracies) if accuracies else None
+        ),
+        personal_accuracy=_first_num(
+            summary.get("final_personal_accuracy"),
+            next((_num(r.get("personal_accuracy")) for r in reversed(run.metrics)
+                  if _num(r.get("personal_accuracy")) is not None), None),
         ),
         mb_per_round=_mb_per_round(summary, run.config, run.metrics),
         total_mb=_total_mb(summary, run.metrics),
@@ -428,6 +436,7 @@ TABLE_HEADER = (
     "Rounds",
     "Final acc (%)",
     "Best acc (%)",
+    "Personal acc (%)",
     "MB/round (down+up)",
     "Total MB (incl. one-time)",
     "Ratio to dense (per round)",
@@ -467,6 +476,7 @@ def _table_row(s: RunStats) -> tuple[str, ...]:
         UNKNOWN if s.rounds is None else str(s.rounds),
         _fmt(None if s.final_accuracy is None else 100 * s.final_accuracy, "{:.2f}"),
         _fmt(None if s.best_accuracy is None else 100 * s.best_accuracy, "{:.2f}"),
+        _fmt(None if s.personal_accuracy is None else 100 * s.personal_accuracy, "{:.2f}"),
         _fmt_mb(s.mb_per_round),
         _fmt_mb(s.total_mb),
         _fmt(s.ratio_to_dense, "{:.3f}"),
@@ -516,6 +526,7 @@ CSV_FIELDS = (
     "rounds",
     "final_accuracy",
     "best_accuracy",
+    "personal_accuracy",
     "mb_per_round",
     "total_mb",
     "ratio_to_dense",

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -36,7 +37,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from ssfl.config import ConfigError, load_config
-from ssfl.flower.protocol import FlowerSettings, run_config_from_config, run_config_toml
+from ssfl.flower.protocol import (
+    _flower_settings,
+    run_config_from_config,
+    run_config_toml,
+)
 from ssfl.flower.runconfig import APP_DEFAULTS, write_app
 
 CONNECTION = "ssfl-local"
@@ -401,13 +406,16 @@ def run_local(
     secure: bool = False,
     workdir: Path | None = None,
     simulation: bool = False,
+    flower: dict[str, Any] | None = None,
 ) -> Path:
     """Run one experiment on a local deployment; returns the run folder.
 
     ``secure``: TLS and SuperNode authentication (fresh certificates and keys). ``workdir``:
     where FLWR_HOME, logs and certificates go (default: a temporary folder, removed after).
     ``simulation``: Flower's simulation engine instead of SuperLink and SuperNode processes
-    (``supernodes`` simulated SuperNodes, which must equal ``federation.num_clients``)."""
+    (``supernodes`` simulated SuperNodes, which must equal ``federation.num_clients``).
+    ``flower``: further ``FlowerSettings`` fields, e.g. ``{"round_timeout_seconds": 15.0}``
+    (on the command line: ``flower.round-timeout-seconds=15``)."""
     if config_path is None:
         # No config file: the Flower app's quickstart (3 clients, 5 rounds), then the overrides.
         overrides = [*APP_DEFAULTS, *overrides]
@@ -428,7 +436,9 @@ def run_local(
             "the simulation engine gives SuperNode i partition i: use as many SuperNodes as "
             f"federation.num_clients ({config.federation.num_clients}), without --pool/--secure")
     pinned = None if pool or supernodes != config.federation.num_clients else supernodes
-    settings = FlowerSettings(run_dir=str(run_dir), min_nodes=supernodes)
+    # Checked and typed as the apps do (an unknown key or a wrong type is a ConfigError).
+    settings = _flower_settings({**(flower or {}), "run_dir": str(run_dir),
+                                 "min_nodes": supernodes})
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="ssfl-flower-"))
     else:
@@ -506,8 +516,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the temporary FLWR_HOME and logs")
     args = parser.parse_args(argv)
-    overrides = [w for w in args.words if "=" in w]
+    overrides = [w for w in args.words if "=" in w and not w.startswith("flower.")]
     paths = [w for w in args.words if "=" not in w]
+    flower = {}  # flower.<key>=<TOML value>: Flower-only settings (FlowerSettings)
+    for word in (w for w in args.words if "=" in w and w.startswith("flower.")):
+        key, value = word.split("=", 1)
+        try:
+            flower[key[len("flower."):].replace("-", "_")] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            flower[key[len("flower."):].replace("-", "_")] = value
     if len(paths) > 1:
         parser.error(f"give at most one config file, got {paths}")
     try:
@@ -517,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app=Path(args.app) if args.app else None,
             timeout=args.timeout, pool=args.pool, keep_workdir=args.keep_workdir,
             secure=args.secure, workdir=Path(args.workdir) if args.workdir else None,
-            simulation=args.simulation,
+            simulation=args.simulation, flower=flower,
         )
     except (ConfigError, LocalDeploymentError) as exc:
         print(f"ssfl.flower.local: {exc}", file=sys.stderr)

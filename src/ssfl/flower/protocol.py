@@ -62,6 +62,8 @@ class FlowerSettings:
     round_timeout_seconds: float = 1800.0
     # How often the ServerApp asks the SuperLink for replies.
     poll_interval_seconds: float = 0.1
+    # Continue the run in `run-dir` from its last checkpoint (as `ssfl run --resume`).
+    resume: bool = False
 
 
 def _kebab(name: str) -> str:

@@ -281,9 +281,11 @@ def run_on_grid(
     """Run one experiment over Flower; returns ``{"run_dir", "summary", "metrics", "mask",
     "values"}``."""
     check_supported(config)
+    if settings.resume and run_dir is None:
+        raise ConfigError("flower.resume needs flower.run-dir: the run folder to continue")
     exp = prepare(config)
     transport = FlowerTransport(grid, config, settings)
-    result = run(exp, transport, run_dir, write=write, progress=False,
+    result = run(exp, transport, run_dir, write=write, progress=False, resume=settings.resume,
                  on_round=_print_round)
     return {"run_dir": result.run_dir, "summary": result.summary, "metrics": result.metrics,
             "mask": result.mask, "values": result.final_values}
