@@ -123,3 +123,5 @@ def test_run_survives_a_supernode_killed_mid_run(tmp_path: Path) -> None:
         assert row["attempts"] == 1
         assert len(row["client_compute_seconds"]) == 1
     assert summary["final_accuracy"] is not None
+    # ... and says so on the console (the ServerApp's log, streamed by `flwr run`).
+    assert f"client {KILLED} dropped: node {node_ids[-1]} " in text, text[-3000:]
