@@ -96,9 +96,16 @@ def main() -> None:
     (out / "reference.json").write_text(json.dumps(
         {"config": str(CONFIG.relative_to(HERE.parent)), "overrides": args.overrides,
          "runs": rows}, indent=1))
+    totals = "\n".join(
+        f"| {r['name']} | {r['final_accuracy'] * 100:.2f} | "
+        f"{sum(r['one_time_bytes'].values()) / 1e6:.1f} | {r['total_bytes'] / 1e6:.1f} |"
+        for r in rows)
     (out / "reference.md").write_text(
-        "Final test accuracy (%) after the configured rounds; one-time bytes per run:\n\n"
-        + text + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in one_time.items()) + "\n")
+        "Final global test accuracy (%) after the configured rounds:\n\n" + text
+        + "\n\nPer run: accuracy (%), one-time bytes (SSFL's score upload, the mask "
+        "broadcast) and all bytes of the run, in MB:\n\n"
+        "| run | accuracy | one-time MB | total MB |\n|---|---|---|---|\n"
+        + totals + "\n")
     # One line per run; plots are written beside the tables.
     runs = [load_run(runs_dir / r["name"]) for r in rows]
     for filename, figure in build_figures(runs).items():

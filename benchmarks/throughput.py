@@ -4,7 +4,8 @@ Both sides train the same model from the same weights on the same batches (the c
 materialised once up front for the plain loop, so it pays nothing for data handling). The
 simulator side is a whole client round as the simulator runs it: decode the server payload,
 scatter it into the model, build and augment the batches, masked SGD, gather and encode the reply.
-The two are interleaved repeatedly and the median of each is compared.
+The two are interleaved repeatedly (alternating which goes first); the headline is the median
+over repeats of the paired ratio plain time / simulator time.
 
     python benchmarks/throughput.py [--data-root DIR] [--repeats 7] [--out FILE]
 
@@ -80,15 +81,18 @@ def measure(data_root: str | None, repeats: int, density: float) -> dict[str, fl
                 (sim_times if side == "sim" else plain_times).append(elapsed)
     sim = samples / statistics.median(sim_times)
     plain = samples / statistics.median(plain_times)
+    # Each repeat runs both sides back to back, so the ratio within a pair is free of the
+    # machine's slow drift (frequency, other load); the median over pairs is the headline.
+    paired = statistics.median(p / s for s, p in zip(sim_times, plain_times))
     return {"density": density, "samples_per_round": samples, "simulator_samples_per_s": sim,
-            "plain_samples_per_s": plain, "ratio": sim / plain}
+            "plain_samples_per_s": plain, "ratio_of_medians": sim / plain, "ratio": paired}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=None, help="folder with cifar-10-batches-bin/ "
                         "(default: $SSFL_DATA_DIR)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "throughput.json"))
     args = parser.parse_args()

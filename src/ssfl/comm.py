@@ -169,7 +169,9 @@ class ParameterLayout:
             if name in mask:
                 if mask[name].shape != shapes[name]:
                     raise ValueError(f"mask for {name} has shape {tuple(mask[name].shape)}")
-                self.active[name] = mask[name].reshape(-1).nonzero().squeeze(1)
+                # A fully kept layer is laid out like a dense one: copies, not index ops.
+                keep = mask[name].reshape(-1)
+                self.active[name] = None if bool(keep.all()) else keep.nonzero().squeeze(1)
             else:
                 self.active[name] = None
         self.sizes = [
