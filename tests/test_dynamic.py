@@ -133,10 +133,13 @@ def test_feddst_aggregate_and_mask_downloads_by_hand() -> None:
     # Client 1 already holds the new global mask (its own); client 0 must be sent it.
     assert len(payload_parts(s.payload_for(1, 2))) == 1
     assert len(payload_parts(s.payload_for(0, 2))) == 2
-    # A client mask with the wrong layer count is refused.
-    from ssfl.comm import PayloadError
-    with pytest.raises(PayloadError, match="layer counts"):
+    # A client mask with the wrong layer count is rejected, naming the client; alone in its
+    # round it fails the round and leaves the model as it was.
+    from ssfl.server import RoundFailed
+    before = {n: w.clone() for n, w in s.weights.items()}
+    with pytest.raises(RoundFailed, match="client 0: client 0's mask has wrong layer counts"):
         s.aggregate(1, [(0, reply([T, T, T, T, F_, F_], [1.0, 1, 1, 1, 1]), 1)])
+    assert all(torch.equal(before[n], s.weights[n]) for n in before)
 
 
 def test_feddst_client_regrows_at_zero_with_fresh_momentum() -> None:
@@ -211,8 +214,8 @@ def test_prunefl_reconfiguration_by_hand() -> None:
     for i in (0, 5, 7):
         assert w[i].item() == (2.5 if old[i] else 0.0)  # averaged, or grown at exactly zero
     assert s.weights["1.bias"].tolist() == [2.5] * 3
-    from ssfl.comm import PayloadError
-    with pytest.raises(PayloadError, match="expected 2 payloads"):
+    from ssfl.server import RoundFailed
+    with pytest.raises(RoundFailed, match="client 0: round 4: expected 2 payloads"):
         s.aggregate(4, [(0, encode_values(torch.ones(6), round=4, digest=s.digest), 1)])
 
 

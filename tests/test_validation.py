@@ -112,3 +112,35 @@ def test_fuzzed_payloads_never_crash_the_server_or_change_the_model(payload: byt
     assert payload == _TEMPLATE or (len(payload) == HEADER.size + 16
                                     and torch.isfinite(server.values).all())
     assert update.num_clients == 1 and not update.rejected
+
+
+@pytest.mark.parametrize("algorithm", ["ssfl", "random_clientwise", "feddst", "prunefl"])
+def test_every_algorithm_rejects_a_corrupt_update_and_goes_on(
+    algorithm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+    import math
+
+    from ssfl.config import load_config
+    from ssfl.sim import InProcessTransport, run_experiment
+
+    real = InProcessTransport.train
+
+    def corrupting(self, round, lr, client_ids, strategy, attempt=1):
+        for reply in real(self, round, lr, client_ids, strategy, attempt):
+            if reply.client_id == client_ids[0]:  # one hostile client per round: NaNs
+                body = bytearray(reply.payload)
+                body[-4:] = struct.pack("<f", math.nan)
+                reply = dataclasses.replace(reply, payload=bytes(body))
+            yield reply
+
+    monkeypatch.setattr(InProcessTransport, "train", corrupting)
+    config = load_config(None, ["run.rounds=4", "run.progress=false", "federation.num_clients=6",
+                                "federation.clients_per_round=3", "train.local_epochs=1",
+                                f"algorithm.name={algorithm}", "algorithm.density=0.3",
+                                "algorithm.update_interval=2", "model.width=0.5"])
+    result = run_experiment(config, write=False)
+    for row in result.metrics:
+        assert [r["client"] for r in row["rejected"]] == [row["clients"][0]]
+        assert "NaN or infinite" in row["rejected"][0]["reason"]
+    assert torch.isfinite(result.final_values).all()

@@ -47,7 +47,7 @@ from ssfl.masks import (
     topk_count,
     unflatten,
 )
-from ssfl.server import RoundUpdate
+from ssfl.server import Rejection, RoundFailed, RoundUpdate, screen_replies
 from ssfl.strategies import Reply, TrainingStrategy, payload_parts
 
 # ---------------------------------------------------------------------------- mask rules
@@ -143,8 +143,8 @@ def average_over_holders(
             if n in mask:
                 held.setdefault(n, torch.zeros(shapes[n], dtype=torch.float64))
                 held[n] += mask[n].to(torch.float64) * weight
-    if total <= 0:
-        raise PayloadError("no contributions to average")
+    if total <= 0:  # nothing held anywhere: the caller decides (a failed round)
+        return {n: torch.zeros(s) for n, s in shapes.items()}, {}
     averages = {}
     for n in shapes:
         if n in held:
@@ -451,35 +451,45 @@ class FedDSTStrategy(DynamicMaskStrategy):
 
     def aggregate(self, round: int, replies: Iterable[Reply]) -> RoundUpdate:
         counter = {"clients": 0, "samples": 0, "bytes": 0}
+        rejected: list[Rejection] = []
+
+        def check(client_id: int, payload: bytes, num_samples: int):
+            parts = payload_parts(payload)
+            if len(parts) == 2:
+                mask, digest = self._decode_mask(parts[0])
+                bad = {n: int(mask[n].sum()) for n in self.prunable
+                       if int(mask[n].sum()) != self.counts[n]}
+                if bad:
+                    raise PayloadError(f"client {client_id}'s mask has wrong layer counts "
+                                       f"{bad}")
+                layout = ParameterLayout(self.shapes, mask)
+            elif len(parts) == 1:
+                mask, digest, layout = self.mask, self.digest, self.layout
+            else:
+                raise PayloadError(f"expected 1 or 2 payloads, got {len(parts)}")
+            values = decode_values(parts[-1], expected_count=layout.num_values,
+                                   expected_digest=digest, expected_round=round,
+                                   expected_dtype=self.value_dtype, require_finite=True)
+            return layout.dense_tensors(values), mask, digest, len(parts), len(payload)
 
         def contributions():
-            for client_id, payload, num_samples in replies:
-                parts = payload_parts(payload)
-                if len(parts) == 2:
-                    mask, digest = self._decode_mask(parts[0])
-                    bad = {n: int(mask[n].sum()) for n in self.prunable
-                           if int(mask[n].sum()) != self.counts[n]}
-                    if bad:
-                        raise PayloadError(f"client {client_id}'s mask has wrong layer counts "
-                                           f"{bad}")
-                    layout = ParameterLayout(self.shapes, mask)
+            for client_id, checked, num_samples in screen_replies(round, replies, check,
+                                                                  rejected):
+                dense, mask, digest, parts, size = checked
+                if parts == 2:  # the server now knows which mask this client holds
                     self._client_digest[client_id] = digest
-                elif len(parts) == 1:
-                    mask, digest, layout = self.mask, self.digest, self.layout
-                else:
-                    raise PayloadError(f"expected 1 or 2 payloads, got {len(parts)}")
-                values = decode_values(parts[-1], expected_count=layout.num_values,
-                                       expected_digest=digest, expected_round=round)
                 counter["clients"] += 1
                 counter["samples"] += num_samples
-                counter["bytes"] += len(payload)
-                yield layout.dense_tensors(values), mask, float(num_samples)
+                counter["bytes"] += size
+                yield dense, mask, float(num_samples)
 
         averages, holders = average_over_holders(contributions(), self.shapes)
+        if counter["clients"] == 0:
+            raise RoundFailed(round, 0, 1, rejected)
         mask = prune_to_counts(averages, holders, self.counts)
         self._finish(round, mask, averages)
         return RoundUpdate(num_clients=counter["clients"], num_samples=counter["samples"],
-                           bytes_up=counter["bytes"])
+                           bytes_up=counter["bytes"], rejected=tuple(rejected))
 
 
 class PruneFLStrategy(DynamicMaskStrategy):
@@ -571,27 +581,38 @@ class PruneFLStrategy(DynamicMaskStrategy):
         update = self.is_update_round(round)
         values, importance = WeightedMean(), WeightedMean()
         samples = nbytes = 0
-        for _, payload, num_samples in replies:
+        rejected: list[Rejection] = []
+
+        def check(client_id: int, payload: bytes, num_samples: int):
             parts = payload_parts(payload)
             if len(parts) != (2 if update else 1):
                 raise PayloadError(f"round {round}: expected {2 if update else 1} payloads, "
                                    f"got {len(parts)}")
-            values.add(decode_values(parts[0], expected_count=self.layout.num_values,
-                                     expected_digest=self.digest, expected_round=round),
-                       float(num_samples))
+            vals = decode_values(parts[0], expected_count=self.layout.num_values,
+                                 expected_digest=self.digest, expected_round=round,
+                                 expected_dtype=self.value_dtype, require_finite=True)
+            imp = None
             if update:
-                importance.add(decode_values(parts[1], expected_kind=PayloadKind.SCORES,
-                                             expected_count=self.prunable_count,
-                                             expected_digest=self.digest,
-                                             expected_round=round), float(num_samples))
+                imp = decode_values(parts[1], expected_kind=PayloadKind.SCORES,
+                                    expected_count=self.prunable_count,
+                                    expected_digest=self.digest, expected_round=round,
+                                    require_finite=True)
+            return vals, imp, len(payload)
+
+        for _, checked, num_samples in screen_replies(round, replies, check, rejected):
+            vals, imp, size = checked
+            values.add(vals, float(num_samples))
+            if imp is not None:
+                importance.add(imp, float(num_samples))
             samples += num_samples
-            nbytes += len(payload)
+            nbytes += size
         if values.count == 0:
-            raise PayloadError("no replies to aggregate")
+            raise RoundFailed(round, 0, 1, rejected)
         weights = self.layout.dense_tensors(values.result())
         mask = self.mask
         if update:
             mask = global_topk_mask(unflatten(importance.result(), self.prunable_shapes,
                                               self.prunable), self.density)
         self._finish(round, mask, weights)
-        return RoundUpdate(num_clients=values.count, num_samples=samples, bytes_up=nbytes)
+        return RoundUpdate(num_clients=values.count, num_samples=samples, bytes_up=nbytes,
+                           rejected=tuple(rejected))

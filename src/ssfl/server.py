@@ -181,6 +181,33 @@ class RoundUpdate:
     rejected: tuple[Rejection, ...] = ()
 
 
+def check_sample_count(num_samples: object) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise PayloadError(f"sample count must be a positive integer, got {num_samples!r}")
+    return num_samples
+
+
+def screen_replies(
+    round: int,
+    replies: Iterable[tuple[int, bytes, int]],
+    check: Callable[[int, bytes, int], object],
+    rejected: list[Rejection],
+) -> Iterable[tuple[int, object, int]]:
+    """Yield ``(client id, check(...), sample count)`` for each reply that passes ``check``; a
+    reply that fails (``PayloadError``) is logged with its reason, appended to ``rejected``
+    and skipped, so one bad client never stops the round."""
+    for client_id, payload, num_samples in replies:
+        try:
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
+            checked = check(client_id, payload, check_sample_count(num_samples))
+        except PayloadError as exc:
+            rejected.append(Rejection(client_id, str(exc)))
+            logger.warning("round %d: rejected update of client %d: %s", round, client_id, exc)
+            continue
+        yield client_id, checked, num_samples
+
+
 class RoundFailed(RuntimeError):
     """Too few valid replies to aggregate a round; the global model was left unchanged."""
 
@@ -254,8 +281,7 @@ class SparseFedAvgServer:
         if len(payload) > expected_size:
             raise PayloadError(f"payload of {len(payload)} bytes is over the limit of "
                                f"{expected_size} bytes")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise PayloadError(f"sample count must be a positive integer, got {num_samples!r}")
+        check_sample_count(num_samples)
         return decode_values(
             payload, expected_count=self.layout.num_values, expected_digest=self.digest,
             expected_round=round, expected_dtype=self.value_dtype, require_finite=True,
@@ -275,14 +301,15 @@ class SparseFedAvgServer:
         mean = WeightedMean()
         samples, nbytes = 0, 0
         rejected: list[Rejection] = []
-        for client_id, payload, num_samples in replies:
-            try:
-                values = self.check_update(round, payload, num_samples)
-            except PayloadError as exc:
-                rejected.append(Rejection(client_id, str(exc)))
-                logger.warning("round %d: rejected update of client %d: %s", round, client_id,
-                               exc)
-                continue
+        sizes: dict[int, int] = {}
+
+        def check(client_id: int, payload: bytes, num_samples: int) -> torch.Tensor:
+            sizes[client_id] = len(payload)
+            return self.check_update(round, payload, num_samples)
+
+        for client_id, values, num_samples in screen_replies(round, replies, check, rejected):
+            assert isinstance(values, torch.Tensor)
+            payload_size = sizes[client_id]
             if self.update_clip_norm > 0:
                 delta = values - self.values
                 norm = float(delta.norm())
@@ -290,7 +317,7 @@ class SparseFedAvgServer:
                     values = self.values + delta * (self.update_clip_norm / norm)
             mean.add(values, float(num_samples))
             samples += num_samples
-            nbytes += len(payload)
+            nbytes += payload_size
         if mean.count < min_replies:
             raise RoundFailed(round, mean.count, min_replies, rejected)
         self.values = mean.result()

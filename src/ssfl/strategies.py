@@ -33,7 +33,13 @@ from ssfl.comm import (
     read_header,
 )
 from ssfl.masks import Mask, mask_digest, mask_to_bits, random_global_mask
-from ssfl.server import RoundUpdate, SparseFedAvgServer
+from ssfl.server import (
+    Rejection,
+    RoundFailed,
+    RoundUpdate,
+    SparseFedAvgServer,
+    screen_replies,
+)
 
 Reply = tuple[int, bytes, int]  # (client id, payload, client sample count)
 
@@ -197,23 +203,30 @@ class ClientMaskStrategy(TrainingStrategy):
         sums = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.shapes.items()}
         weight = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.shapes.items()}
         clients = samples = nbytes = 0
-        for client_id, payload, num_samples in replies:
+        rejected: list[Rejection] = []
+
+        def check(client_id: int, payload: bytes, num_samples: int) -> tuple[dict, Mask, int]:
             layout, mask, digest = self._layout(client_id)
             values = decode_values(payload, expected_count=layout.num_values,
-                                   expected_digest=digest, expected_round=round)
-            dense = layout.dense_tensors(values)
+                                   expected_digest=digest, expected_round=round,
+                                   expected_dtype=self.value_dtype, require_finite=True)
+            return layout.dense_tensors(values), mask, len(payload)
+
+        for client_id, checked, num_samples in screen_replies(round, replies, check, rejected):
+            dense, mask, size = checked  # type: ignore[misc]
             for n in self.shapes:
                 sums[n] += dense[n].to(torch.float64) * num_samples
                 # Dense parameters (biases, norms) are held by every client.
                 weight[n] += (mask[n].to(torch.float64) if n in mask else 1.0) * num_samples
-            clients, samples, nbytes = clients + 1, samples + num_samples, nbytes + len(payload)
+            clients, samples, nbytes = clients + 1, samples + num_samples, nbytes + size
         if clients == 0:
-            raise PayloadError("no replies to aggregate")
+            raise RoundFailed(round, 0, 1, rejected)
         for n in self.shapes:
             held = weight[n] > 0
             averaged = (sums[n] / weight[n].clamp(min=1e-300)).to(torch.float32)
             self.weights[n] = torch.where(held, averaged, self.weights[n])
-        return RoundUpdate(num_clients=clients, num_samples=samples, bytes_up=nbytes)
+        return RoundUpdate(num_clients=clients, num_samples=samples, bytes_up=nbytes,
+                           rejected=tuple(rejected))
 
     def load_global_(self, model: nn.Module) -> None:
         with torch.no_grad():
