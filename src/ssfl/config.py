@@ -263,6 +263,14 @@ def validate(config: Config) -> None:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
+    if config.federation.update_clip_norm > 0 and config.algorithm.name in (
+        "random_clientwise", "feddst", "prunefl"
+    ):
+        raise ConfigError(
+            "federation.update_clip_norm applies to the global-mask algorithms (ssfl, fedavg, "
+            f"random, random_erk, snip_oracle, snip_single), not {config.algorithm.name!r}; "
+            "set it to 0"
+        )
     if not 0.0 <= config.federation.failure_rate < 1.0:
         raise ConfigError(f"federation.failure_rate must be in [0, 1), got "
                           f"{config.federation.failure_rate}")
