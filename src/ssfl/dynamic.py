@@ -48,7 +48,7 @@ from ssfl.masks import (
     unflatten,
 )
 from ssfl.server import Rejection, RoundFailed, RoundUpdate, screen_replies
-from ssfl.strategies import Reply, TrainingStrategy, payload_parts
+from ssfl.strategies import DenseGlobalModel, Reply, TrainingStrategy, payload_parts
 
 # ---------------------------------------------------------------------------- mask rules
 
@@ -226,7 +226,7 @@ def train_with_importance(
 # ---------------------------------------------------------------------------- strategies
 
 
-class DynamicMaskStrategy(TrainingStrategy):
+class DynamicMaskStrategy(DenseGlobalModel, TrainingStrategy):
     """Shared state of the dynamic-mask strategies: a dense global model, the global mask, and
     which mask each client holds (server side: its digest; client side: its bitmap).
 
@@ -325,17 +325,8 @@ class DynamicMaskStrategy(TrainingStrategy):
                              dtype=self.value_dtype)
 
     # -- evaluation and checks ------------------------------------------------------------
-    def load_global_(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(self.weights[n])
-
     def global_mask(self) -> Mask:
         return self.mask
-
-    def global_values(self) -> torch.Tensor:
-        """The dense global model (masked-out weights are 0): the active set changes."""
-        return torch.cat([self.weights[n].reshape(-1) for n in self.shapes])
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         meta = {"mask_changes": self.mask_changes,
@@ -347,11 +338,8 @@ class DynamicMaskStrategy(TrainingStrategy):
 
     def load_state_dict(self, meta: Mapping[str, Any],
                         tensors: Mapping[str, torch.Tensor]) -> None:
-        weights = unprefixed("weights", dict(tensors))
-        if {n: w.shape for n, w in weights.items()} != self.shapes:
-            raise ValueError("the checkpoint's weights do not fit this model")
         self._set_mask(unprefixed("mask", dict(tensors)))
-        self.weights = {n: w.clone() for n, w in weights.items()}
+        self._restore_weights(tensors)
         self.mask_changes = [int(r) for r in meta["mask_changes"]]
         self._client_digest = {int(c): bytes.fromhex(d)
                                for c, d in meta["client_digest"].items()}

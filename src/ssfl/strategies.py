@@ -140,7 +140,29 @@ class StaticMaskStrategy(TrainingStrategy):
         self._cached = None
 
 
-class ClientMaskStrategy(TrainingStrategy):
+class DenseGlobalModel:
+    """For strategies whose global model is a dict of dense tensors, ``self.weights`` (zero
+    where no weight is active): evaluation, flat values and checkpoint restore."""
+
+    weights: dict[str, torch.Tensor]
+    shapes: dict[str, torch.Size]
+
+    def load_global_(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.weights[n])
+
+    def global_values(self) -> torch.Tensor:
+        return torch.cat([self.weights[n].reshape(-1) for n in self.shapes])
+
+    def _restore_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        weights = unprefixed("weights", dict(tensors))
+        if {n: w.shape for n, w in weights.items()} != self.shapes:
+            raise ValueError("the checkpoint's weights do not fit this model")
+        self.weights = {n: w.clone() for n, w in weights.items()}
+
+
+class ClientMaskStrategy(DenseGlobalModel, TrainingStrategy):
     """Each client has its own random global mask of the target density, fixed for the run.
 
     The server keeps a dense global model. A client receives (and returns) the values inside its
@@ -228,26 +250,15 @@ class ClientMaskStrategy(TrainingStrategy):
         return RoundUpdate(num_clients=clients, num_samples=samples, bytes_up=nbytes,
                            rejected=tuple(rejected))
 
-    def load_global_(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(self.weights[n])
-
     def global_mask(self) -> Mask:
         return self._union
-
-    def global_values(self) -> torch.Tensor:
-        return torch.cat([self.weights[n].reshape(-1) for n in self.shapes])
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {}, prefixed("weights", self.weights)
 
     def load_state_dict(self, meta: Mapping[str, Any],
                         tensors: Mapping[str, torch.Tensor]) -> None:
-        weights = unprefixed("weights", dict(tensors))
-        if {n: w.shape for n, w in weights.items()} != self.shapes:
-            raise ValueError("the checkpoint's weights do not fit this model")
-        self.weights = {n: w.clone() for n, w in weights.items()}
+        self._restore_weights(tensors)
 
 
 def payload_parts(payload: bytes) -> list[bytes]:
