@@ -151,19 +151,6 @@ def evaluate_samples(
     return torch.cat(correct), torch.cat(losses)
 
 
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int = 1000,
-) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on a whole uint8 image tensor."""
-    correct, losses = evaluate_samples(model, images, labels, mean, std, batch_size)
-    return float(correct.float().mean()), float(losses.mean())
-
-
 def compute_scores(
     model: nn.Module,
     data: LocalData,
