@@ -391,13 +391,13 @@ def run(
                 strategy.load_global_(model)
                 correct, sample_losses = evaluate_samples(
                     model, test_set.images, test_set.labels, test_set.mean, test_set.std)
-                last_accuracy = float(correct.float().mean())
+                last_accuracy = int(correct.sum()) / correct.numel()  # exact, not float32
                 row.update(
                     accuracy=last_accuracy,
                     test_loss=float(sample_losses.mean()),
                     # Mean over clients of the accuracy on the client's own test split.
-                    personal_accuracy=float(torch.stack(
-                        [correct[idx].float().mean() for idx in client_tests]).mean()),
+                    personal_accuracy=sum(int(correct[idx].sum()) / max(1, idx.numel())
+                                          for idx in client_tests) / len(client_tests),
                     eval_seconds=time.perf_counter() - eval_started,
                 )
             metrics.append(row)
