@@ -90,7 +90,6 @@ def main() -> None:
                   for a in algorithms]
     shown = [r for r in rows if r["algorithm"] != "fedavg"] + dense_rows
     text = table(shown, densities, algorithms)
-    one_time = {r["name"]: r["one_time_bytes"] for r in rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reference.json").write_text(json.dumps(
