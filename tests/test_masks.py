@@ -11,6 +11,7 @@ from ssfl.masks import (
     apply_mask_,
     bits_to_mask,
     global_topk_mask,
+    jaccard,
     mask_density,
     mask_digest,
     mask_to_bits,
@@ -142,3 +143,14 @@ def test_apply_mask_zeroes_exactly_the_masked_weights() -> None:
     apply_mask_(model, {"weight": keep})
     assert torch.equal(model.weight.detach(), before * keep)
     assert mask_density({"weight": keep}) == 0.5
+
+
+def test_jaccard_by_eye() -> None:
+    a = {"w": torch.tensor([[1, 1, 0], [0, 1, 0]], dtype=torch.bool)}
+    b = {"w": torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.bool)}
+    # intersection {(0,0), (1,1)} = 2; union {(0,0), (0,1), (1,1), (1,2)} = 4
+    assert jaccard(a, b) == 0.5
+    assert jaccard(a, a) == 1.0
+    assert jaccard(a, {"w": ~a["w"]}) == 0.0
+    with pytest.raises(ValueError, match="different layers"):
+        jaccard(a, {"v": a["w"]})

@@ -15,7 +15,9 @@ from torch import nn
 
 from ssfl.client import LocalData, TrainSettings, client_generator
 from ssfl.config import Config, augmentation_enabled
+from ssfl.dispfl import DisPFLStrategy
 from ssfl.dynamic import FedDSTStrategy, PruneFLStrategy
+from ssfl.sparsyfed import SparsyFedStrategy
 from ssfl.strategies import ClientMaskStrategy, TrainingStrategy
 
 
@@ -66,8 +68,25 @@ def _prunefl(ctx: StrategyContext) -> TrainingStrategy:
                            update_until=_update_until(c), value_dtype=c.comm.value_dtype)
 
 
+def _dispfl(ctx: StrategyContext) -> TrainingStrategy:
+    c = ctx.config
+    return DisPFLStrategy(ctx.initial, ctx.prunable, c.algorithm.density, len(ctx.clients),
+                          seed=c.run.seed, rounds=c.run.rounds, neighbors=c.algorithm.neighbors,
+                          anneal=c.algorithm.dispfl_anneal, value_dtype=c.comm.value_dtype,
+                          min_replies=c.federation.min_replies)
+
+
+def _sparsyfed(ctx: StrategyContext) -> TrainingStrategy:
+    c = ctx.config
+    return SparsyFedStrategy(ctx.initial, ctx.prunable, c.algorithm.density,
+                             beta=c.algorithm.powerprop_beta, value_dtype=c.comm.value_dtype,
+                             min_replies=c.federation.min_replies)
+
+
 TRAINING_STRATEGIES: dict[str, Callable[[StrategyContext], TrainingStrategy]] = {
     "random_clientwise": _random_clientwise,
     "feddst": _feddst,
     "prunefl": _prunefl,
+    "sparsyfed": _sparsyfed,
+    "dispfl": _dispfl,
 }

@@ -9,10 +9,10 @@ Payload format (little-endian), 28-byte header then the body:
     magic  b"SSFL"   4 bytes
     version          1 byte
     kind             1 byte   (PayloadKind)
-    dtype            1 byte   (1 = float32, 2 = float16, 3 = packed bits)
+    dtype            1 byte   (1 = float32, 2 = float16, 3 = packed bits, 4 = uint32 indices)
     reserved         1 byte   (0)
     round            4 bytes  (unsigned)
-    count            8 bytes  (number of values, or of bits for a mask)
+    count            8 bytes  (number of values or indices, or of bits for a mask)
     mask digest      8 bytes  (blake2b of the mask bitmap; zeros where no mask applies)
 """
 
@@ -37,6 +37,7 @@ class PayloadKind(enum.IntEnum):
     VALUES = 1  # model values inside the mask (both directions, every round)
     SCORES = 2  # a client's saliency scores (mask round, upload)
     MASK = 3  # the mask bitmap (mask round, broadcast)
+    INDICES = 4  # positions of kept weights, ascending (a sparse upload's alternative to a bitmap)
 
 
 VALUE_DTYPES: dict[str, tuple[int, np.dtype]] = {
@@ -44,6 +45,9 @@ VALUE_DTYPES: dict[str, tuple[int, np.dtype]] = {
     "float16": (2, np.dtype("<f2")),
 }
 _BITS_CODE = 3
+_INDEX_CODE = 4  # uint32 little-endian
+#: bytes per item of each dtype code; packed bits (code 3) are counted per bit, not here
+ITEM_SIZES = {1: 4, 2: 2, _INDEX_CODE: 4}
 _CODE_TO_DTYPE = {code: dt for code, dt in VALUE_DTYPES.values()}
 
 
@@ -79,6 +83,38 @@ def encode_values(
 def encode_bits(bits: bytes, count: int, *, round: int = 0, digest: bytes = NO_DIGEST) -> bytes:
     header = HEADER.pack(MAGIC, VERSION, int(PayloadKind.MASK), _BITS_CODE, 0, round, count, digest)
     return header + bits
+
+
+def encode_indices(indices: torch.Tensor, *, round: int = 0,
+                   digest: bytes = NO_DIGEST) -> bytes:
+    """Strictly increasing flat positions as uint32: the cheaper way to say which weights a
+    sparse payload holds when fewer than 1 in 32 are kept (a bitmap costs 1 bit per weight)."""
+    flat = indices.detach().reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= 2**32
+                         or not bool((flat[1:] > flat[:-1]).all())):
+        raise ValueError("indices must be strictly increasing and fit in uint32")
+    body = flat.numpy().astype("<u4")
+    header = HEADER.pack(MAGIC, VERSION, int(PayloadKind.INDICES), _INDEX_CODE, 0, round,
+                         body.size, digest)
+    return header + body.tobytes()
+
+
+def decode_indices(payload: bytes, *, expected_count: int, bound: int) -> torch.Tensor:
+    """Decode an INDICES payload, checking its count, its length, that the positions are
+    strictly increasing and that each is below ``bound`` (the number of weights)."""
+    header = read_header(payload)
+    if header.kind != PayloadKind.INDICES or header.dtype_code != _INDEX_CODE:
+        raise PayloadError(f"expected an INDICES payload, got {header.kind.name}")
+    if header.count != expected_count:
+        raise PayloadError(f"payload has {header.count} indices, expected {expected_count}")
+    if len(payload) - HEADER.size != header.count * 4:
+        raise PayloadError("indices payload length does not match its count")
+    body = np.frombuffer(payload, dtype="<u4", offset=HEADER.size, count=header.count)
+    indices = torch.from_numpy(body.astype(np.int64))
+    if indices.numel() and (int(indices[-1]) >= bound
+                            or not bool((indices[1:] > indices[:-1]).all())):
+        raise PayloadError(f"indices must be strictly increasing and below {bound}")
+    return indices
 
 
 def read_header(payload: bytes) -> PayloadHeader:
@@ -227,8 +263,10 @@ __all__: Sequence[str] = [
     "PayloadError",
     "PayloadKind",
     "decode_bits",
+    "decode_indices",
     "decode_values",
     "encode_bits",
+    "encode_indices",
     "encode_values",
     "read_header",
 ]

@@ -73,6 +73,14 @@ class AlgorithmSection:
     prune_fraction: float = 0.3  # alpha, in [0, 1]; 0 keeps FedDST's initial ERK mask fixed
     # PruneFL: local rounds of initial pruning on client 0 before federated training
     prunefl_initial_rounds: int = 5
+    # SparsyFed: the Powerprop exponent beta (w = v * |v|**(beta-1)), the method's one
+    # hyperparameter (authors' CIFAR setting 1.25); 1 trains plain weights (top-k pruning only)
+    powerprop_beta: float = 1.25
+    # DisPFL: neighbours each active client aggregates from (besides itself; at most all other
+    # clients), and its anneal factor: every local update drops/regrows a fraction
+    # dispfl_anneal/2 * (1 + cos(pi * (round-1) / rounds)) of each layer (authors' default 0.5)
+    neighbors: int = 10
+    dispfl_anneal: float = 0.5
 
 
 @dataclass
@@ -248,6 +256,7 @@ def validate(config: Config) -> None:
         ("algorithm.saliency_batches", config.algorithm.saliency_batches),
         ("algorithm.update_interval", config.algorithm.update_interval),
         ("algorithm.prunefl_initial_rounds", config.algorithm.prunefl_initial_rounds),
+        ("algorithm.neighbors", config.algorithm.neighbors),
         ("data.classes_per_client", config.data.classes_per_client),
     ]:
         if value < 1:
@@ -256,15 +265,25 @@ def validate(config: Config) -> None:
         raise ConfigError("algorithm.saliency_batch_size must be >= 0 (0: the training batch size)")
     if config.algorithm.update_until < 0:
         raise ConfigError("algorithm.update_until must be >= 0 (0: half of run.rounds)")
+    beta = config.algorithm.powerprop_beta
+    if not beta >= 1.0 or not math.isfinite(beta):
+        raise ConfigError(f"algorithm.powerprop_beta must be a finite number >= 1 (SparsyFed's "
+                          f"Powerprop exponent; 1: no re-parameterisation), got {beta}")
     fraction = config.algorithm.prune_fraction
     if not (0.0 <= fraction <= 1.0) or not math.isfinite(fraction):
         raise ConfigError(f"algorithm.prune_fraction must be in [0, 1], got {fraction}")
+    anneal = config.algorithm.dispfl_anneal
+    if not (0.0 <= anneal <= 1.0) or not math.isfinite(anneal):
+        raise ConfigError(f"algorithm.dispfl_anneal must be in [0, 1], got {anneal}")
+    if config.algorithm.name == "dispfl" and config.federation.num_clients < 2:
+        raise ConfigError("algorithm.name = 'dispfl' needs federation.num_clients >= 2 "
+                          "(each client aggregates from other clients)")
     if config.run.checkpoint_every < 0:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
     if config.federation.update_clip_norm > 0 and config.algorithm.name in (
-        "random_clientwise", "feddst", "prunefl"
+        "random_clientwise", "feddst", "prunefl", "dispfl", "sparsyfed"
     ):
         raise ConfigError(
             "federation.update_clip_norm applies to the global-mask algorithms (ssfl, fedavg, "

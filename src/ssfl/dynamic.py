@@ -91,10 +91,13 @@ def drop_and_regrow(
     mask: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
     fraction: float,
+    *,
+    ceil: bool = False,
 ) -> tuple[Mask, dict[str, torch.Tensor]]:
     """FedDST's client-side mask readjustment, layer by layer.
 
-    Drop ``k = floor(fraction * active + 1/2)`` active weights of smallest magnitude and grow
+    Drop ``k = floor(fraction * active + 1/2)`` (with ``ceil``: ``ceil(fraction * active)``, as
+    DisPFL's ``fire_mask``) active weights of smallest magnitude and grow
     the ``k`` weights that were inactive *before* the drop with the largest gradient magnitude
     (``k`` is capped at the number of inactive weights, so a fully dense layer is left alone).
     Ties go to the earlier position. Returns the new mask (same count in every layer) and, per
@@ -104,7 +107,8 @@ def drop_and_regrow(
     for name, keep in mask.items():
         flat = keep.reshape(-1)
         active = int(flat.sum())
-        k = min(math.floor(fraction * active + 0.5), flat.numel() - active)
+        wanted = math.ceil(fraction * active) if ceil else math.floor(fraction * active + 0.5)
+        k = min(wanted, flat.numel() - active)
         if k <= 0:
             new_mask[name] = keep.clone()
             grown[name] = torch.zeros(0, dtype=torch.long)

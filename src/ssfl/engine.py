@@ -212,6 +212,19 @@ def _mask_stats(mask: dict[str, torch.Tensor], prunable: list[str]) -> dict[str,
     }
 
 
+def personal_accuracy(strategy: TrainingStrategy, model: torch.nn.Module, test_set: ImageDataset,
+                      client_tests: Sequence[torch.Tensor]) -> float:
+    """Mean over clients of each client's own model's accuracy on that client's test split
+    (personalised strategies); only the split's samples are evaluated."""
+    total = 0.0
+    for cid, idx in enumerate(client_tests):
+        strategy.load_personal_(model, cid)
+        correct, _ = evaluate_samples(model, test_set.images[idx], test_set.labels[idx],
+                                      test_set.mean, test_set.std)
+        total += int(correct.sum()) / max(1, idx.numel())
+    return total / len(client_tests)
+
+
 # ---- the run ----------------------------------------------------------------------------------
 def run(
     exp: Experiment,
@@ -392,12 +405,17 @@ def run(
                 correct, sample_losses = evaluate_samples(
                     model, test_set.images, test_set.labels, test_set.mean, test_set.std)
                 last_accuracy = int(correct.sum()) / correct.numel()  # exact, not float32
+                if strategy.personalised:
+                    personal = personal_accuracy(strategy, model, test_set, client_tests)
+                else:
+                    # The global model's correctness on each client's own test split.
+                    personal = sum(int(correct[idx].sum()) / max(1, idx.numel())
+                                   for idx in client_tests) / len(client_tests)
                 row.update(
                     accuracy=last_accuracy,
                     test_loss=float(sample_losses.mean()),
                     # Mean over clients of the accuracy on the client's own test split.
-                    personal_accuracy=sum(int(correct[idx].sum()) / max(1, idx.numel())
-                                          for idx in client_tests) / len(client_tests),
+                    personal_accuracy=personal,
                     eval_seconds=time.perf_counter() - eval_started,
                 )
             metrics.append(row)
@@ -426,6 +444,11 @@ def run(
     # Dynamic methods change the global mask during training: report the final one too.
     mask = strategy.global_mask()
     mask_info["final"] = _mask_stats(mask, exp.prunable)
+    if strategy.per_client_masks:
+        # The global mask is the union of the clients' masks; what a client trains in is its own.
+        mask_info["final"]["union_of_client_masks"] = True
+        mask_info["final"]["client_density"] = sum(
+            mask_density(strategy.client_mask(c)) for c in range(len(exp.parts))) / len(exp.parts)
     if folder is not None:
         (folder / "mask.json").write_text(json.dumps(mask_info, indent=1))
     accuracies = [m["accuracy"] for m in metrics if m["accuracy"] is not None]
@@ -439,7 +462,7 @@ def run(
     seconds = sum(m["seconds"] for m in metrics)
     summary: dict[str, Any] = {
         "algorithm": algo.name,
-        "density": mask_info["final"]["density"],
+        "density": mask_info["final"].get("client_density", mask_info["final"]["density"]),
         "target_density": algo.density,
         "dataset": config.data.dataset,
         "model": config.model.name,

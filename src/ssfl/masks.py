@@ -226,6 +226,15 @@ def mask_density(mask: Mapping[str, torch.Tensor]) -> float:
     return kept / total
 
 
+def jaccard(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Overlap of two masks over the same layers: |a and b| / |a or b| (1 for two empty masks)."""
+    if a.keys() != b.keys() or any(a[n].shape != b[n].shape for n in a):
+        raise ValueError("masks cover different layers or shapes")
+    both = sum(int((a[n] & b[n]).sum()) for n in a)
+    either = sum(int((a[n] | b[n]).sum()) for n in a)
+    return both / either if either else 1.0
+
+
 def layer_densities(mask: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {n: float(m.float().mean()) for n, m in mask.items()}
 

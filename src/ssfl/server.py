@@ -52,6 +52,10 @@ ALGORITHMS: dict[str, str] = {
     "each weight is averaged over the clients holding it",
     "feddst": "FedDST: ERK magnitude mask, clients drop/regrow every R rounds (dynamic)",
     "prunefl": "PruneFL: pruned on client 0, top-k by squared gradients every R rounds (dynamic)",
+    "sparsyfed": "SparsyFed: Powerprop local training, clients upload their top-k weights, "
+    "FedAvg (dynamic)",
+    "dispfl": "DisPFL: personalised ERK masks, decentralised neighbour averaging, per-client "
+    "drop/regrow (personal models)",
 }
 SCORE_AGGREGATIONS = ("weighted", "uniform")
 

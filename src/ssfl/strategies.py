@@ -25,6 +25,7 @@ from ssfl.checkpoint import prefixed, unprefixed
 from ssfl.client import LocalData, TrainResult, TrainSettings, train_round
 from ssfl.comm import (
     HEADER,
+    ITEM_SIZES,
     ParameterLayout,
     PayloadError,
     decode_values,
@@ -50,6 +51,11 @@ class TrainingStrategy(ABC):
     #: one-time costs paid before round 1 (for example each client's own mask), in bytes
     setup_bytes: dict[str, int]
 
+    #: True for methods where each client keeps its own model (personalised FL): the engine
+    #: then computes ``personal_accuracy`` with ``load_personal_`` on each client's own test
+    #: split instead of with the global model.
+    personalised: bool = False
+
     @abstractmethod
     def payload_for(self, client_id: int, round: int) -> bytes: ...
 
@@ -74,8 +80,21 @@ class TrainingStrategy(ABC):
     def load_global_(self, model: nn.Module) -> None:
         """Write the current global model into ``model`` (for evaluation)."""
 
+    def load_personal_(self, model: nn.Module, client_id: int) -> None:
+        """Write client ``client_id``'s own model into ``model`` (for its personalised
+        evaluation); without personal models, the global one."""
+        self.load_global_(model)
+
     @abstractmethod
     def global_mask(self) -> Mask: ...
+
+    #: True when every client trains in a mask of its own (``client_mask``); ``global_mask`` is
+    #: then the union of those masks, which no client trains in.
+    per_client_masks: bool = False
+
+    def client_mask(self, client_id: int) -> Mask:
+        """The mask client ``client_id`` trains in; without per-client masks, the global one."""
+        return self.global_mask()
 
     @abstractmethod
     def global_values(self) -> torch.Tensor:
@@ -194,6 +213,8 @@ class ClientMaskStrategy(DenseGlobalModel, TrainingStrategy):
         self.setup_bytes = {"mask_broadcast": len(example) * num_clients}
         self._union = self._union_mask(num_clients)
 
+    per_client_masks = True
+
     def client_mask(self, client_id: int) -> Mask:
         """Client ``client_id``'s mask; derived from (seed, client) so it never needs storing."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + client_id) % 2**63)
@@ -266,7 +287,7 @@ def payload_parts(payload: bytes) -> list[bytes]:
     parts, offset = [], 0
     while offset < len(payload):
         header = read_header(payload[offset:])
-        itemsize = {1: 4, 2: 2}.get(header.dtype_code)
+        itemsize = ITEM_SIZES.get(header.dtype_code)  # None: packed bits
         size = HEADER.size + ((header.count + 7) // 8 if itemsize is None
                               else header.count * itemsize)
         if offset + size > len(payload):

@@ -1,0 +1,391 @@
+"""The method comparison on the CPU reference setting: every method, densities, seeds, splits.
+
+Setting (configs/cifar10_cpu.toml): CIFAR-10, 100 clients, 10 per round, the small CNN, 60 rounds
+of one local epoch. Runs that share a seed share the partition, the initial weights and the
+client sampling, so methods differ only in what they do.
+
+    python benchmarks/comparison.py main     # methods x densities 0.5/0.2/0.1/0.05 x seeds
+    python benchmarks/comparison.py noniid   # density 0.2 x Dirichlet 0.1/0.3/0.5/1 + 2-class
+
+Options: --algorithms a,b  --seeds 0,1,2  --densities ...  --splits ...  --jobs 2
+--runs-dir runs/comparison  --out benchmarks/results  --report-only.
+
+Each run is its own `ssfl run` process (one thread each; on a 2-core machine two such processes
+finish more runs per hour than one with two threads). A run whose summary.json exists is reused,
+so an interrupted sweep resumes where it stopped, and the two sweeps share the runs they have in
+common (balanced Dirichlet 0.3 at density 0.2). Tables (mean and standard deviation over seeds,
+both evaluation protocols, bytes), plots and a JSON of every run are written to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "configs" / "cifar10_cpu.toml"
+
+METHODS = ["fedavg", "ssfl", "snip_oracle", "snip_single", "random", "random_erk",
+           "random_clientwise", "feddst", "prunefl", "dispfl", "sparsyfed"]
+DENSITIES = [0.5, 0.2, 0.1, 0.05]
+SPLITS = ["bdir0.1", "bdir0.3", "bdir0.5", "bdir1", "path2"]
+#: the reference split (the paper's): balanced Dirichlet alpha 0.3
+REFERENCE_SPLIT = "bdir0.3"
+#: not a federated method: the same saliency on the pooled data of all clients
+ORACLE = "snip_oracle"
+#: methods with per-client models, whose "global" figure is a consensus model (see their docs)
+PERSONALISED = {"dispfl"}
+
+
+@dataclass(frozen=True)
+class Job:
+    algorithm: str
+    density: float
+    split: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.algorithm}-d{self.density:g}-{self.split}-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        return [f"algorithm.name={self.algorithm}", f"algorithm.density={self.density}",
+                f"run.seed={self.seed}", f'run.name="{self.name}"', *split_overrides(self.split)]
+
+
+def split_overrides(split: str) -> list[str]:
+    """``bdirA``: balanced Dirichlet alpha A (the authors' split); ``pathK``: K classes each."""
+    if split.startswith("bdir"):
+        return ["data.partition=balanced_dirichlet", f"data.alpha={float(split[4:])}"]
+    if split.startswith("path"):
+        return ["data.partition=pathological", f"data.classes_per_client={int(split[4:])}"]
+    raise SystemExit(f"unknown split {split!r}: use bdir<alpha> or path<classes per client>")
+
+
+def split_label(split: str) -> str:
+    if split.startswith("bdir"):
+        return f"Dirichlet {float(split[4:]):g}"
+    return f"pathological ({int(split[4:])} classes per client)"
+
+
+def jobs_for(sweep: str, algorithms: Sequence[str], densities: Sequence[float],
+             splits: Sequence[str], seeds: Sequence[int]) -> list[Job]:
+    """Seed-major order, so that a partly finished sweep has every method at the first seeds."""
+    jobs: list[Job] = []
+    for seed in seeds:
+        for split in (splits if sweep == "noniid" else [REFERENCE_SPLIT]):
+            for density in (densities if sweep == "main" else [0.2]):
+                for algorithm in algorithms:
+                    # Dense FedAvg has no density: one run per seed and split, shown as d=1.
+                    d = 1.0 if algorithm == "fedavg" else density
+                    job = Job(algorithm, d, split, seed)
+                    if job not in jobs:
+                        jobs.append(job)
+    return jobs
+
+
+def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[str]) -> None:
+    """Run the unfinished jobs, ``workers`` processes at a time, each pinned to one thread."""
+    todo = [j for j in jobs if not (runs_dir / j.name / "summary.json").exists()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs done; running {len(todo)} "
+          f"with {workers} worker(s)", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    running: list[tuple[Job, subprocess.Popen, float]] = []
+    failed: list[str] = []
+    while todo or running:
+        while todo and len(running) < workers:
+            job = todo.pop(0)
+            folder = runs_dir / job.name
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            # A folder left by a killed run resumes from its checkpoint.
+            resume = ["--resume", str(folder)] if (folder / "checkpoint.pt").exists() else \
+                [str(CONFIG), *job.overrides(), *extra, "--out", str(folder)]
+            log = (runs_dir / f"{job.name}.log").open("a")
+            proc = subprocess.Popen([sys.executable, "-m", "ssfl.cli", "run", *resume,
+                                     "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env)
+            running.append((job, proc, time.time()))
+        time.sleep(2)
+        for item in list(running):
+            job, proc, started = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            if proc.returncode != 0:
+                failed.append(job.name)
+            print(f"{job.name}: {status} in {time.time() - started:.0f} s; "
+                  f"{len(todo)} queued", flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) failed, see their .log in {runs_dir}: {failed}")
+
+
+def load_summaries(jobs: Iterable[Job], runs_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for job in jobs:
+        path = runs_dir / job.name / "summary.json"
+        if path.exists():
+            summary = json.loads(path.read_text())
+            rows.append({"name": job.name, "split": job.split, **summary})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def _cells(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] * 100 for r in rows if r.get(key) is not None]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (n=1)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _select(rows, algorithm, density=None, split=None):
+    return [r for r in rows if r["algorithm"] == algorithm
+            and (density is None or abs(r["target_density"] - density) < 1e-9)
+            and (split is None or r["split"] == split)]
+
+
+def _methods(rows: list[dict[str, Any]]) -> list[str]:
+    present = {r["algorithm"] for r in rows}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def accuracy_table(rows, columns: Sequence[Any], column_key: str, key: str,
+                   labels: Sequence[str]) -> str:
+    lines = ["| method | " + " | ".join(labels) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in _methods(rows):
+        cells = []
+        for c in columns:
+            chosen = [r for r in _select(rows, method) if
+                      (r[column_key] == c if column_key == "split"
+                       else abs(r["target_density"] - c) < 1e-9 or method == "fedavg")]
+            cells.append(mean_std(_cells(chosen, key)))
+        note = " (consensus model)" if method in PERSONALISED and key == "final_accuracy" else ""
+        lines.append(f"| {method}{note} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bytes_table(rows, densities: Sequence[float]) -> str:
+    lines = ["| method | density | MB per client-round (down + up) | ratio to dense | "
+             "one-time MB | total MB of the run |", "|---|---|---|---|---|---|"]
+    for method in _methods(rows):
+        for d in ([1.0] if method == "fedavg" else densities):
+            chosen = _select(rows, method, d, REFERENCE_SPLIT)
+            if not chosen:
+                continue
+            r = chosen[0]  # bytes do not depend on the seed for static masks; mean for others
+            per_round = statistics.mean(
+                (x["bytes_per_round"]["down"] + x["bytes_per_round"]["up"]) / 1e6 for x in chosen)
+            ratio = statistics.mean(x["ratio_to_dense"] for x in chosen)
+            one_time = statistics.mean(sum(x["one_time_bytes"].values()) / 1e6 for x in chosen)
+            total = statistics.mean(x["total_bytes"] / 1e6 for x in chosen)
+            lines.append(f"| {method} | {r['target_density']:g} | {per_round:.3f} | "
+                         f"{ratio:.4f} | {one_time:.1f} | {total:.1f} |")
+    return "\n".join(lines)
+
+
+def relative_error_goal(rows, densities: Sequence[float], key: str) -> list[dict[str, Any]]:
+    """SSFL's relative error reduction against the strongest federated sparse baseline."""
+    out = []
+    for d in densities:
+        ssfl = _cells(_select(rows, "ssfl", d, REFERENCE_SPLIT), key)
+        baselines = {m: _cells(_select(rows, m, d, REFERENCE_SPLIT), key)
+                     for m in _methods(rows) if m not in ("ssfl", "fedavg", ORACLE)}
+        baselines = {m: v for m, v in baselines.items() if v}
+        if not ssfl or not baselines:
+            continue
+        best = max(baselines, key=lambda m: statistics.mean(baselines[m]))
+        err_ssfl = 100 - statistics.mean(ssfl)
+        err_best = 100 - statistics.mean(baselines[best])
+        out.append({"density": d, "protocol": key, "ssfl": statistics.mean(ssfl),
+                    "strongest_baseline": best, "baseline": statistics.mean(baselines[best]),
+                    "relative_error_reduction": 1 - err_ssfl / err_best,
+                    "seeds": (len(ssfl), len(baselines[best]))})
+    return out
+
+
+def goal_table(goals: list[dict[str, Any]]) -> str:
+    lines = ["| density | protocol | SSFL (%) | strongest sparse baseline | its accuracy (%) | "
+             "relative error reduction | seeds (SSFL, baseline) |", "|---|---|---|---|---|---|---|"]
+    for g in goals:
+        protocol = "global" if g["protocol"] == "final_accuracy" else "personalised"
+        lines.append(f"| {g['density']:g} | {protocol} | {g['ssfl']:.2f} | "
+                     f"{g['strongest_baseline']} | {g['baseline']:.2f} | "
+                     f"{g['relative_error_reduction'] * 100:.1f}% | {g['seeds'][0]}, "
+                     f"{g['seeds'][1]} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- plots
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def plot_accuracy_vs_density(rows, densities, path: Path) -> None:
+    fig, ax = _figure()
+    for method in _methods(rows):
+        if method == "fedavg":
+            accs = _cells(_select(rows, "fedavg", 1.0, REFERENCE_SPLIT), "final_accuracy")
+            if accs:
+                ax.axhline(statistics.mean(accs), color="black", ls="--", lw=1,
+                           label="dense FedAvg")
+            continue
+        xs, ys, es = [], [], []
+        for d in densities:
+            accs = _cells(_select(rows, method, d, REFERENCE_SPLIT), "final_accuracy")
+            if accs:
+                xs.append(d)
+                ys.append(statistics.mean(accs))
+                es.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        if xs:
+            style = "-" if method != ORACLE else ":"
+            ax.errorbar(xs, ys, yerr=es, marker="o", ls=style, capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xticks(list(densities), [f"{d:g}" for d in densities])
+    ax.set_xlabel("density (fraction of Conv/Linear weights kept)")
+    ax.set_ylabel("final global test accuracy (%)")
+    ax.set_title("CIFAR-10 CPU reference: accuracy against density (mean ± std over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_accuracy_vs_bytes(rows, densities, path: Path) -> None:
+    fig, ax = _figure()
+    for method in _methods(rows):
+        xs, ys = [], []
+        for d in ([1.0] if method == "fedavg" else densities):
+            chosen = _select(rows, method, d, REFERENCE_SPLIT)
+            if chosen:
+                xs.append(statistics.mean(r["total_bytes"] / 1e6 for r in chosen))
+                ys.append(statistics.mean(_cells(chosen, "final_accuracy")))
+        if xs:
+            ax.plot(xs, ys, marker="o", ls="-" if len(xs) > 1 else "", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("all bytes of the run, down + up incl. one-time costs (MB, log scale)")
+    ax.set_ylabel("final global test accuracy (%)")
+    ax.set_title("Accuracy against communication (one point per density)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_noniid(rows, splits, path: Path) -> None:
+    fig, ax = _figure()
+    methods = _methods(rows)
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        means, errs = [], []
+        for s in splits:
+            accs = _cells(_select(rows, method, None, s), "final_accuracy")
+            means.append(statistics.mean(accs) if accs else math.nan)
+            errs.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        ax.bar([j + i * width for j in range(len(splits))], means, width, yerr=errs,
+               capsize=2, label=method)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))],
+                  [split_label(s) for s in splits], fontsize=7)
+    ax.set_ylabel("final global test accuracy (%)")
+    ax.set_title("Non-IID sweep at density 0.2 (dense FedAvg at density 1)")
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("name", "algorithm", "split", "seed", "target_density", "density",
+            "final_accuracy", "final_personal_accuracy", "best_accuracy", "bytes_per_round",
+            "ratio_to_dense", "one_time_bytes", "total_bytes", "wall_seconds", "rounds")
+    data: dict[str, Any] = {"config": str(CONFIG.relative_to(HERE.parent)), "overrides": extra,
+                            "runs": [{k: r.get(k) for k in keep} for r in rows]}
+    dlabels = [f"d={d:g}" for d in densities]
+    if sweep == "main":
+        goals = (relative_error_goal(rows, densities, "final_accuracy")
+                 + relative_error_goal(rows, densities, "final_personal_accuracy"))
+        data["goal"] = goals
+        text = (
+            "Final **global** accuracy (%), central CIFAR-10 test set, mean ± std over seeds "
+            "(dense FedAvg has no density; its figure is repeated in every column):\n\n"
+            + accuracy_table(rows, densities, "density", "final_accuracy", dlabels)
+            + "\n\nFinal **personalised** accuracy (%): each client's model on a test split "
+            "that follows its training class distribution (the SSFL and DisPFL code's "
+            "protocol), mean over the 100 clients, then mean ± std over seeds:\n\n"
+            + accuracy_table(rows, densities, "density", "final_personal_accuracy", dlabels)
+            + "\n\nCommunication, counted from the serialised payloads (mean over seeds):\n\n"
+            + bytes_table(rows, densities)
+            + "\n\nSSFL against the strongest federated sparse baseline at each density "
+            "(relative error reduction = 1 - error(SSFL) / error(baseline); the oracle mask is "
+            "not federated and is left out):\n\n" + goal_table(goals) + "\n")
+        plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png")
+        plot_accuracy_vs_bytes(rows, densities, out / "comparison_accuracy_vs_bytes.png")
+    else:
+        labels = [split_label(s) for s in splits]
+        text = (
+            "Final **global** accuracy (%) at density 0.2 (dense FedAvg at 1), mean ± std "
+            "over seeds:\n\n"
+            + accuracy_table(rows, splits, "split", "final_accuracy", labels)
+            + "\n\nFinal **personalised** accuracy (%):\n\n"
+            + accuracy_table(rows, splits, "split", "final_personal_accuracy", labels) + "\n")
+        plot_noniid(rows, splits, out / "noniid_accuracy.png")
+    (out / f"{'comparison' if sweep == 'main' else 'noniid'}.json").write_text(
+        json.dumps(data, indent=1))
+    (out / f"{'comparison' if sweep == 'main' else 'noniid'}.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", choices=["main", "noniid"])
+    parser.add_argument("--algorithms", default=",".join(METHODS))
+    parser.add_argument("--densities", default=",".join(f"{d:g}" for d in DENSITIES))
+    parser.add_argument("--splits", default=",".join(SPLITS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--runs-dir", default="runs/comparison")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables from the finished runs; run nothing")
+    parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides")
+    args = parser.parse_intermixed_args()
+    algorithms = args.algorithms.split(",")
+    densities = [float(d) for d in args.densities.split(",")]
+    splits = args.splits.split(",")
+    for split in splits:
+        split_overrides(split)  # fail early on a typo
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs_dir = Path(args.runs_dir)
+    jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds)
+    if not args.report_only:
+        run_jobs(jobs, runs_dir, args.jobs, args.overrides)
+    rows = load_summaries(jobs, runs_dir)
+    print(report(args.sweep, rows, densities, splits, Path(args.out), args.overrides))
+
+
+if __name__ == "__main__":
+    main()
