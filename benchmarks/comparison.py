@@ -13,7 +13,9 @@ Options: --algorithms a,b  --seeds 0,1,2  --densities ...  --splits ...  --jobs 
 Each run is its own `ssfl run` process (one thread each; on a 2-core machine two such processes
 finish more runs per hour than one with two threads). A run whose summary.json exists is reused,
 so an interrupted sweep resumes where it stopped, and the two sweeps share the runs they have in
-common (balanced Dirichlet 0.3 at density 0.2). Tables (mean and standard deviation over seeds,
+common (balanced Dirichlet 0.3 at density 0.2). Runs already recorded in the results files of
+--out count as done too, so a sweep spread over several machines or checkouts goes on where the
+committed results stop. Tables (mean and standard deviation over seeds,
 both evaluation protocols, bytes), plots and a JSON of every run are written to --out.
 """
 
@@ -27,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,13 @@ SPLITS = ["bdir0.1", "bdir0.3", "bdir0.5", "bdir1", "path2"]
 REFERENCE_SPLIT = "bdir0.3"
 #: not a federated method: the same saliency on the pooled data of all clients
 ORACLE = "snip_oracle"
+#: Methods whose learning rate is tuned rather than shared: SparsyFed trains the Powerprop
+#: parameters v (w = v|v|^(beta-1)), whose gradients are scaled by beta|v|^(beta-1) < 1 for the
+#: small weights of a fresh model, so the shared train.lr is not the same step for it. The
+#: tuning runs (seed 0, density 0.1, these rates) pick the rate used in both sweeps; every other
+#: method trains the same parameters with the same optimiser, so they share the config's rate.
+TUNED = {"sparsyfed": [0.05, 0.1, 0.2]}
+TUNING_DENSITY = 0.1
 #: methods with per-client models, whose "global" figure is a consensus model (see their docs)
 PERSONALISED = {"dispfl"}
 
@@ -53,14 +62,18 @@ class Job:
     density: float
     split: str
     seed: int
+    lr: float | None = None  # None: the config's train.lr
 
     @property
     def name(self) -> str:
-        return f"{self.algorithm}-d{self.density:g}-{self.split}-s{self.seed}"
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return f"{self.algorithm}-d{self.density:g}-{self.split}-s{self.seed}{lr}"
 
     def overrides(self) -> list[str]:
+        lr = [] if self.lr is None else [f"train.lr={self.lr}"]
         return [f"algorithm.name={self.algorithm}", f"algorithm.density={self.density}",
-                f"run.seed={self.seed}", f'run.name="{self.name}"', *split_overrides(self.split)]
+                f"run.seed={self.seed}", f'run.name="{self.name}"', *split_overrides(self.split),
+                *lr]
 
 
 def split_overrides(split: str) -> list[str]:
@@ -79,8 +92,10 @@ def split_label(split: str) -> str:
 
 
 def jobs_for(sweep: str, algorithms: Sequence[str], densities: Sequence[float],
-             splits: Sequence[str], seeds: Sequence[int]) -> list[Job]:
-    """Seed-major order, so that a partly finished sweep has every method at the first seeds."""
+             splits: Sequence[str], seeds: Sequence[int],
+             lrs: Mapping[str, float] | None = None) -> list[Job]:
+    """Every method at the first seed first, then the low densities (where the goal is) at the
+    other seeds, then the rest: a partly finished sweep is as useful as it can be."""
     jobs: list[Job] = []
     for seed in seeds:
         for split in (splits if sweep == "noniid" else [REFERENCE_SPLIT]):
@@ -88,15 +103,19 @@ def jobs_for(sweep: str, algorithms: Sequence[str], densities: Sequence[float],
                 for algorithm in algorithms:
                     # Dense FedAvg has no density: one run per seed and split, shown as d=1.
                     d = 1.0 if algorithm == "fedavg" else density
-                    job = Job(algorithm, d, split, seed)
+                    job = Job(algorithm, d, split, seed, (lrs or {}).get(algorithm))
                     if job not in jobs:
                         jobs.append(job)
-    return jobs
+    first = seeds[0] if seeds else 0
+    return sorted(jobs, key=lambda j: (j.seed != first, j.density > 0.1, j.seed))
 
 
-def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[str]) -> None:
-    """Run the unfinished jobs, ``workers`` processes at a time, each pinned to one thread."""
-    todo = [j for j in jobs if not (runs_dir / j.name / "summary.json").exists()]
+def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[str],
+             recorded: Mapping[str, Any] | None = None) -> None:
+    """Run the unfinished jobs, ``workers`` processes at a time, each pinned to one thread.
+    A job is finished when its run folder has a summary or ``recorded`` holds its row."""
+    todo = [j for j in jobs if not (runs_dir / j.name / "summary.json").exists()
+            and j.name not in (recorded or {})]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs done; running {len(todo)} "
           f"with {workers} worker(s)", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -130,13 +149,43 @@ def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[
         print(f"{len(failed)} run(s) failed, see their .log in {runs_dir}: {failed}")
 
 
-def load_summaries(jobs: Iterable[Job], runs_dir: Path) -> list[dict[str, Any]]:
+def tuned_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per tuned method, the rate of the best final global accuracy (ties: the smaller rate)."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        lr, acc = r["lr"], r["final_accuracy"]
+        old = best.get(r["algorithm"])
+        if old is None or acc > old[1] or (acc == old[1] and lr < old[0]):
+            best[r["algorithm"]] = (lr, acc)
+    return {a: lr for a, (lr, _) in best.items()}
+
+
+def load_summaries(jobs: Iterable[Job], runs_dir: Path,
+                   recorded: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The finished runs among ``jobs``: from their run folders, else from ``recorded`` (the
+    rows of an earlier results file, so a sweep continues on a fresh checkout)."""
     rows = []
     for job in jobs:
         path = runs_dir / job.name / "summary.json"
         if path.exists():
             summary = json.loads(path.read_text())
-            rows.append({"name": job.name, "split": job.split, **summary})
+            mask_info = json.loads((runs_dir / job.name / "mask.json").read_text())
+            rows.append({"name": job.name, "split": job.split, "lr": job.lr, **summary,
+                         "per_layer": mask_info.get("final", mask_info)["per_layer"]})
+        elif recorded and job.name in recorded:
+            rows.append(dict(recorded[job.name]))
+    return rows
+
+
+def recorded_runs(out: Path) -> dict[str, dict[str, Any]]:
+    """Rows of the results files already in ``out``, by run name."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name in ("comparison.json", "noniid.json"):
+        path = out / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            for r in data.get("runs", []) + data.get("tuning", []):
+                rows[r["name"]] = r
     return rows
 
 
@@ -317,13 +366,31 @@ def plot_noniid(rows, splits, path: Path) -> None:
 # -------------------------------------------------------------------------------------- main
 
 
-def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str]) -> str:
+def tuning_text(tuning_rows, tuned: Mapping[str, float]) -> str:
+    if not tuning_rows:
+        return ""
+    lines = [f"\nLearning rate of the tuned methods (seed {tuning_rows[0]['seed']}, density "
+             f"{TUNING_DENSITY:g}, final global accuracy %; the best rate is used above, every "
+             "other method uses the config's train.lr):\n", "| method | lr | accuracy |",
+             "|---|---|---|"]
+    for r in tuning_rows:
+        mark = " (chosen)" if tuned.get(r["algorithm"]) == r["lr"] else ""
+        lines.append(f"| {r['algorithm']} | {r['lr']:g}{mark} | "
+                     f"{r['final_accuracy'] * 100:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
+           tuning_rows=(), tuned: Mapping[str, float] | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    keep = ("name", "algorithm", "split", "seed", "target_density", "density",
+    keep = ("name", "algorithm", "split", "seed", "lr", "target_density", "density",
             "final_accuracy", "final_personal_accuracy", "best_accuracy", "bytes_per_round",
-            "ratio_to_dense", "one_time_bytes", "total_bytes", "wall_seconds", "rounds")
+            "ratio_to_dense", "one_time_bytes", "total_bytes", "wall_seconds", "rounds",
+            "per_layer")
     data: dict[str, Any] = {"config": str(CONFIG.relative_to(HERE.parent)), "overrides": extra,
-                            "runs": [{k: r.get(k) for k in keep} for r in rows]}
+                            "runs": [{k: r.get(k) for k in keep} for r in rows],
+                            "tuning": [{k: r.get(k) for k in keep} for r in tuning_rows],
+                            "tuned_lr": dict(tuned or {})}
     dlabels = [f"d={d:g}" for d in densities]
     if sweep == "main":
         goals = (relative_error_goal(rows, densities, "final_accuracy")
@@ -341,7 +408,8 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str])
             + bytes_table(rows, densities)
             + "\n\nSSFL against the strongest federated sparse baseline at each density "
             "(relative error reduction = 1 - error(SSFL) / error(baseline); the oracle mask is "
-            "not federated and is left out):\n\n" + goal_table(goals) + "\n")
+            "not federated and is left out):\n\n" + goal_table(goals) + "\n"
+            + tuning_text(tuning_rows, tuned or {}))
         plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png")
         plot_accuracy_vs_bytes(rows, densities, out / "comparison_accuracy_vs_bytes.png")
     else:
@@ -380,11 +448,22 @@ def main() -> None:
         split_overrides(split)  # fail early on a typo
     seeds = [int(s) for s in args.seeds.split(",")]
     runs_dir = Path(args.runs_dir)
-    jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds)
+    recorded = recorded_runs(Path(args.out))
+    tuning = [Job(a, TUNING_DENSITY, REFERENCE_SPLIT, seeds[0], lr)
+              for a in algorithms if a in TUNED for lr in TUNED[a]]
+    if not args.report_only and tuning:
+        # Untuned runs fill the workers that the tuning runs leave idle.
+        filler = [j for j in jobs_for(args.sweep, algorithms, densities, splits, seeds)
+                  if j.algorithm not in TUNED][: (-len(tuning)) % args.jobs]
+        run_jobs(tuning + filler, runs_dir, args.jobs, args.overrides, recorded)
+    tuning_rows = load_summaries(tuning, runs_dir, recorded)
+    tuned = tuned_rates(tuning_rows)
+    jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
     if not args.report_only:
-        run_jobs(jobs, runs_dir, args.jobs, args.overrides)
-    rows = load_summaries(jobs, runs_dir)
-    print(report(args.sweep, rows, densities, splits, Path(args.out), args.overrides))
+        run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded)
+    rows = load_summaries(jobs, runs_dir, recorded)
+    print(report(args.sweep, rows, densities, splits, Path(args.out), args.overrides,
+                 tuning_rows, tuned))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ Dirichlet 0.3, small CNN), for each seed:
 - Jaccard overlap |A and B| / |A or B| of each against the reference oracle, at every density.
   A random mask of density d overlaps any other mask of density d by d / (2 - d) in expectation.
 
-The per-layer density of each method's mask is read from the comparison runs
-(``runs/comparison/<method>-d<d>-bdir0.3-s<seed>/mask.json``, the final mask of dynamic methods)
-where they exist, and computed here for the static masks.
+The per-layer density of each method's mask is read from the comparison results
+(``benchmarks/results/comparison.json``: the final mask of every run) where they exist, and
+computed here for the static masks and the per-client methods.
 
     python benchmarks/mask_analysis.py [--seeds 0,1,2] [--clients 1,2,5,10,20,50,100]
         [--batches 1,2,4,8] [--densities 0.5,0.2,0.1,0.05] [--oracle-batches 800]
@@ -37,8 +37,16 @@ import torch
 
 from ssfl.client import LocalData, client_generator, compute_scores
 from ssfl.config import load_config
+from ssfl.dynamic import erk_counts
 from ssfl.engine import prepare
-from ssfl.masks import WeightedMean, flatten, global_topk_mask, jaccard, unflatten
+from ssfl.masks import (
+    WeightedMean,
+    flatten,
+    global_topk_mask,
+    jaccard,
+    random_global_mask,
+    unflatten,
+)
 from ssfl.server import build_mask
 
 HERE = Path(__file__).resolve().parent
@@ -94,20 +102,24 @@ def overlaps_for_seed(seed: int, clients: list[int], batches: list[int],
     return {"rows": rows, "names": names, "shapes": shapes, "oracle_scores": oracle_scores}
 
 
-def per_layer_table(seed: int, densities: list[float], runs_dir: Path,
+def per_layer_table(seed: int, densities: list[float], results: Path,
                     shapes: dict[str, torch.Size], static: dict[str, dict]) -> tuple[str, dict]:
     """Per-layer density of each method's (final) mask at each density."""
     methods = ["ssfl", "snip_oracle", "snip_single", "random", "random_erk", "random_clientwise",
                "feddst", "prunefl", "dispfl", "sparsyfed"]
+    recorded = {}
+    if results.exists():
+        recorded = {(r["algorithm"], r["target_density"]): r["per_layer"]
+                    for r in json.loads(results.read_text())["runs"]
+                    if r["seed"] == seed and r.get("per_layer")}
     data: dict[str, dict[str, dict[str, float]]] = {}
     for d in densities:
         for m in methods:
-            path = runs_dir / f"{m}-d{d:g}-bdir0.3-s{seed}" / "mask.json"
-            if path.exists():
-                info = json.loads(path.read_text())
-                data.setdefault(f"{d:g}", {})[m] = info.get("final", info)["per_layer"]
-            elif (m, d) in static:
+            # Per-client methods: what a client trains in, not the union the runs record.
+            if (m, d) in static:
                 data.setdefault(f"{d:g}", {})[m] = static[(m, d)]
+            elif (m, d) in recorded:
+                data.setdefault(f"{d:g}", {})[m] = recorded[(m, d)]
     lines = []
     for d, by_method in data.items():
         present = [m for m in methods if m in by_method]
@@ -128,7 +140,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--densities", default="0.5,0.2,0.1,0.05")
     parser.add_argument("--oracle-batches", type=int, default=800)
-    parser.add_argument("--runs-dir", default="runs/comparison")
+    parser.add_argument("--results", default=str(HERE / "results" / "comparison.json"),
+                        help="the comparison results whose final masks are tabulated")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -179,13 +192,21 @@ def main() -> None:
         for m in ("random", "random_erk"):
             static[(m, d)] = {n: float(v.float().mean())
                               for n, v in build_mask(m, shapes, d, seed=seeds[0]).items()}
-    layers_text, layers = per_layer_table(seeds[0], densities, Path(args.runs_dir), shapes,
+        # Each DisPFL client keeps exact ERK layer counts; a random_clientwise client a random
+        # global mask (client 0's shown).
+        counts = erk_counts(shapes, d)
+        static[("dispfl", d)] = {n: counts[n] / shapes[n].numel() for n in shapes}
+        static[("random_clientwise", d)] = {
+            n: float(v.float().mean()) for n, v in random_global_mask(
+                shapes, d, torch.Generator().manual_seed(seeds[0] * 1_000_003)).items()}
+    layers_text, layers = per_layer_table(seeds[0], densities, Path(args.results), shapes,
                                           static)
-    text.append("\n## Per-layer density of each method's mask\n\nFinal masks of the comparison "
-                "runs where they exist (dynamic methods: after their last mask update; "
-                "per-client methods: see their docs for what the global mask is), otherwise "
-                "computed here (`snip_oracle` here uses the reference oracle scores).\n"
-                + layers_text)
+    text.append("\n## Per-layer density of each method's mask\n\nThe final masks recorded "
+                "by the comparison runs (`benchmarks/results/comparison.json`; dynamic methods: "
+                "after their last mask update) where they exist; computed here for the static "
+                "masks (`snip_oracle` from the reference oracle scores) and for the per-client "
+                "methods (a client's own mask: DisPFL's exact ERK counts, client 0's random "
+                "mask for random_clientwise).\n" + layers_text)
     (out / "mask_analysis.md").write_text("\n".join(text) + "\n")
     (out / "mask_analysis.json").write_text(json.dumps(
         {"config": str(CONFIG.relative_to(HERE.parent)), "oracle_batches": args.oracle_batches,

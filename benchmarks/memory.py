@@ -59,7 +59,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "peak RSS of ssfl run, CIFAR-10, small_cnn, SSFL "
                                "density 0.1", "rounds": args.rounds, "results": rows,
-                               "self_rusage_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
+                               "self_rusage_kb":
+                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                               indent=1))
     print(f"written to {out}")
 

@@ -178,7 +178,8 @@ def test_tinyimagenet_corrupt_jpeg(tmp_path: Path, cache_dir: Path) -> None:
 # ----------------------------------------------------------------- files written by the tests
 
 
-def _rand_cifar(rng: np.random.Generator, n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _rand_cifar(rng: np.random.Generator, n: int,
+                num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return (rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
             rng.integers(0, num_classes, size=n))
 
@@ -204,7 +205,7 @@ def test_cifar10_python_pickles(tmp_path: Path) -> None:
     np.testing.assert_array_equal(train.images.numpy().reshape(35, -1),
                                   np.concatenate([d for d, _ in written[:5]]))
     np.testing.assert_array_equal(train.labels.numpy(),
-                                  np.concatenate([l for _, l in written[:5]]))
+                                  np.concatenate([labels for _, labels in written[:5]]))
     assert train.class_names == tuple(f"c{i}" for i in range(10))
     test = load_dataset("cifar10", tmp_path, "test")
     np.testing.assert_array_equal(test.labels.numpy(), written[5][1])

@@ -76,8 +76,8 @@ def test_resume_refuses_a_changed_config_and_extra_arguments(tmp_path: Path,
     assert "--resume takes only the run folder" in capsys.readouterr().err
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"round": 1}, {"w": torch.ones(3)})
 

@@ -25,6 +25,8 @@ import torch
 from ssfl.algorithms import TRAINING_STRATEGIES, StrategyContext
 from ssfl.checkpoint import (
     FILENAME as CHECKPOINT,
+)
+from ssfl.checkpoint import (
     CheckpointError,
     load_checkpoint,
     prefixed,
@@ -383,7 +385,7 @@ def run(
                 "round": rnd,
                 "accuracy": None,
                 "test_loss": None,
-                "train_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
+                "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses),
                 "bytes_down": bytes_down,
                 "bytes_up": bytes_up,
                 "bytes_cumulative": cumulative,

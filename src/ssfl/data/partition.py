@@ -118,7 +118,8 @@ def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) 
     y = np.asarray(labels).astype(np.int64, copy=False)
     out = np.zeros((len(parts), num_classes), dtype=np.int64)
     for k, idx in enumerate(parts):
-        out[k] = np.bincount(y[np.asarray(idx, dtype=np.int64)], minlength=num_classes)[:num_classes]
+        labels = y[np.asarray(idx, dtype=np.int64)]
+        out[k] = np.bincount(labels, minlength=num_classes)[:num_classes]
     return out
 
 
