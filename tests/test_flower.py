@@ -26,6 +26,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from ssfl.client import client_generator  # noqa: E402
 from ssfl.comm import HEADER, encode_values  # noqa: E402
 from ssfl.config import Config, ConfigError, load_config  # noqa: E402
 from ssfl.flower import client_app as client_module  # noqa: E402
@@ -37,16 +38,23 @@ from ssfl.flower.local import (  # noqa: E402
 )
 from ssfl.flower.protocol import (  # noqa: E402
     CONFIG,
+    METRICS,
     FlowerSettings,
     config_from_run_config,
     message_wire_bytes,
     payload_bytes,
     payload_record,
+    process_start_time,
     run_config_from_config,
     run_config_toml,
 )
 from ssfl.flower.runconfig import render_pyproject  # noqa: E402
-from ssfl.flower.server_app import FlowerRunError, run_on_grid  # noqa: E402
+from ssfl.flower.server_app import (  # noqa: E402
+    ExchangeTimes,
+    FlowerRunError,
+    round_timeline,
+    run_on_grid,
+)
 from ssfl.masks import mask_digest  # noqa: E402
 from ssfl.models import build_model  # noqa: E402
 from ssfl.sim import run_experiment  # noqa: E402
@@ -62,6 +70,15 @@ QUICK = [
 ]
 COMPARED = ["round", "accuracy", "test_loss", "train_loss", "bytes_down", "bytes_up",
             "bytes_cumulative", "lr", "clients"]
+
+
+@pytest.fixture(autouse=True)
+def node_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The ClientApps' partition cache (``$SSFL_CACHE_DIR/flower``) in a temporary folder, for
+    this process and the deployments it starts, never in the user's home."""
+    folder = tmp_path_factory.mktemp("ssfl-cache")
+    monkeypatch.setenv("SSFL_CACHE_DIR", str(folder))
+    return folder / "flower"
 
 
 def _assert_same_metrics(sim: list[dict], fl: list[dict], one_time_extra: int = 0) -> None:
@@ -264,6 +281,12 @@ def test_in_process_flower_run_matches_simulator(
     assert types.count("train") == config.run.rounds * config.federation.clients_per_round
     written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     _assert_same_metrics(sim.metrics, written, extra)
+    for row in written:  # the time line of each round (one entry per replying client)
+        k = len(row["clients"])
+        assert len(row["client_reply_seconds"]) == len(row["client_handler_seconds"]) == k
+        assert row["push_seconds"] >= 0
+        assert row["first_reply_seconds"] <= row["last_reply_seconds"] <= row["seconds"]
+        assert all(t >= 0 for t in row["client_train_seconds"])
     assert {"config.toml", "partition.json", "mask.json", "metrics.jsonl", "summary.json"} <= {
         p.name for p in (tmp_path / "run").iterdir()}
 
@@ -286,6 +309,127 @@ def test_pinned_nodes_must_cover_every_client(task_identity: None) -> None:
                         [{"partition-id": 0, "num-partitions": 4}])
     with pytest.raises(FlowerRunError, match="num-partitions=4"):
         run_on_grid(grid, config, FlowerSettings(node_wait_seconds=0.5), write=False)
+
+
+def _scores_message(cid: int) -> Message:
+    return Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}),
+                   metadata=_metadata("query.scores"))
+
+
+def test_node_cache_serves_later_messages_with_the_same_data(
+    task_identity: None, node_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ClientApp process that finds its client's part in the node cache answers exactly as
+    one that loaded and split the whole data set (which wrote the cache); ``cache-dir="off"``
+    disables the cache."""
+    config = load_config(None, QUICK)
+    flat = run_config_from_config(config)
+
+    def fresh_process_reply(node_config: dict, cid: int = 1) -> Message:
+        # Flower starts a new process per message: nothing survives but files and the context.
+        monkeypatch.setattr(client_module, "_PROC", client_module._Process())
+        context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                          run_config=dict(flat))
+        return client_module.app(_scores_message(cid), context)
+
+    node = {"partition-id": 1, "num-partitions": 3}
+    first = fresh_process_reply(node)
+    files = sorted(node_cache.glob("digits-client1-*.npz"))
+    assert len(files) == 1 and first.content[METRICS]["cache-hit"] == 0
+    second = fresh_process_reply(node)
+    assert second.content[METRICS]["cache-hit"] == 1
+    assert payload_bytes(second.content["payload"]) == payload_bytes(first.content["payload"])
+    assert second.content[METRICS]["num-samples"] == first.content[METRICS]["num-samples"]
+    # Another seed is another split: another file.
+    flat = run_config_from_config(load_config(None, [*QUICK, "run.seed=3"]))
+    assert fresh_process_reply(node).content[METRICS]["cache-hit"] == 0
+    assert len(list(node_cache.glob("digits-client1-*.npz"))) == 2
+    off = fresh_process_reply({**node, "cache-dir": "off"})
+    assert off.content[METRICS]["cache-hit"] == 0
+    assert len(list(node_cache.glob("*.npz"))) == 2
+    # The time stamps the server's breakdown needs.
+    metrics = second.content[METRICS]
+    assert metrics["handler-seconds"] >= metrics["setup-seconds"] >= 0
+    assert metrics["import-seconds"] >= 0
+    assert metrics["first-message"] == 1  # a fresh process (0: it had handled one before)
+    assert abs(metrics["handler-started"] - time.time()) < 600
+
+
+def test_cached_part_trains_bit_identically(tmp_path: Path) -> None:
+    """The cached part keeps the data set's strides (digits' size-1 channel dimension): torch
+    picks its kernels from them, so a different layout would change the float sums."""
+    from ssfl.client import LocalData, local_train
+    from ssfl.engine import prepare, seeded_model, train_settings
+
+    config = load_config(None, QUICK)
+    exp = prepare(config, with_test=False)
+    path = client_module.partition_cache_file(config, "", 2, tmp_path)
+    client_module.save_part(path, exp.train_set, exp.parts[2])
+    part = client_module.load_part(path)
+    assert part is not None and part.images.stride() == exp.train_set.images.stride()
+    cached = LocalData(part.images, part.labels, torch.arange(len(part)), part.mean, part.std)
+    models = []
+    for data in (exp.client(2), cached):
+        model = seeded_model(config, part)
+        local_train(model, data, train_settings(config), 0.05, client_generator(0, 1, 2))
+        models.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(models[0], models[1])
+    assert client_module.load_part(tmp_path / "missing.npz") is None
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert client_module.load_part(tmp_path / "broken.npz") is None
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:2000])  # a truncated write
+    assert client_module.load_part(tmp_path / "cut.npz") is None
+
+
+def test_cache_key_follows_the_data_files(shared_data_dir: Path) -> None:
+    """The cache file's name hashes the data files it was derived from (and the split)."""
+    from ssfl.data.datasets import source_files
+
+    files = source_files("cifar10", shared_data_dir, "train")
+    assert len(files) == 5 and all(f.is_file() for f in files)
+    assert source_files("digits", None, "train") == []
+    config = load_config(None, [*QUICK, "data.dataset=cifar10", f"data.root={shared_data_dir}"])
+    a = client_module.partition_cache_file(config, "", 1, Path("/c"))
+    assert a == client_module.partition_cache_file(config, "", 1, Path("/c"))
+    assert a != client_module.partition_cache_file(config, "", 2, Path("/c"))
+    other = load_config(None, [*QUICK, "data.dataset=cifar10", f"data.root={shared_data_dir}",
+                               "data.alpha=0.5"])
+    assert a != client_module.partition_cache_file(other, "", 1, Path("/c"))
+
+
+def test_process_start_time_of_a_child_is_when_it_was_started() -> None:
+    if not Path("/proc/self/stat").is_file():
+        pytest.skip("needs Linux /proc")
+    before = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", "from ssfl.flower.protocol import process_start_time as p; "
+                               "print(p())"], capture_output=True, text=True, check=True)
+    started = float(out.stdout)
+    assert before - 0.05 <= started <= time.time()  # to the kernel's 10 ms tick
+    assert process_start_time(999_999_999) is None
+
+
+def test_round_timeline_splits_each_reply() -> None:
+    times = ExchangeTimes(push_started=100.0, push_ended=100.5,
+                          pulled=[110.0, float("nan"), 112.0])
+    fresh = {"process-started": 102.0, "handler-started": 106.0, "handler-seconds": 3.0,
+             "first-message": 1, "import-seconds": 2.5, "setup-seconds": 0.1,
+             "decode-seconds": 0.01, "train-seconds": 2.8, "encode-seconds": 0.02}
+    reused = dict(fresh, **{"first-message": 0, "handler-started": 108.0})
+    out = round_timeline(times, [fresh, None, reused])
+    assert out["push_seconds"] == 0.5
+    assert out["client_reply_seconds"] == [10.0, 12.0]
+    assert out["first_reply_seconds"] == 10.0 and out["last_reply_seconds"] == 12.0
+    assert out["client_deliver_seconds"] == [2.0, None]  # a reused process has no start-up
+    assert out["client_startup_seconds"] == [4.0, None]
+    assert out["client_import_seconds"] == [2.5, None]
+    assert out["client_return_seconds"] == [1.0, 1.0]
+    assert out["client_train_seconds"] == [2.8, 2.8]
+    # deliver + startup + handler + return is the whole reply time
+    assert 2.0 + 4.0 + 3.0 + 1.0 == out["client_reply_seconds"][0]
+    # Replies of an older ClientApp (no time stamps): None, not an error.
+    old = round_timeline(times, [{"compute-seconds": 1.0}, None, None])
+    assert old["client_deliver_seconds"] == [None] and old["client_return_seconds"] == [None]
 
 
 def test_train_before_mask_is_an_error_reply(task_identity: None) -> None:
@@ -324,7 +468,8 @@ needs_linux = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux
 
 
 @needs_linux
-def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path) -> None:
+def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path,
+                                                                  node_cache: Path) -> None:
     """2 SuperNodes (one per client) and a SuperLink as processes on 127.0.0.1, ``flwr run``;
     same mask digest and per-round metrics as the simulator."""
     overrides = [*QUICK, "federation.num_clients=2"]
@@ -347,6 +492,17 @@ def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path
     assert summary["total_bytes"] == sim.summary["total_bytes"]
     assert summary["one_time_bytes"] == sim.summary["one_time_bytes"]
     assert (run_dir / "flower-logs" / "superlink.log").is_file()
+    # Every message starts a ClientApp process: each reply splits into Flower's delivery, the
+    # process's start-up (our imports part of it), the handler and the way back.
+    for row in fl:
+        for i in range(len(row["clients"])):
+            parts = [row[f"client_{p}_seconds"][i]
+                     for p in ("deliver", "startup", "handler", "return")]
+            assert all(p is not None and p >= -0.05 for p in parts), row
+            assert sum(parts) == pytest.approx(row["client_reply_seconds"][i], abs=0.05)
+            assert 0 < row["client_import_seconds"][i] < row["client_startup_seconds"][i]
+    # The nodes cached their partitions (the mask round loaded the data set, then wrote them).
+    assert len(list(node_cache.glob("digits-client*.npz"))) == 2
 
 
 @needs_linux

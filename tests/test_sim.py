@@ -11,7 +11,7 @@ import torch
 
 from ssfl.cli import main
 from ssfl.comm import HEADER
-from ssfl.config import load_config
+from ssfl.config import ConfigError, load_config
 from ssfl.sim import learning_rate, run_experiment, sample_clients
 
 FAST = ["run.rounds=3", "run.progress=false", "federation.num_clients=6",
@@ -103,6 +103,15 @@ def test_clients_share_one_image_tensor(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(engine, "LocalData", spy)
     _run()
     assert len(seen) >= 6 and len(set(seen)) == 1
+
+
+def test_eval_every_zero_trains_without_evaluating() -> None:
+    result = _run("run.eval_every=0")
+    assert [r["accuracy"] for r in result.metrics] == [None] * len(result.metrics)
+    assert result.summary["final_accuracy"] is None
+    assert result.summary["bytes_per_round"] == _run().summary["bytes_per_round"]
+    with pytest.raises(ConfigError, match="run.eval_every must be >= 0"):
+        load_config(None, ["run.eval_every=-1"])
 
 
 def test_run_folder_contents(tmp_path: Path) -> None:

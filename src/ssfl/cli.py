@@ -45,9 +45,10 @@ def _run(args: argparse.Namespace) -> int:
         return 3
     s = result.summary
     acc = s["final_accuracy"]
+    accuracy = "not evaluated" if acc is None else f"{acc:.4f}"
     print(
         f"{s['algorithm']} density {s['density']:.3f}: final accuracy "
-        f"{acc:.4f} after {s['rounds']} rounds; {s['ratio_to_dense']:.3f} of dense bytes "
+        f"{accuracy} after {s['rounds']} rounds; {s['ratio_to_dense']:.3f} of dense bytes "
         f"per round; run folder {result.run_dir}"
     )
     return 0

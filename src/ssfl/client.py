@@ -8,6 +8,7 @@ bytes around.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -188,14 +189,24 @@ def train_round(
     lr: float,
     generator: torch.Generator,
     value_dtype: str = "float32",
+    timings: dict[str, float] | None = None,
 ) -> tuple[bytes, TrainResult]:
-    """One client's part of a round: load the global values, train inside the mask, reply."""
+    """One client's part of a round: load the global values, train inside the mask, reply.
+
+    ``timings``, if given, receives the seconds of each step: ``decode`` (payload into the
+    model), ``train`` (local SGD) and ``encode`` (the reply payload)."""
+    started = time.perf_counter()
     values = decode_values(
         payload, expected_count=layout.num_values, expected_digest=digest, expected_round=round
     )
     layout.scatter_model_(values, model)
+    decoded = time.perf_counter()
     result = local_train(model, data, settings, lr, generator, mask)
+    trained = time.perf_counter()
     reply = encode_values(
         layout.gather_model(model), round=round, digest=digest, dtype=value_dtype
     )
+    if timings is not None:
+        timings.update(decode=decoded - started, train=trained - decoded,
+                       encode=time.perf_counter() - trained)
     return reply, result

@@ -246,9 +246,11 @@ def validate(config: Config) -> None:
     _positive("train.clip_grad_norm", config.train.clip_grad_norm, allow_zero=True)
     _positive("federation.update_clip_norm", config.federation.update_clip_norm,
               allow_zero=True)
+    if config.run.eval_every < 0:
+        raise ConfigError(f"run.eval_every must be >= 0 (0: no evaluation), got "
+                          f"{config.run.eval_every}")
     for key, value in [
         ("run.rounds", config.run.rounds),
-        ("run.eval_every", config.run.eval_every),
         ("federation.num_clients", config.federation.num_clients),
         ("federation.clients_per_round", config.federation.clients_per_round),
         ("train.local_epochs", config.train.local_epochs),

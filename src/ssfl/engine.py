@@ -401,7 +401,8 @@ def run(
             if update.rejected:
                 row["rejected"] = [{"client": r.client_id, "reason": r.reason}
                                    for r in update.rejected]
-            if rnd % config.run.eval_every == 0 or rnd == config.run.rounds:
+            eval_every = config.run.eval_every  # 0: never (benchmarks that time the rounds)
+            if eval_every > 0 and (rnd % eval_every == 0 or rnd == config.run.rounds):
                 eval_started = time.perf_counter()
                 strategy.load_global_(model)
                 correct, sample_losses = evaluate_samples(

@@ -214,6 +214,25 @@ def _find_layout(name: str, root: Path, split: str, download: bool) -> _Layout:
     raise DatasetNotFoundError(_not_found_message(name, root, split, missing))
 
 
+def source_files(name: str, root: str | os.PathLike[str] | None, split: Split) -> list[Path]:
+    """The files (and for tinyimagenet also the image folder) that :func:`load_dataset` reads
+    for one split, without reading them: what a cache of data derived from the split checks
+    for changes. ``digits`` ships with scikit-learn: no files. Raises
+    :class:`DatasetNotFoundError` when the files are missing."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if key == "digits":
+        return []
+    resolved = resolve_root(root)
+    layout = _find_layout(key, resolved, split, download=False)
+    base = resolved / layout.folder
+    files = [base / f for f in layout.files[split]]
+    if key == "tinyimagenet":
+        files.append(base / ("train" if split == "train" else "val"))
+    return files
+
+
 # --------------------------------------------------------------------------- pickles
 
 # Exactly the globals numpy needs to rebuild arrays/scalars from a pickle (protocol 2..5,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class FlowerSettings:
     round_timeout_seconds: float = 1800.0
     # How often the ServerApp asks the SuperLink for replies.
     poll_interval_seconds: float = 0.1
+    # Torch threads of the ServerApp (evaluation, aggregation); 0: run.threads, as the clients.
+    server_threads: int = 0
     # Continue the run in `run-dir` from its last checkpoint (as `ssfl run --resume`).
     resume: bool = False
 
@@ -132,6 +135,8 @@ def _flower_settings(values: Mapping[str, Any]) -> FlowerSettings:
     settings = FlowerSettings(**kwargs)
     if settings.min_nodes < 1:
         raise ConfigError("flower.min-nodes must be at least 1")
+    if settings.server_threads < 0:
+        raise ConfigError("flower.server-threads must be >= 0 (0: run.threads)")
     if min(settings.node_wait_seconds, settings.round_timeout_seconds,
            settings.poll_interval_seconds) <= 0:
         raise ConfigError("flower.*-seconds must be > 0")
@@ -207,6 +212,23 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._started
+
+
+def process_start_time(pid: int | str = "self") -> float | None:
+    """Wall-clock time (``time.time()`` scale) at which process ``pid`` started, to the
+    kernel's clock tick (10 ms), or ``None`` where ``/proc`` does not say (not Linux).
+
+    ``/proc/<pid>/stat`` gives the start in clock ticks since boot (``CLOCK_BOOTTIME``); the
+    ClientApp reports it so that the server can split a reply's latency into Flower's delivery
+    (before the process exists) and the process's own start-up."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        now = time.time()
+        return now - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def resolve_run_dir(settings: FlowerSettings) -> Path | None:

@@ -19,11 +19,14 @@ seconds, and the time spent in Flower's send-and-receive.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -75,30 +78,50 @@ def _exchange(
     return replies  # type: ignore[return-value]
 
 
+@dataclass
+class ExchangeTimes:
+    """Wall-clock time stamps (``time.time()``) of one exchange: when the push started and
+    ended, and when each reply was pulled (in the order of the messages; NaN: no reply)."""
+
+    push_started: float = math.nan
+    push_ended: float = math.nan
+    pulled: list[float] = field(default_factory=list)
+
+
 def _exchange_tolerant(
-    grid: Grid, messages: Sequence[Message], settings: FlowerSettings, what: str
+    grid: Grid, messages: Sequence[Message], settings: FlowerSettings, what: str,
+    times: ExchangeTimes | None = None,
 ) -> list[Message | str]:
     """Send ``messages``; per message, its reply, or why there is none (an error reply, or no
     reply within ``round-timeout-seconds``: a crashed, slow or disconnected node).
 
     Pushes, then pulls every ``poll-interval-seconds`` (``Grid.send_and_receive`` sleeps 3 s
-    between pulls, a fixed cost on every round that this loop avoids)."""
+    between pulls, a fixed cost on every round that this loop avoids). ``times``, if given,
+    receives the time stamps of the push and of each reply's arrival."""
     if not messages:
         return []
+    times = times if times is not None else ExchangeTimes()
+    times.push_started = time.time()
     ids = list(grid.push_messages(messages))
+    times.push_ended = time.time()
     if len(ids) != len(messages) or any(not i for i in ids):
         raise FlowerRunError(f"{what}: the SuperLink did not accept every message")
     pending = set(ids)
     replies: dict[str, Message] = {}
+    arrived: dict[str, float] = {}
     deadline = time.monotonic() + settings.round_timeout_seconds
     while pending and time.monotonic() <= deadline:
-        for reply in grid.pull_messages(sorted(pending)):
+        pulled = grid.pull_messages(sorted(pending))
+        now = time.time()
+        for reply in pulled:
             key = reply.metadata.reply_to_message_id
             if key in pending:
                 pending.discard(key)
                 replies[key] = reply
+                arrived[key] = now
         if pending:
             time.sleep(settings.poll_interval_seconds)
+    times.pulled = [arrived.get(mid, math.nan) for mid in ids]
     out: list[Message | str] = []
     for message, mid in zip(messages, ids):
         node = message.metadata.dst_node_id
@@ -110,6 +133,63 @@ def _exchange_tolerant(
         else:
             out.append(reply)
     return out
+
+
+def round_timeline(times: ExchangeTimes, metrics: Sequence[Any | None]) -> dict[str, Any]:
+    """Where a round's time went, from the server's and the ClientApps' time stamps (seconds;
+    lists per replying client, in the order of the messages; ``metrics`` None: no reply).
+
+    * ``push_seconds``: ``grid.push_messages`` (the payloads uploaded to the SuperLink);
+    * ``client_deliver_seconds``: push start to the ClientApp process's start: the SuperLink
+      holds the message until the SuperNode pulls (an idle SuperNode pulls every 3 s), the
+      SuperNode pulls the payload and creates a task, the SuperExec picks it up (polling every
+      ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``) and starts ``flwr-clientapp``;
+    * ``client_startup_seconds``: process start to handler entry: Python, ``flwr``, pulling the
+      task's message, context and FAB from the SuperNode, installing the FAB, importing the app
+      (``client_import_seconds``: this module's imports, torch included);
+    * ``client_handler_seconds``: the handler; of it ``client_setup_seconds`` (config, data,
+      model), ``client_decode_seconds``, ``client_train_seconds``, ``client_encode_seconds``;
+    * ``client_return_seconds``: handler exit to the reply's arrival at the ServerApp: the reply
+      pushed to the SuperNode, the SuperNode's wait for it (it looks every 0.5 s), its push to
+      the SuperLink, the ServerApp's next pull (every ``flower.poll-interval-seconds``);
+    * ``client_reply_seconds``: push start to the reply's arrival (the sum of the above);
+      ``first_reply_seconds``/``last_reply_seconds``: its minimum and maximum.
+
+    The stamps of different processes are compared, so on several hosts this needs their
+    clocks in sync (NTP: milliseconds). ``None`` where a value is unknown: the process start on
+    a system without ``/proc``, or deliver/start-up/import in a process that had handled a
+    message before (the simulation engine reuses processes)."""
+    keys = ("client_reply_seconds", "client_deliver_seconds", "client_startup_seconds",
+            "client_import_seconds", "client_handler_seconds", "client_decode_seconds",
+            "client_train_seconds", "client_encode_seconds", "client_return_seconds")
+    out: dict[str, list[float | None]] = {k: [] for k in keys}
+    for pulled, m in zip(times.pulled, metrics):
+        if m is None:
+            continue
+
+        def get(key: str) -> float | None:
+            return float(m[key]) if key in m else None
+
+        started, entered, handler = get("process-started"), get("handler-started"), \
+            get("handler-seconds")
+        fresh = get("first-message") == 1 and started is not None and started > 0
+        out["client_reply_seconds"].append(pulled - times.push_started)
+        out["client_deliver_seconds"].append(started - times.push_started if fresh else None)
+        out["client_startup_seconds"].append(
+            entered - started if fresh and entered is not None else None)
+        out["client_import_seconds"].append(get("import-seconds") if fresh else None)
+        out["client_handler_seconds"].append(handler)
+        for step in ("decode", "train", "encode"):
+            out[f"client_{step}_seconds"].append(get(f"{step}-seconds"))
+        out["client_return_seconds"].append(
+            pulled - entered - handler if entered is not None and handler is not None else None)
+    replies = [r for r in out["client_reply_seconds"] if r is not None]
+    return {
+        "push_seconds": times.push_ended - times.push_started,
+        "first_reply_seconds": min(replies) if replies else None,
+        "last_reply_seconds": max(replies) if replies else None,
+        **out,
+    }
 
 
 def assign_clients(grid: Grid, num_clients: int, settings: FlowerSettings) -> dict[int, int]:
@@ -237,8 +317,10 @@ class FlowerTransport(Transport):
             }), self.mapping[cid], MSG_TRAIN, group_id=str(round))
             for cid in client_ids
         ]
+        times = ExchangeTimes()
         with Stopwatch() as exchange:
-            replies = _exchange_tolerant(self.grid, out, self.settings, f"round {round}")
+            replies = _exchange_tolerant(self.grid, out, self.settings, f"round {round}",
+                                         times)
         arrived = [r for r in replies if not isinstance(r, str)]
         if not self.message_bytes and arrived:
             self.message_bytes = {"down": message_wire_bytes(out[0]),
@@ -250,6 +332,7 @@ class FlowerTransport(Transport):
             "client_compute_seconds": [float(m["compute-seconds"]) for _, m in ok],
             "client_setup_seconds": [float(m["setup-seconds"]) for _, m in ok],
             "exchange_seconds": exchange.seconds,
+            **round_timeline(times, [None if isinstance(u, str) else u[1] for u in unpacked]),
         }
         for cid, got in zip(client_ids, unpacked):
             if isinstance(got, str):
@@ -284,6 +367,8 @@ def run_on_grid(
     if settings.resume and run_dir is None:
         raise ConfigError("flower.resume needs flower.run-dir: the run folder to continue")
     exp = prepare(config)
+    if settings.server_threads > 0:
+        torch.set_num_threads(settings.server_threads)
     transport = FlowerTransport(grid, config, settings)
     result = run(exp, transport, run_dir, write=write, progress=False, resume=settings.resume,
                  on_round=_print_round)
