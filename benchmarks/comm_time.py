@@ -827,6 +827,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{_fmt(mean_of(res['rounds'], 'comm_seconds'), '.2f')} s/round, wire "
                       f"{_fmt(mean_of(res['rounds'], 'wire_bytes'), '.0f')} B/round", flush=True)
                 results.setdefault(label, {})[str(float(density))] = res
+                # Each finished run is kept at once: a later failure loses nothing measured.
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.with_suffix(".partial.json").write_text(json.dumps(
+                    {"config": base, "results": results}, indent=1))
     except (KeyboardInterrupt, _Terminated):
         print("comm_time: interrupted; namespace and processes removed", file=sys.stderr)
         return 130
@@ -865,6 +869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "summary": table, "runs": results,
     }, indent=1))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"results: {args.out}")
     return 0
 

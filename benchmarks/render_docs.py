@@ -5,7 +5,9 @@ never drifts from what the commands produce:
 
     python benchmarks/throughput.py     # -> results/throughput.json
     python benchmarks/memory.py         # -> results/memory.json
-    python benchmarks/reference.py      # -> results/reference.json (+ plots)
+    python benchmarks/comparison.py main    # -> results/comparison.{json,md} (+ plots)
+    python benchmarks/comparison.py noniid  # -> results/noniid.{json,md} (+ plot)
+    python benchmarks/mask_analysis.py      # -> results/mask_analysis.{json,md} (+ plot)
     python benchmarks/checkpoint_overhead.py  # -> results/checkpoint_overhead.json
     python benchmarks/render_docs.py    # -> docs/benchmarks.md
 """
@@ -54,28 +56,52 @@ def memory_section(data: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reference_section(data: dict[str, Any] | None) -> str:
+def _one_time_note(runs: list[dict[str, Any]]) -> str:
+    ssfl = [r for r in runs if r["algorithm"] == "ssfl" and r["target_density"] == 0.1]
+    if not ssfl:
+        return ""
+    r = ssfl[0]
+    share = sum(r["one_time_bytes"].values()) / r["total_bytes"]
+    return (f"\nSSFL's one-time cost is one dense float32 score upload per client plus the mask "
+            f"bitmap ({sum(r['one_time_bytes'].values()) / 1e6:.0f} MB for 100 clients). In "
+            f"these {r['rounds']}-round runs it is {share:.0%} of everything SSFL sends at "
+            "density 0.1; over the paper's 1000 rounds it would be a few percent. Per round, "
+            "the ratio to dense is the density plus the dense biases; SparsyFed's is higher "
+            "because its download is the union of the clients' masks and its uploads carry "
+            "positions; DisPFL's download carries ten neighbours' models.\n")
+
+
+def comparison_section(data: dict[str, Any] | None) -> str:
     if data is None:
-        return "_Not yet measured: run `python benchmarks/reference.py`._\n"
-    table = (RESULTS / "reference.md").read_text()
-    runs = {r["name"]: r for r in data["runs"]}
-    note = ""
-    if "ssfl-d0.1-s0" in runs:
-        r = runs["ssfl-d0.1-s0"]
-        share = sum(r["one_time_bytes"].values()) / r["total_bytes"]
-        walls = [round(x["wall_seconds"]) for x in data["runs"]]
-        note = (f"\nWall time per run: {min(walls)} to {max(walls)} s (the longer ones shared "
-                f"the two cores with other jobs).\n")
-        note += (f"\nSSFL's one-time cost is one dense float32 score upload per client (plus the "
-                f"mask bitmap). In these {r['rounds']}-round runs it is {share:.0%} of everything "
-                f"SSFL at density 0.1 sends; over the paper's 1000 rounds it would be a few "
-                f"percent. The per-round ratio to dense is density plus the dense biases, as "
-                f"the table shows.\n")
+        return "_Not yet measured: run `python benchmarks/comparison.py main`._\n"
+    runs = data["runs"]
+    walls = sorted(r["wall_seconds"] for r in runs)
+    seeds = sorted({r["seed"] for r in runs})
     return (f"Config `{data['config']}`"
             + (f" with overrides `{' '.join(data['overrides'])}`" if data["overrides"] else "")
-            + ".\n\n" + table + note
-            + "\n![accuracy against rounds](../benchmarks/results/reference_accuracy_vs_round.png)"
-            + "\n![accuracy against bytes](../benchmarks/results/reference_accuracy_vs_bytes.png)\n")
+            + f"; {len(runs)} runs so far, seeds {', '.join(map(str, seeds))}; a run's median "
+            f"wall time was {walls[len(walls) // 2] / 60:.1f} min (one thread, two runs at a "
+            "time on 2 cores, often beside other jobs).\n\n"
+            + (RESULTS / "comparison.md").read_text() + _one_time_note(runs)
+            + "\n![accuracy against density](../benchmarks/results/"
+            "comparison_accuracy_vs_density.png)\n"
+            "![accuracy against bytes](../benchmarks/results/comparison_accuracy_vs_bytes.png)\n")
+
+
+def noniid_section(data: dict[str, Any] | None) -> str:
+    if data is None:
+        return "_Not yet measured: run `python benchmarks/comparison.py noniid`._\n"
+    seeds = sorted({r["seed"] for r in data["runs"]})
+    return (f"Config `{data['config']}`, density 0.2, seeds {', '.join(map(str, seeds))}.\n\n"
+            + (RESULTS / "noniid.md").read_text()
+            + "\n![non-IID sweep](../benchmarks/results/noniid_accuracy.png)\n")
+
+
+def mask_analysis_section(data: dict[str, Any] | None) -> str:
+    if data is None:
+        return "_Not yet measured: run `python benchmarks/mask_analysis.py`._\n"
+    return ((RESULTS / "mask_analysis.md").read_text()
+            + "\n![mask overlap](../benchmarks/results/mask_overlap.png)\n")
 
 
 def checkpoint_section(data: dict[str, Any] | None) -> str:
@@ -94,15 +120,29 @@ def checkpoint_section(data: dict[str, Any] | None) -> str:
 def comm_time_section(data: dict[str, Any] | None) -> str:
     if data is None:
         return "_Not yet measured: run `python benchmarks/comm_time.py` (as root)._\n"
-    lines = [f"`{data['command']}` (qdisc {data['qdisc']}; config `{' '.join(data['config'])}`)."
-             " Communication time = round time - slowest client's compute - aggregation.\n",
-             "| link | density | round (s) | communication (s) | wire MB per round | "
-             "time ratio to dense | wire byte ratio to dense |", "|---|---|---|---|---|---|---|"]
+    def f(x: float | None, spec: str) -> str:
+        return "—" if x is None else format(x, spec)
+
+    sparse = data.get("sparse_algorithm", "ssfl")
+    lines = [f"`{data['command']}` (qdisc {data['qdisc']}; sparse runs: `{sparse}`; config "
+             f"`{' '.join(data['config'])}`). Per training round, means over the rounds: "
+             "communication = round time - slowest client's compute - aggregation; *fixed* = "
+             "the communication time of the unshaped run (same namespace and veth, no rate "
+             "limit: Flower's message delivery, ClientApp process start and polling); *excess* "
+             "= communication - fixed, the part the bandwidth adds. Ratios are sparse / dense "
+             "at the same link.\n",
+             "| link | density | round (s) | communication (s) | fixed (s) | excess (s) | "
+             "wire MB per round | time ratio | excess time ratio | wire byte ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for link, by_density in data["summary"].items():
-        for density, r in by_density.items():
-            lines.append(f"| {link} | {density} | {r['seconds']:.1f} | {r['comm_seconds']:.1f} |"
-                         f" {r['wire_bytes'] / 1e6:.2f} | {r['time_ratio']:.2f} | "
-                         f"{r['wire_byte_ratio']:.3f} |")
+        for density, r in sorted(by_density.items(), key=lambda kv: -float(kv[0])):
+            lines.append(
+                f"| {link} | {float(density):g} | {f(r['seconds'], '.1f')} | "
+                f"{f(r['comm_seconds'], '.1f')} | {f(r.get('fixed_comm_seconds'), '.1f')} | "
+                f"{f(r.get('excess_comm_seconds'), '.1f')} | "
+                f"{f(r['wire_bytes'] and r['wire_bytes'] / 1e6, '.2f')} | "
+                f"{f(r['time_ratio'], '.3f')} | {f(r.get('excess_time_ratio'), '.3f')} | "
+                f"{f(r['wire_byte_ratio'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,11 +152,21 @@ def main() -> None:
         "# Benchmarks\n\n"
         "Generated by `python benchmarks/render_docs.py` from `benchmarks/results/`; each "
         "section names the command that produced its figures. Machine: 2 CPU cores, no GPU.\n\n"
-        "## CPU reference experiment: SSFL against a random static mask\n\n"
-        "`python benchmarks/reference.py` (CIFAR-10, 100 clients, 10 per round, balanced "
-        "Dirichlet alpha 0.3, small CNN; SSFL and the random mask share the seed, hence the "
-        "partition, initial weights and client sampling). Dense FedAvg is the density-1 row.\n\n"
-        + reference_section(_load("reference.json"))
+        "## Method comparison on the CPU reference setting\n\n"
+        "`python benchmarks/comparison.py main` (CIFAR-10, 100 clients, 10 per round, balanced "
+        "Dirichlet alpha 0.3, small CNN, 60 rounds). Runs with the same seed share the "
+        "partition, the initial weights and the client sampling. Every table says which "
+        "evaluation protocol it uses: *global* is the central test set (for DisPFL, which has "
+        "no global model, the consensus model: each weight averaged over the clients that hold "
+        "it); *personalised* is each client's model on a test split that follows its own "
+        "class distribution.\n\n"
+        + comparison_section(_load("comparison.json"))
+        + "\n## Non-IID sweep\n\n`python benchmarks/comparison.py noniid`: the same setting "
+        "at density 0.2 over balanced Dirichlet splits (alpha 0.1 to 1; smaller is more "
+        "skewed) and the pathological split (2 classes per client).\n\n"
+        + noniid_section(_load("noniid.json"))
+        + "\n## Mask analysis\n\n`python benchmarks/mask_analysis.py`.\n\n"
+        + mask_analysis_section(_load("mask_analysis.json"))
         + "\n## Simulator overhead\n\n`python benchmarks/throughput.py`: samples/s of a whole "
         "simulated client round (payload decode, scatter, batch assembly and augmentation, "
         "masked SGD, gather, encode) against a plain PyTorch loop over the same, "
