@@ -114,7 +114,8 @@ def test_fuzzed_payloads_never_crash_the_server_or_change_the_model(payload: byt
     assert update.num_clients == 1 and not update.rejected
 
 
-@pytest.mark.parametrize("algorithm", ["ssfl", "random_clientwise", "feddst", "prunefl"])
+@pytest.mark.parametrize("algorithm", ["ssfl", "random_clientwise", "feddst", "prunefl",
+                                       "dispfl", "sparsyfed"])
 def test_every_algorithm_rejects_a_corrupt_update_and_goes_on(
     algorithm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
