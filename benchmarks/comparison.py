@@ -300,6 +300,16 @@ def _figure():
     return fig, fig.add_subplot()
 
 
+def _finish(fig, ax, path: Path, *, xlabel: str, title: str, ncol: int = 2,
+            grid_axis: str = "both") -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final global test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=ncol)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
 def plot_accuracy_vs_density(rows, densities, path: Path) -> None:
     fig, ax = _figure()
     for method in _methods(rows):
@@ -321,12 +331,8 @@ def plot_accuracy_vs_density(rows, densities, path: Path) -> None:
             ax.errorbar(xs, ys, yerr=es, marker="o", ls=style, capsize=3, label=method)
     ax.set_xscale("log")
     ax.set_xticks(list(densities), [f"{d:g}" for d in densities])
-    ax.set_xlabel("density (fraction of Conv/Linear weights kept)")
-    ax.set_ylabel("final global test accuracy (%)")
-    ax.set_title("CIFAR-10 CPU reference: accuracy against density (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _finish(fig, ax, path, xlabel="density (fraction of Conv/Linear weights kept)",
+            title="CIFAR-10 CPU reference: accuracy against density (mean ± std over seeds)")
 
 
 def plot_accuracy_vs_bytes(rows, densities, path: Path) -> None:
@@ -341,12 +347,9 @@ def plot_accuracy_vs_bytes(rows, densities, path: Path) -> None:
         if xs:
             ax.plot(xs, ys, marker="o", ls="-" if len(xs) > 1 else "", label=method)
     ax.set_xscale("log")
-    ax.set_xlabel("all bytes of the run, down + up incl. one-time costs (MB, log scale)")
-    ax.set_ylabel("final global test accuracy (%)")
-    ax.set_title("Accuracy against communication (one point per density)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _finish(fig, ax, path,
+            xlabel="all bytes of the run, down + up incl. one-time costs (MB, log scale)",
+            title="Accuracy against communication (one point per density)")
 
 
 def plot_noniid(rows, splits, path: Path) -> None:
@@ -363,11 +366,8 @@ def plot_noniid(rows, splits, path: Path) -> None:
                capsize=2, label=method)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))],
                   [split_label(s) for s in splits], fontsize=7)
-    ax.set_ylabel("final global test accuracy (%)")
-    ax.set_title("Non-IID sweep at density 0.2 (dense FedAvg at density 1)")
-    ax.legend(fontsize=7, ncol=3)
-    ax.grid(alpha=0.3, axis="y")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _finish(fig, ax, path, xlabel="split", ncol=3, grid_axis="y",
+            title="Non-IID sweep at density 0.2 (dense FedAvg at density 1)")
 
 
 # -------------------------------------------------------------------------------------- main

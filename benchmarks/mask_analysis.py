@@ -44,10 +44,10 @@ from ssfl.masks import (
     flatten,
     global_topk_mask,
     jaccard,
-    random_global_mask,
     unflatten,
 )
 from ssfl.server import build_mask
+from ssfl.strategies import client_random_mask
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_cpu.toml"
@@ -197,8 +197,8 @@ def main() -> None:
         counts = erk_counts(shapes, d)
         static[("dispfl", d)] = {n: counts[n] / shapes[n].numel() for n in shapes}
         static[("random_clientwise", d)] = {
-            n: float(v.float().mean()) for n, v in random_global_mask(
-                shapes, d, torch.Generator().manual_seed(seeds[0] * 1_000_003)).items()}
+            n: float(v.float().mean())
+            for n, v in client_random_mask(shapes, d, seeds[0], 0).items()}
     layers_text, layers = per_layer_table(seeds[0], densities, Path(args.results), shapes,
                                           static)
     text.append("\n## Per-layer density of each method's mask\n\nThe final masks recorded "

@@ -7,8 +7,7 @@ import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ssfl.comm import HEADER, encode_values
 from ssfl.server import RoundFailed, SparseFedAvgServer

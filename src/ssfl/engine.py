@@ -25,8 +25,6 @@ import torch
 from ssfl.algorithms import TRAINING_STRATEGIES, StrategyContext
 from ssfl.checkpoint import (
     FILENAME as CHECKPOINT,
-)
-from ssfl.checkpoint import (
     CheckpointError,
     load_checkpoint,
     prefixed,

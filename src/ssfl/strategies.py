@@ -181,6 +181,14 @@ class DenseGlobalModel:
         self.weights = {n: w.clone() for n, w in weights.items()}
 
 
+def client_random_mask(shapes: Mapping[str, torch.Size], density: float, seed: int,
+                       client_id: int) -> Mask:
+    """Client ``client_id``'s random global mask; derived from (seed, client) so it never needs
+    storing."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + client_id) % 2**63)
+    return random_global_mask(shapes, density, generator)
+
+
 class ClientMaskStrategy(DenseGlobalModel, TrainingStrategy):
     """Each client has its own random global mask of the target density, fixed for the run.
 
@@ -216,10 +224,8 @@ class ClientMaskStrategy(DenseGlobalModel, TrainingStrategy):
     per_client_masks = True
 
     def client_mask(self, client_id: int) -> Mask:
-        """Client ``client_id``'s mask; derived from (seed, client) so it never needs storing."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + client_id) % 2**63)
-        return random_global_mask({n: self.shapes[n] for n in self.prunable}, self.density,
-                                  generator)
+        return client_random_mask({n: self.shapes[n] for n in self.prunable}, self.density,
+                                  self.seed, client_id)
 
     def _union_mask(self, num_clients: int) -> Mask:
         union = {n: torch.zeros(self.shapes[n], dtype=torch.bool) for n in self.prunable}

@@ -314,7 +314,8 @@ def _read_cifar_pickle(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------- binaries
 
 
-def _read_cifar_bin(path: Path, label_bytes: int, label_index: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_bin(path: Path, label_bytes: int,
+                    label_index: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) from a binary-version file of records ``labels… + 3072 pixels``."""
     record = label_bytes + _CIFAR_PIXELS
     size = path.stat().st_size
