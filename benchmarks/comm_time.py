@@ -386,11 +386,13 @@ def round_record(row: dict[str, Any], wire: tuple[int, int] | None) -> dict[str,
 
 def run_once(overrides: Sequence[str], *, net: Network | None, timeout: float,
              keep: Path | None = None, node_config: str = "",
-             server_threads: int = 0) -> dict[str, Any]:
+             server_threads: int = 0, worker: bool = True) -> dict[str, Any]:
     """One experiment on a SuperLink (root namespace) and the SuperNodes of ``node_plan`` (in
     ``net``'s namespace; on 127.0.0.1 without ``net``). Returns its per-round records.
     ``node_config``: added to every SuperNode's ``--node-config``; ``server_threads``: the
-    ServerApp's torch threads (``flower.server-threads``; 0: ``run.threads``)."""
+    ServerApp's torch threads (``flower.server-threads``; 0: ``run.threads``); ``worker``: each
+    SuperNode with its persistent worker (``ssfl.flower.worker``), so that the ClientApp
+    process of each message imports no torch and loads no data or model."""
     from ssfl.config import load_config
     from ssfl.flower.local import (
         LocalDeployment,
@@ -398,6 +400,7 @@ def run_once(overrides: Sequence[str], *, net: Network | None, timeout: float,
         flower_env,
         flwr_run,
         free_port,
+        worker_node_config,
         write_connection,
     )
     from ssfl.flower.protocol import FlowerSettings, run_config_from_config, run_config_toml
@@ -422,6 +425,8 @@ def run_once(overrides: Sequence[str], *, net: Network | None, timeout: float,
     text = (flwr_home / "config.toml").read_text().replace("127.0.0.1:", f"{host}:")
     (flwr_home / "config.toml").write_text(text)
     dep = LocalDeployment(workdir, port, flower_env(flwr_home, workdir))
+    if worker:
+        node_config = f"{node_config} {worker_node_config(workdir)}"
     monitor = _Monitor(net.host_if if net else None, run_dir)
     try:
         link = dep.start("superlink", ["flower-superlink", "--host", host, "--port", str(port),
@@ -671,7 +676,8 @@ def estimate_seconds(config: Any, densities: Sequence[float], links: Sequence[fl
     n = config.federation.num_clients
     _, _, _, train_size, test_size = DATA_SHAPES[config.data.dataset]
     samples = samples_per_client or train_size // n
-    test = test_images or test_size
+    # run.eval_every=0 (the presets): no evaluation at all, not even after the last round
+    test = (test_images or test_size) if config.run.eval_every > 0 else 0
     steps = config.train.local_epochs * -(-samples // config.train.batch_size)
     pinned, pool = node_plan(n, config.run.rounds, k, config.run.seed)
     nodes = len(pinned) + int(pool)
@@ -749,6 +755,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="SuperNodes without the partition cache (node config "
                              "cache-dir=\"off\"): every ClientApp process loads and splits "
                              "the whole data set, as before the cache")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="SuperNodes without their persistent worker: every ClientApp "
+                             "process imports torch and builds data and model, as before the "
+                             "worker")
     parser.add_argument("--server-threads", type=int, default=0,
                         help="torch threads of the ServerApp, i.e. of its final evaluation "
                              "(default 0: run.threads; more help only where cores are free)")
@@ -822,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.monotonic()
                 res = run_once(overrides, net=net, timeout=args.timeout,
                                node_config='cache-dir="off"' if args.no_cache else "",
-                               server_threads=server_threads)
+                               server_threads=server_threads, worker=not args.no_worker)
                 print(f"  done in {time.monotonic() - t0:.0f} s: comm "
                       f"{_fmt(mean_of(res['rounds'], 'comm_seconds'), '.2f')} s/round, wire "
                       f"{_fmt(mean_of(res['rounds'], 'wire_bytes'), '.0f')} B/round", flush=True)

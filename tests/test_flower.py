@@ -29,7 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from ssfl.client import client_generator  # noqa: E402
 from ssfl.comm import HEADER, encode_values  # noqa: E402
 from ssfl.config import Config, ConfigError, load_config  # noqa: E402
-from ssfl.flower import client_app as client_module  # noqa: E402
+from ssfl.flower import client_app as client_module, node as node_module  # noqa: E402
 from ssfl.flower.local import (  # noqa: E402
     processes_of,
     run_local,
@@ -327,6 +327,7 @@ def test_node_cache_serves_later_messages_with_the_same_data(
 
     def fresh_process_reply(node_config: dict, cid: int = 1) -> Message:
         # Flower starts a new process per message: nothing survives but files and the context.
+        monkeypatch.setattr(node_module, "_PROC", node_module._Process())
         monkeypatch.setattr(client_module, "_PROC", client_module._Process())
         context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
                           run_config=dict(flat))
@@ -363,9 +364,9 @@ def test_cached_part_trains_bit_identically(tmp_path: Path) -> None:
 
     config = load_config(None, QUICK)
     exp = prepare(config, with_test=False)
-    path = client_module.partition_cache_file(config, "", 2, tmp_path)
-    client_module.save_part(path, exp.train_set, exp.parts[2])
-    part = client_module.load_part(path)
+    path = node_module.partition_cache_file(config, "", 2, tmp_path)
+    node_module.save_part(path, exp.train_set, exp.parts[2])
+    part = node_module.load_part(path)
     assert part is not None and part.images.stride() == exp.train_set.images.stride()
     cached = LocalData(part.images, part.labels, torch.arange(len(part)), part.mean, part.std)
     models = []
@@ -374,11 +375,11 @@ def test_cached_part_trains_bit_identically(tmp_path: Path) -> None:
         local_train(model, data, train_settings(config), 0.05, client_generator(0, 1, 2))
         models.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(models[0], models[1])
-    assert client_module.load_part(tmp_path / "missing.npz") is None
+    assert node_module.load_part(tmp_path / "missing.npz") is None
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    assert client_module.load_part(tmp_path / "broken.npz") is None
+    assert node_module.load_part(tmp_path / "broken.npz") is None
     (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:2000])  # a truncated write
-    assert client_module.load_part(tmp_path / "cut.npz") is None
+    assert node_module.load_part(tmp_path / "cut.npz") is None
 
 
 def test_cache_key_follows_the_data_files(shared_data_dir: Path) -> None:
@@ -389,12 +390,12 @@ def test_cache_key_follows_the_data_files(shared_data_dir: Path) -> None:
     assert len(files) == 5 and all(f.is_file() for f in files)
     assert source_files("digits", None, "train") == []
     config = load_config(None, [*QUICK, "data.dataset=cifar10", f"data.root={shared_data_dir}"])
-    a = client_module.partition_cache_file(config, "", 1, Path("/c"))
-    assert a == client_module.partition_cache_file(config, "", 1, Path("/c"))
-    assert a != client_module.partition_cache_file(config, "", 2, Path("/c"))
+    a = node_module.partition_cache_file(config, "", 1, Path("/c"))
+    assert a == node_module.partition_cache_file(config, "", 1, Path("/c"))
+    assert a != node_module.partition_cache_file(config, "", 2, Path("/c"))
     other = load_config(None, [*QUICK, "data.dataset=cifar10", f"data.root={shared_data_dir}",
                                "data.alpha=0.5"])
-    assert a != client_module.partition_cache_file(other, "", 1, Path("/c"))
+    assert a != node_module.partition_cache_file(other, "", 1, Path("/c"))
 
 
 def test_process_start_time_of_a_child_is_when_it_was_started() -> None:

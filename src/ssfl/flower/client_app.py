@@ -1,24 +1,17 @@
-"""The SSFL ClientApp: saliency scores, the mask (kept in ``context.state``), masked training.
+"""The SSFL ClientApp: moves each message between Flower records and the node's handlers.
 
-A SuperNode is either pinned to one client (node config ``partition-id=<cid>
-num-partitions=<federation.num-clients>``: the usual deployment, one data owner per node) or, if
-its node config has no ``partition-id``, serves whatever client ids the server asks for (handy
-for running 20 simulated clients on 3 local SuperNodes). Either way the client id travels in the
-message, and a pinned node refuses any other id.
+The handlers (saliency scores, the mask, masked training) are in :mod:`ssfl.flower.node`. They
+run in this process, or, with node config ``worker=true``, in the node's persistent worker
+(:mod:`ssfl.flower.worker`): Flower 1.42's deployment engine starts a new ClientApp process
+for every message, and the worker spares each of them importing torch and building the data
+and the model. This module imports no torch (checked by a test), so that with the worker a
+message costs Flower's process start and a local socket round trip.
 
-Flower 1.42 starts a new ClientApp process for every message, so whatever the process builds
-(data, model) is lost after each reply. To keep that per-message cost small, the first message
-that needs a client's data loads and partitions the whole data set as the server does, then
-writes that client's samples to a node-local cache file (node config ``cache-dir``, default
-``$SSFL_CACHE_DIR/flower`` or ``~/.cache/ssfl/flower``; ``cache-dir="off"`` disables it); later
-messages read only that file. ``context.state`` remembers which client's data the node holds,
-so that the mask message (which carries no client id) can build the model from it too.
+The node's state between messages (the mask bitmap, its digest, the client whose data it holds)
+lives in ``context.state``, so a node behaves the same with or without the worker.
 
 Every reply carries time stamps (wall clock) and durations that the server turns into the
 per-round breakdown of ``metrics.jsonl`` (``ssfl.flower.server_app``).
-
-All learning is done by :mod:`ssfl.client`; this module only moves bytes between Flower records
-and those functions.
 """
 
 from __future__ import annotations
@@ -26,20 +19,15 @@ from __future__ import annotations
 import time
 
 # Wall clock when this module started to import: the process's start-up splits into Flower's
-# part (process start to here: Python, flwr, FAB) and ours (this module's imports, with torch).
+# part (process start to here: Python, flwr, FAB) and ours (this module's imports and, without
+# the worker, the handlers' torch).
 _IMPORT_STARTED = time.time()
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import zipfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from typing import Any  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from flwr.app import (  # noqa: E402
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -48,274 +36,102 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from ssfl.client import (  # noqa: E402
-    LocalData,
-    client_generator,
-    compute_scores,
-    encode_scores,
-    train_round,
-)
-from ssfl.comm import ParameterLayout, decode_bits, read_header  # noqa: E402
-from ssfl.config import Config  # noqa: E402
-from ssfl.data.datasets import ImageDataset, default_cache_dir, source_files  # noqa: E402
-from ssfl.engine import prepare, seeded_model, train_settings  # noqa: E402
+from ssfl.flower import worker  # noqa: E402
 from ssfl.flower.protocol import (  # noqa: E402
     CONFIG,
     METRICS,
     PAYLOAD,
-    Stopwatch,
-    config_from_run_config,
     payload_bytes,
     payload_record,
     process_start_time,
 )
-from ssfl.masks import (  # noqa: E402
-    Mask,
-    bits_to_mask,
-    full_mask,
-    mask_digest,
-    prunable_parameter_names,
-)
 
-_IMPORT_SECONDS = time.time() - _IMPORT_STARTED
 _PROCESS_STARTED = process_start_time()
 
-# Keys of what a node keeps in ``context.state`` between messages of one run.
+# Keys of ``context.state`` (the same names as the node's plain state, ssfl.flower.node).
 STATE_MASK = "ssfl-mask"  # ArrayRecord: the mask payload as received (bitmap + header)
 STATE_MASK_INFO = "ssfl-mask-info"  # ConfigRecord: dense flag and digest
 STATE_DATA = "ssfl-data"  # ConfigRecord: the client whose data this node last loaded
-
-# Bump when the content or the meaning of a cached partition changes.
-_CACHE_VERSION = 1
 
 app = ClientApp()
 
 
 class _Process:
-    """What one ClientApp process builds once and reuses for every message it handles (the
-    simulation engine reuses processes; the deployment engine starts one per message)."""
-
-    key: Any = None
-    config: Config
-    data_root: str = ""
-    cache_dir: Path | None = None
-    data: dict[int, LocalData]
-    # Any split of the data set (the whole train set, or one client's cached part): the model's
-    # input shape and class count come from it.
-    shape_source: ImageDataset | None = None
-    model: torch.nn.Module | None = None
-    layout: tuple[bytes, ParameterLayout, Mask] | None = None
-    setup_seconds: float = 0.0  # data loading and model building for the current message
-    cache_hit: int = -1  # the current message's data: 1 from the cache, 0 loaded, -1 none
     messages: int = 0  # messages this process handled before the current one
 
 
 _PROC = _Process()
+_IMPORT_SECONDS = time.time() - _IMPORT_STARTED
 
 
-def _cache_dir(context: Context) -> Path | None:
-    value = str(context.node_config.get("cache-dir", ""))
-    if value.lower() in ("off", "none", "false", "0"):
-        return None
-    return Path(value).expanduser() if value else default_cache_dir() / "flower"
+def _state_of(context: Context) -> dict[str, Any]:
+    """The node's state as plain values (bytes and dicts)."""
+    state: dict[str, Any] = {}
+    if STATE_MASK in context.state:
+        state[STATE_MASK] = payload_bytes(context.state[STATE_MASK])
+    for key in (STATE_MASK_INFO, STATE_DATA):
+        if key in context.state:
+            state[key] = dict(context.state[key])
+    return state
 
 
-def _setup(context: Context) -> _Process:
-    """The process's config (rebuilt when the run config or node config changes); resets the
-    per-message counters."""
-    data_root = str(context.node_config.get("data-root", ""))
-    cache_dir = _cache_dir(context)
-    key = (tuple(sorted(context.run_config.items())), data_root, str(cache_dir))
-    _PROC.setup_seconds = 0.0  # what this message spent on set-up (0 when reused)
-    _PROC.cache_hit = -1
-    if _PROC.key != key:
-        with Stopwatch() as watch:
-            config, _ = config_from_run_config(context.run_config)
-            if config.run.threads > 0:
-                torch.set_num_threads(config.run.threads)
-            _PROC.config, _PROC.data_root, _PROC.cache_dir = config, data_root, cache_dir
-            _PROC.data, _PROC.shape_source, _PROC.model, _PROC.layout = {}, None, None, None
-            _PROC.key = key
-        _PROC.setup_seconds = watch.seconds
-    return _PROC
-
-
-# ---- the client's data: loaded once per node, then read from a node-local cache ---------------
-
-
-def _source_fingerprint(config: Config, data_root: str) -> list[Any]:
-    """What identifies the data set's content without reading it: the files' sizes and
-    modification times (digits: scikit-learn's version, whose copy it is)."""
-    name = config.data.dataset
-    if name == "digits":
-        from importlib.metadata import version
-
-        return ["scikit-learn", version("scikit-learn")]
-    files = source_files(name, data_root or config.data.root or None, "train")
-    out: list[Any] = []
-    for path in files:
-        st = path.stat()
-        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def _code_fingerprint() -> str:
-    """The code that loads and splits the data: a change to it invalidates every cache."""
-    from importlib import import_module
-
-    digest = hashlib.blake2b(digest_size=8)
-    for name in ("ssfl.data.datasets", "ssfl.data.partition", "ssfl.engine"):
-        digest.update(Path(str(import_module(name).__file__)).read_bytes())
-    return digest.hexdigest()
-
-
-def partition_cache_file(config: Config, data_root: str, cid: int, cache_dir: Path) -> Path:
-    """Where client ``cid``'s samples are cached: the name hashes everything the split depends
-    on (data section, seed, number of clients, the data files, the loading code)."""
-    ident = {
-        "version": _CACHE_VERSION,
-        "data": config.to_dict()["data"],
-        "data_root": data_root,
-        "num_clients": config.federation.num_clients,
-        "seed": config.run.seed,
-        "client": cid,
-        "source": _source_fingerprint(config, data_root),
-        "code": _code_fingerprint(),
-    }
-    digest = hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=16)
-    return cache_dir / f"{config.data.dataset}-client{cid}-{digest.hexdigest()}.npz"
-
-
-def save_part(path: Path, data: ImageDataset, indices: np.ndarray) -> None:
-    """One client's samples (in partition order) and the data set's constants; atomic (several
-    ClientApp processes of a node may write the same file at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-    meta = {"name": data.name, "num_classes": data.num_classes,
-            "class_names": list(data.class_names), "mean": list(data.mean),
-            "std": list(data.std),
-            # The strides of the data set's tensor: where a dimension has size 1 (digits'
-            # channel) they are ambiguous, and torch picks its convolution kernels (so the
-            # order of the float sums) from them; the cached part must train bit-identically.
-            "stride": list(data.images.stride())}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, images=data.images[idx].numpy(), labels=data.labels[idx].numpy(),
-                 indices=idx.numpy(), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    os.replace(tmp, path)
-
-
-def load_part(path: Path) -> ImageDataset | None:
-    """A cached client part as an ImageDataset (its own samples only), or None if there is
-    none or it cannot be read."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
-            meta = json.loads(z["meta"].tobytes().decode())
-        tensor = torch.from_numpy(np.ascontiguousarray(images))
-        stride = tuple(int(x) for x in meta.get("stride", tensor.stride()))
-        if tensor.stride() != stride:
-            tensor = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype).copy_(tensor)
-        return ImageDataset(
-            name=str(meta["name"]), images=tensor,
-            labels=torch.from_numpy(labels), num_classes=int(meta["num_classes"]),
-            class_names=tuple(meta["class_names"]), mean=tuple(meta["mean"]),
-            std=tuple(meta["std"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError,
-            zipfile.BadZipFile):
-        return None  # unreadable: load the data set again (and rewrite the file)
-
-
-def _client_data(proc: _Process, cid: int, context: Context) -> LocalData:
-    """Client ``cid``'s data: from this process, else the node's cache, else the whole data
-    set loaded and split as the server does (then cached)."""
-    if cid in proc.data:
-        return proc.data[cid]
-    with Stopwatch() as watch:
-        config = proc.config
-        path = (partition_cache_file(config, proc.data_root, cid, proc.cache_dir)
-                if proc.cache_dir is not None else None)
-        part = load_part(path) if path is not None and path.is_file() else None
-        if part is not None:
-            proc.cache_hit = 1
-            data = LocalData(part.images, part.labels, torch.arange(len(part)), part.mean,
-                             part.std)
-            if proc.shape_source is None:
-                proc.shape_source = part
+def _store_state(context: Context, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if old.get(key) == value:
+            continue
+        if isinstance(value, bytes):
+            context.state[key] = payload_record(value)
         else:
-            proc.cache_hit = 0
-            exp = prepare(config, data_root=proc.data_root, with_test=False)
-            if path is not None:
-                try:
-                    save_part(path, exp.train_set, exp.parts[cid])
-                except OSError:  # a read-only or full disk: run without the cache
-                    pass
-            # Every client of the node is now in memory (a pooled node in the simulation
-            # engine serves several from one process).
-            proc.data.update({c: exp.client(c) for c in range(len(exp.parts))})
-            proc.shape_source = exp.train_set
-            if proc.model is None:
-                proc.model = exp.model
-            data = exp.client(cid)
-        proc.data[cid] = data
-        context.state[STATE_DATA] = ConfigRecord({"client-id": cid})
-    proc.setup_seconds += watch.seconds
-    return data
+            context.state[key] = ConfigRecord(dict(value))
 
 
-def _model(proc: _Process, context: Context) -> torch.nn.Module:
-    """The process's model (built once, seeded; its weights are replaced by each payload)."""
-    if proc.model is None:
-        if proc.shape_source is None:
-            # Any client's data gives the shapes: the node's own client, else the last one it
-            # loaded in this run (context.state), else client 0 (loads and caches it).
-            pinned, _ = _node_partition(context)
-            known = context.state.get(STATE_DATA)
-            cid = pinned if pinned >= 0 else int(known["client-id"]) if known else 0
-            _client_data(proc, cid, context)
-        if proc.model is None:
-            with Stopwatch() as watch:
-                assert proc.shape_source is not None
-                proc.model = seeded_model(proc.config, proc.shape_source)
-            proc.setup_seconds += watch.seconds
-    return proc.model
+def _run_locally(kind: str, config: Mapping[str, Any], payload: bytes | None,
+                 context: Context, state: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+    """The handler in this process. Its first use imports the handlers (torch): that time is
+    added to the reply's ``setup-seconds`` (the handler's set-up), so that ``import-seconds``
+    stays this module's import, part of the process's start-up."""
+    imported = 0.0
+    if "ssfl.flower.node" not in sys.modules:
+        started = time.perf_counter()
+        import ssfl.flower.node  # noqa: F401
+
+        imported = time.perf_counter() - started
+    from ssfl.flower import node
+
+    metrics, reply = node.handle(kind, config, payload, context.run_config, context.node_config,
+                                 state)
+    metrics["setup-seconds"] = metrics.get("setup-seconds", 0.0) + imported
+    return metrics, reply
 
 
-# ---- messages ------------------------------------------------------------------------------
-
-
-def _node_partition(context: Context) -> tuple[int, int]:
-    pid = context.node_config.get("partition-id")
-    num = context.node_config.get("num-partitions")
-    return (int(pid) if pid is not None else -1, int(num) if num is not None else -1)
-
-
-def _client_id(message: Message, context: Context, proc: _Process) -> int:
-    cid = int(message.content[CONFIG]["client-id"])
-    if not 0 <= cid < proc.config.federation.num_clients:
-        raise ValueError(f"client id {cid} out of range")
-    pinned, _ = _node_partition(context)
-    if pinned >= 0 and pinned != cid:
-        raise ValueError(f"this SuperNode holds partition {pinned}, not client {cid}")
-    return cid
-
-
-def _timing(started: float, handler_started: float) -> dict[str, float | int]:
-    """The process's time stamps for the server's breakdown (wall clock, seconds since the
-    epoch; -1 where unknown): process start, this module's import, the handler's span."""
+def _handle(kind: str, message: Message, context: Context) -> Message:
+    handler_started, started = time.time(), time.perf_counter()
+    config = dict(message.content[CONFIG]) if CONFIG in message.content else {}
+    payload = payload_bytes(message.content[PAYLOAD]) if PAYLOAD in message.content else None
+    state = _state_of(context)
+    old = dict(state)
+    extra: dict[str, float | int] = {}
+    if worker.enabled(context.node_config):
+        path = worker.socket_path(context.node_id, context.node_config)
+        metrics, reply, state, extra = worker.call(
+            path, kind, config, payload, context.run_config, context.node_config, state,
+            idle=worker.idle_seconds(context.node_config))
+    else:
+        metrics, reply = _run_locally(kind, config, payload, context, state)
+    _store_state(context, old, state)
     first = _PROC.messages == 0
     _PROC.messages += 1
-    return {
+    timing = {
+        # The process's time stamps for the server's breakdown (wall clock, seconds since the
+        # epoch; -1 where unknown): process start, this module's import, the handler's span.
         "process-started": _PROCESS_STARTED if _PROCESS_STARTED is not None else -1.0,
         "import-started": _IMPORT_STARTED,
         "import-seconds": _IMPORT_SECONDS,
         "handler-started": handler_started,
         "handler-seconds": time.perf_counter() - started,
         "first-message": int(first),  # 0: a reused process (simulation engine)
-        "setup-seconds": _PROC.setup_seconds,
-        "cache-hit": _PROC.cache_hit,
     }
+    return _reply(message, reply, **metrics, **extra, **timing)
 
 
 def _reply(message: Message, payload: bytes | None = None, **metrics: float | int) -> Message:
@@ -328,112 +144,26 @@ def _reply(message: Message, payload: bytes | None = None, **metrics: float | in
 @app.query("hello")
 def hello(message: Message, context: Context) -> Message:
     """Tell the server which client this node is pinned to (-1: any)."""
-    pid, num = _node_partition(context)
-    return _reply(message, **{"partition-id": pid, "num-partitions": num})
+    pid = context.node_config.get("partition-id")
+    num = context.node_config.get("num-partitions")
+    return _reply(message, **{"partition-id": int(pid) if pid is not None else -1,
+                              "num-partitions": int(num) if num is not None else -1})
 
 
 @app.query("scores")
 def scores(message: Message, context: Context) -> Message:
     """SNIP saliency of the seeded initial model on this client's data."""
-    handler_started, started = time.time(), time.perf_counter()
-    proc = _setup(context)
-    cid = _client_id(message, context, proc)
-    config = proc.config
-    algo = config.algorithm
-    data = _client_data(proc, cid, context)
-    assert proc.shape_source is not None  # set by _client_data
-    with Stopwatch() as watch:
-        # A fresh seeded model: the process's model may already have been trained.
-        model = seeded_model(config, proc.shape_source)
-        s = compute_scores(
-            model, data, num_batches=algo.saliency_batches,
-            batch_size=algo.saliency_batch_size or config.train.batch_size,
-            generator=client_generator(config.run.seed, 0, cid),
-        )
-        payload = encode_scores(s)
-    return _reply(
-        message, payload, **{"client-id": cid, "num-samples": len(data),
-                             "compute-seconds": watch.seconds,
-                             **_timing(started, handler_started)}
-    )
+    return _handle("scores", message, context)
 
 
 @app.query("mask")
 def receive_mask(message: Message, context: Context) -> Message:
     """Keep the mask bitmap for the rest of the run; later rounds carry only values."""
-    handler_started, started = time.time(), time.perf_counter()
-    proc = _setup(context)
-    model = _model(proc, context)
-    prunable = prunable_parameter_names(model)
-    params = dict(model.named_parameters())
-    dense = bool(message.content[CONFIG]["dense"])
-    if dense:
-        mask = full_mask({n: params[n].shape for n in prunable})
-    else:
-        payload = payload_bytes(message.content[PAYLOAD])
-        count = sum(params[n].numel() for n in prunable)
-        bits = decode_bits(payload, expected_count=count)
-        if hashlib.blake2b(bits, digest_size=8).digest() != read_header(payload).digest:
-            raise ValueError("mask bitmap does not match the digest in its header")
-        context.state[STATE_MASK] = payload_record(payload)
-        mask = bits_to_mask(bits, {n: params[n].shape for n in prunable}, prunable)
-    digest = mask_digest(mask, prunable)
-    context.state[STATE_MASK_INFO] = ConfigRecord({"dense": dense, "digest": digest.hex()})
-    return _reply(message, **{"kept": int(sum(int(m.sum()) for m in mask.values())),
-                              **_timing(started, handler_started)})
-
-
-def _mask_and_layout(context: Context, proc: _Process) -> tuple[bytes, ParameterLayout, Mask]:
-    if STATE_MASK_INFO not in context.state:
-        raise RuntimeError("no mask on this node: the server must send query.mask first")
-    info = context.state[STATE_MASK_INFO]
-    digest = bytes.fromhex(str(info["digest"]))
-    if proc.layout is not None and proc.layout[0] == digest:
-        return proc.layout
-    model = _model(proc, context)
-    prunable = prunable_parameter_names(model)
-    shapes = {n: p.shape for n, p in model.named_parameters() if n in prunable}
-    if bool(info["dense"]):
-        mask = full_mask(shapes)
-    else:
-        bits = read_bits(context.state[STATE_MASK], sum(s.numel() for s in shapes.values()))
-        mask = bits_to_mask(bits, shapes, prunable)
-    if mask_digest(mask, prunable) != digest:
-        raise RuntimeError("the mask kept in context.state does not match its digest")
-    proc.layout = (digest, ParameterLayout.for_model(model, mask), mask)
-    return proc.layout
-
-
-def read_bits(record: ArrayRecord, count: int) -> bytes:
-    return decode_bits(payload_bytes(record), expected_count=count)
+    return _handle("mask", message, context)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round: load the active values, train inside the mask, send the active values back."""
-    handler_started, started = time.time(), time.perf_counter()
-    proc = _setup(context)
-    cid = _client_id(message, context, proc)
-    config = proc.config
-    digest, layout, mask = _mask_and_layout(context, proc)
-    data = _client_data(proc, cid, context)
-    model = _model(proc, context)
-    params = message.content[CONFIG]
-    rnd, lr = int(params["round"]), float(params["lr"])
-    payload = payload_bytes(message.content[PAYLOAD])
-    steps: dict[str, float] = {}
-    with Stopwatch() as watch:
-        reply, result = train_round(
-            model, layout, mask, digest, payload, data, train_settings(config),
-            round=rnd, lr=lr, generator=client_generator(config.run.seed, rnd, cid),
-            value_dtype=config.comm.value_dtype, timings=steps,
-        )
-    return _reply(
-        message, reply, **{"client-id": cid, "num-samples": result.num_samples,
-                           "train-loss": result.mean_loss, "steps": result.steps,
-                           "compute-seconds": watch.seconds,
-                           "decode-seconds": steps.get("decode", 0.0),
-                           "train-seconds": steps.get("train", 0.0),
-                           "encode-seconds": steps.get("encode", 0.0),
-                           **_timing(started, handler_started)}
-    )
+    return _handle("train", message, context)
+

@@ -277,15 +277,24 @@ def register_supernode(dep: LocalDeployment, public_key: Path) -> None:
             f"could not register {public_key}: {out.stdout.decode(errors='replace')[-800:]}")
 
 
+def worker_node_config(workdir: Path) -> str:
+    """Node config that gives each SuperNode its persistent worker (``ssfl.flower.worker``),
+    with the sockets in the deployment's folder (the workers carry its marker, so ``stop()``
+    ends them with the rest)."""
+    return f'worker=true worker-dir="{workdir / "workers"}"'
+
+
 def start_deployment(
-    workdir: Path, num_supernodes: int, *, pinned_partitions: int | None, secure: bool = False
+    workdir: Path, num_supernodes: int, *, pinned_partitions: int | None, secure: bool = False,
+    worker: bool = False,
 ) -> LocalDeployment:
     """SuperLink + ``num_supernodes`` SuperNodes on 127.0.0.1; returns once the link answers.
 
     ``pinned_partitions``: give SuperNode i ``partition-id=i num-partitions=<that>``; ``None``:
     no partition in the node config (the nodes serve any client). ``secure``: TLS with a fresh
     private CA (``workdir/certs``) and SuperNode authentication (each SuperNode's public key is
-    registered with the SuperLink before the SuperNode starts)."""
+    registered with the SuperLink before the SuperNode starts). ``worker``: each SuperNode
+    gets a persistent worker that keeps torch, data and model loaded between messages."""
     workdir = workdir.resolve()
     flwr_home = workdir / "flwr-home"
     port = free_port()
@@ -307,6 +316,8 @@ def start_deployment(
                 key = certs / f"supernode-{i}"
             node_config = (f"partition-id={i} num-partitions={pinned_partitions}"
                            if pinned_partitions is not None else "")
+            if worker:
+                node_config = f"{node_config} {worker_node_config(workdir)}".strip()
             dep.start(f"supernode-{i}", supernode_command(port, certs=certs, key=key,
                                                           node_config=node_config))
     except BaseException:
@@ -407,6 +418,7 @@ def run_local(
     workdir: Path | None = None,
     simulation: bool = False,
     flower: dict[str, Any] | None = None,
+    worker: bool = False,
 ) -> Path:
     """Run one experiment on a local deployment; returns the run folder.
 
@@ -415,7 +427,9 @@ def run_local(
     ``simulation``: Flower's simulation engine instead of SuperLink and SuperNode processes
     (``supernodes`` simulated SuperNodes, which must equal ``federation.num_clients``).
     ``flower``: further ``FlowerSettings`` fields, e.g. ``{"round_timeout_seconds": 15.0}``
-    (on the command line: ``flower.round-timeout-seconds=15``)."""
+    (on the command line: ``flower.round-timeout-seconds=15``). ``worker``: a persistent
+    worker per SuperNode (``ssfl.flower.worker``; not with the simulation engine, whose
+    processes already persist)."""
     if config_path is None:
         # No config file: the Flower app's quickstart (3 clients, 5 rounds), then the overrides.
         overrides = [*APP_DEFAULTS, *overrides]
@@ -431,6 +445,9 @@ def run_local(
     run_dir = run_dir.expanduser().resolve()
     if (run_dir / "summary.json").exists():
         raise LocalDeploymentError(f"{run_dir} already holds a finished run")
+    if simulation and worker:
+        raise LocalDeploymentError("--worker is for SuperNode processes; the simulation "
+                                   "engine already keeps its ClientApp processes")
     if simulation and (pool or secure or supernodes != config.federation.num_clients):
         raise LocalDeploymentError(
             "the simulation engine gives SuperNode i partition i: use as many SuperNodes as "
@@ -465,7 +482,8 @@ def run_local(
             extra = ["--federation-config",
                      f"num-supernodes={supernodes} client-resources-num-cpus=1"]
         else:
-            dep = start_deployment(workdir, supernodes, pinned_partitions=pinned, secure=secure)
+            dep = start_deployment(workdir, supernodes, pinned_partitions=pinned, secure=secure,
+                                   worker=worker)
         run_id = flwr_run(dep, app, run_config_file, timeout, echo=echo, extra=extra)
         if not (run_dir / "summary.json").exists():
             raise LocalDeploymentError(
@@ -483,7 +501,8 @@ def run_local(
             signal.signal(signal.SIGTERM, previous)
             logs = run_dir / "flower-logs"  # kept also when the run failed
             logs.mkdir(parents=True, exist_ok=True)
-            for log in [*workdir.glob("*.log"), *workdir.glob("flwr-home/local-superlink/*.log")]:
+            for log in [*workdir.glob("*.log"), *workdir.glob("flwr-home/local-superlink/*.log"),
+                        *workdir.glob("workers/*.log")]:
                 shutil.copy(log, logs / log.name)
             if not keep_workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -511,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--simulation", action="store_true",
                         help="Flower's simulation engine (Ray) instead of SuperLink/SuperNode "
                              "processes; --supernodes defaults to federation.num_clients")
+    parser.add_argument("--worker", action="store_true",
+                        help="a persistent worker per SuperNode that keeps torch, data and "
+                             "model loaded (spares each message's process the imports)")
     parser.add_argument("--workdir", help="folder for FLWR_HOME, logs and certificates "
                         "(kept; default: a temporary folder, removed afterwards)")
     parser.add_argument("--keep-workdir", action="store_true",
@@ -534,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app=Path(args.app) if args.app else None,
             timeout=args.timeout, pool=args.pool, keep_workdir=args.keep_workdir,
             secure=args.secure, workdir=Path(args.workdir) if args.workdir else None,
-            simulation=args.simulation, flower=flower,
+            simulation=args.simulation, flower=flower, worker=args.worker,
         )
     except (ConfigError, LocalDeploymentError) as exc:
         print(f"ssfl.flower.local: {exc}", file=sys.stderr)

@@ -32,11 +32,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ssfl.config import Config, ConfigError, from_dict, validate
+# This module must import without torch: the ClientApp process (started per message by Flower's
+# deployment engine) imports it, and forwards to the node's worker, which has torch loaded.
+# ssfl.config imports torch (value dtypes, data sets), so it is imported where it is used.
+if TYPE_CHECKING:
+    from ssfl.config import Config
 
 MSG_HELLO = "query.hello"
 MSG_SCORES = "query.scores"
@@ -98,6 +102,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
     section or key, or a value of the wrong type, raises :class:`ssfl.config.ConfigError` naming
     the key.
     """
+    from ssfl.config import ConfigError, from_dict, validate
+
     raw: dict[str, dict[str, Any]] = {}
     flower: dict[str, Any] = {}
     for dotted, value in run_config.items():
@@ -116,6 +122,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
 
 
 def _flower_settings(values: Mapping[str, Any]) -> FlowerSettings:
+    from ssfl.config import ConfigError
+
     allowed = {f.name: f for f in dataclasses.fields(FlowerSettings)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():

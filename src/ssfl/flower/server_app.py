@@ -146,9 +146,12 @@ def round_timeline(times: ExchangeTimes, metrics: Sequence[Any | None]) -> dict[
       ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``) and starts ``flwr-clientapp``;
     * ``client_startup_seconds``: process start to handler entry: Python, ``flwr``, pulling the
       task's message, context and FAB from the SuperNode, installing the FAB, importing the app
-      (``client_import_seconds``: this module's imports, torch included);
+      (``client_import_seconds``: the ClientApp module's own imports, no torch);
     * ``client_handler_seconds``: the handler; of it ``client_setup_seconds`` (config, data,
-      model), ``client_decode_seconds``, ``client_train_seconds``, ``client_encode_seconds``;
+      model; in a fresh process without the node's worker also the handlers' first import,
+      torch), ``client_decode_seconds``, ``client_train_seconds``, ``client_encode_seconds``;
+      with the worker (node config ``worker=true``) ``client_worker_seconds`` is the socket
+      round trip to it, which holds set-up, decode, train and encode;
     * ``client_return_seconds``: handler exit to the reply's arrival at the ServerApp: the reply
       pushed to the SuperNode, the SuperNode's wait for it (it looks every 0.5 s), its push to
       the SuperLink, the ServerApp's next pull (every ``flower.poll-interval-seconds``);
@@ -331,6 +334,8 @@ class FlowerTransport(Transport):
         self._round = {
             "client_compute_seconds": [float(m["compute-seconds"]) for _, m in ok],
             "client_setup_seconds": [float(m["setup-seconds"]) for _, m in ok],
+            "client_worker_seconds": [float(m["worker-seconds"]) if "worker-seconds" in m
+                                      else None for _, m in ok],
             "exchange_seconds": exchange.seconds,
             **round_timeline(times, [None if isinstance(u, str) else u[1] for u in unpacked]),
         }

@@ -1,0 +1,398 @@
+"""What a SuperNode does for the SSFL ClientApp: saliency scores, the mask, masked training.
+
+This is the node's side of :mod:`ssfl.flower.client_app`, free of Flower types: each handler
+takes the message's parameters and payload bytes, the run and node configs and the node's
+``state`` (plain values that the ClientApp keeps in ``context.state`` between messages) and
+returns the reply's metrics and payload. It runs either inside the ClientApp process or in the
+node's persistent worker (:mod:`ssfl.flower.worker`), which keeps torch, the data and the model
+loaded between messages.
+
+A SuperNode is either pinned to one client (node config ``partition-id=<cid>
+num-partitions=<federation.num-clients>``: the usual deployment, one data owner per node) or, if
+its node config has no ``partition-id``, serves whatever client ids the server asks for (handy
+for running 20 simulated clients on 3 local SuperNodes). Either way the client id travels in the
+message, and a pinned node refuses any other id.
+
+The first message that needs a client's data loads and partitions the whole data set as the
+server does, then writes that client's samples to a node-local cache file (node config
+``cache-dir``, default ``$SSFL_CACHE_DIR/flower`` or ``~/.cache/ssfl/flower``;
+``cache-dir="off"`` disables it); later processes read only that file. ``state`` remembers which
+client's data the node holds, so that the mask message (which carries no client id) can build
+the model from it too.
+
+All learning is done by :mod:`ssfl.client`; this module only moves bytes between the messages
+and those functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssfl.client import (
+    LocalData,
+    client_generator,
+    compute_scores,
+    encode_scores,
+    train_round,
+)
+from ssfl.comm import ParameterLayout, decode_bits, read_header
+from ssfl.config import Config
+from ssfl.data.datasets import ImageDataset, default_cache_dir, source_files
+from ssfl.engine import prepare, seeded_model, train_settings
+from ssfl.flower.protocol import Stopwatch, config_from_run_config
+from ssfl.masks import (
+    Mask,
+    bits_to_mask,
+    full_mask,
+    mask_digest,
+    prunable_parameter_names,
+)
+
+# Keys of the node's ``state`` (plain values; the ClientApp keeps them in ``context.state``).
+STATE_MASK = "ssfl-mask"  # bytes: the mask payload as received (bitmap + header)
+STATE_MASK_INFO = "ssfl-mask-info"  # {"dense": bool, "digest": hex}
+STATE_DATA = "ssfl-data"  # {"client-id": int}: the client whose data this node last loaded
+
+#: a node's state between messages: STATE_* keys to bytes or small dicts
+State = dict[str, Any]
+#: a reply: its metrics and its payload (None: metrics only)
+Reply = tuple[dict[str, float | int], bytes | None]
+
+# Bump when the content or the meaning of a cached partition changes.
+_CACHE_VERSION = 1
+
+
+
+class _Process:
+    """What this process builds once and reuses for every message it handles (a node's worker
+    and the simulation engine's processes handle many; without the worker, the deployment
+    engine starts a ClientApp process per message)."""
+
+    key: Any = None
+    config: Config
+    data_root: str = ""
+    cache_dir: Path | None = None
+    data: dict[int, LocalData]
+    # Any split of the data set (the whole train set, or one client's cached part): the model's
+    # input shape and class count come from it.
+    shape_source: ImageDataset | None = None
+    model: torch.nn.Module | None = None
+    layout: tuple[bytes, ParameterLayout, Mask] | None = None
+    setup_seconds: float = 0.0  # data loading and model building for the current message
+    cache_hit: int = -1  # the current message's data: 1 from the cache, 0 loaded, -1 none
+
+
+_PROC = _Process()
+
+
+def _cache_dir(node_config: Mapping[str, Any]) -> Path | None:
+    value = str(node_config.get("cache-dir", ""))
+    if value.lower() in ("off", "none", "false", "0"):
+        return None
+    return Path(value).expanduser() if value else default_cache_dir() / "flower"
+
+
+def _setup(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> _Process:
+    """The process's config (rebuilt when the run config or node config changes); resets the
+    per-message counters."""
+    data_root = str(node_config.get("data-root", ""))
+    cache_dir = _cache_dir(node_config)
+    key = (tuple(sorted(run_config.items())), data_root, str(cache_dir))
+    _PROC.setup_seconds = 0.0  # what this message spent on set-up (0 when reused)
+    _PROC.cache_hit = -1
+    if _PROC.key != key:
+        with Stopwatch() as watch:
+            config, _ = config_from_run_config(run_config)
+            if config.run.threads > 0:
+                torch.set_num_threads(config.run.threads)
+            _PROC.config, _PROC.data_root, _PROC.cache_dir = config, data_root, cache_dir
+            _PROC.data, _PROC.shape_source, _PROC.model, _PROC.layout = {}, None, None, None
+            _PROC.key = key
+        _PROC.setup_seconds = watch.seconds
+    return _PROC
+
+
+# ---- the client's data: loaded once per node, then read from a node-local cache ---------------
+
+
+def _source_fingerprint(config: Config, data_root: str) -> list[Any]:
+    """What identifies the data set's content without reading it: the files' sizes and
+    modification times (digits: scikit-learn's version, whose copy it is)."""
+    name = config.data.dataset
+    if name == "digits":
+        from importlib.metadata import version
+
+        return ["scikit-learn", version("scikit-learn")]
+    files = source_files(name, data_root or config.data.root or None, "train")
+    out: list[Any] = []
+    for path in files:
+        st = path.stat()
+        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _code_fingerprint() -> str:
+    """The code that loads and splits the data: a change to it invalidates every cache."""
+    from importlib import import_module
+
+    digest = hashlib.blake2b(digest_size=8)
+    for name in ("ssfl.data.datasets", "ssfl.data.partition", "ssfl.engine"):
+        digest.update(Path(str(import_module(name).__file__)).read_bytes())
+    return digest.hexdigest()
+
+
+def partition_cache_file(config: Config, data_root: str, cid: int, cache_dir: Path) -> Path:
+    """Where client ``cid``'s samples are cached: the name hashes everything the split depends
+    on (data section, seed, number of clients, the data files, the loading code)."""
+    ident = {
+        "version": _CACHE_VERSION,
+        "data": config.to_dict()["data"],
+        "data_root": data_root,
+        "num_clients": config.federation.num_clients,
+        "seed": config.run.seed,
+        "client": cid,
+        "source": _source_fingerprint(config, data_root),
+        "code": _code_fingerprint(),
+    }
+    digest = hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=16)
+    return cache_dir / f"{config.data.dataset}-client{cid}-{digest.hexdigest()}.npz"
+
+
+def save_part(path: Path, data: ImageDataset, indices: np.ndarray) -> None:
+    """One client's samples (in partition order) and the data set's constants; atomic (several
+    ClientApp processes of a node may write the same file at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    meta = {"name": data.name, "num_classes": data.num_classes,
+            "class_names": list(data.class_names), "mean": list(data.mean),
+            "std": list(data.std),
+            # The strides of the data set's tensor: where a dimension has size 1 (digits'
+            # channel) they are ambiguous, and torch picks its convolution kernels (so the
+            # order of the float sums) from them; the cached part must train bit-identically.
+            "stride": list(data.images.stride())}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, images=data.images[idx].numpy(), labels=data.labels[idx].numpy(),
+                 indices=idx.numpy(), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    os.replace(tmp, path)
+
+
+def load_part(path: Path) -> ImageDataset | None:
+    """A cached client part as an ImageDataset (its own samples only), or None if there is
+    none or it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+            meta = json.loads(z["meta"].tobytes().decode())
+        tensor = torch.from_numpy(np.ascontiguousarray(images))
+        stride = tuple(int(x) for x in meta.get("stride", tensor.stride()))
+        if tensor.stride() != stride:
+            tensor = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype).copy_(tensor)
+        return ImageDataset(
+            name=str(meta["name"]), images=tensor,
+            labels=torch.from_numpy(labels), num_classes=int(meta["num_classes"]),
+            class_names=tuple(meta["class_names"]), mean=tuple(meta["mean"]),
+            std=tuple(meta["std"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError,
+            zipfile.BadZipFile):
+        return None  # unreadable: load the data set again (and rewrite the file)
+
+
+def _client_data(proc: _Process, cid: int, state: State) -> LocalData:
+    """Client ``cid``'s data: from this process, else the node's cache, else the whole data
+    set loaded and split as the server does (then cached)."""
+    if cid in proc.data:
+        return proc.data[cid]
+    with Stopwatch() as watch:
+        config = proc.config
+        path = (partition_cache_file(config, proc.data_root, cid, proc.cache_dir)
+                if proc.cache_dir is not None else None)
+        part = load_part(path) if path is not None and path.is_file() else None
+        if part is not None:
+            proc.cache_hit = 1
+            data = LocalData(part.images, part.labels, torch.arange(len(part)), part.mean,
+                             part.std)
+            if proc.shape_source is None:
+                proc.shape_source = part
+        else:
+            proc.cache_hit = 0
+            exp = prepare(config, data_root=proc.data_root, with_test=False)
+            if path is not None:
+                try:
+                    save_part(path, exp.train_set, exp.parts[cid])
+                except OSError:  # a read-only or full disk: run without the cache
+                    pass
+            # Every client of the node is now in memory (a pooled node in the simulation
+            # engine serves several from one process).
+            proc.data.update({c: exp.client(c) for c in range(len(exp.parts))})
+            proc.shape_source = exp.train_set
+            if proc.model is None:
+                proc.model = exp.model
+            data = exp.client(cid)
+        proc.data[cid] = data
+        state[STATE_DATA] = {"client-id": cid}
+    proc.setup_seconds += watch.seconds
+    return data
+
+
+def _model(proc: _Process, node_config: Mapping[str, Any], state: State) -> torch.nn.Module:
+    """The process's model (built once, seeded; its weights are replaced by each payload)."""
+    if proc.model is None:
+        if proc.shape_source is None:
+            # Any client's data gives the shapes: the node's own client, else the last one it
+            # loaded in this run (state), else client 0 (loads and caches it).
+            pinned, _ = node_partition(node_config)
+            known = state.get(STATE_DATA)
+            cid = pinned if pinned >= 0 else int(known["client-id"]) if known else 0
+            _client_data(proc, cid, state)
+        if proc.model is None:
+            with Stopwatch() as watch:
+                assert proc.shape_source is not None
+                proc.model = seeded_model(proc.config, proc.shape_source)
+            proc.setup_seconds += watch.seconds
+    return proc.model
+
+
+# ---- messages ------------------------------------------------------------------------------
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """The node's ``partition-id`` and ``num-partitions`` (-1 where its node config has none)."""
+    pid = node_config.get("partition-id")
+    num = node_config.get("num-partitions")
+    return (int(pid) if pid is not None else -1, int(num) if num is not None else -1)
+
+
+def _client_id(config: Mapping[str, Any], node_config: Mapping[str, Any],
+               proc: _Process) -> int:
+    cid = int(config["client-id"])
+    if not 0 <= cid < proc.config.federation.num_clients:
+        raise ValueError(f"client id {cid} out of range")
+    pinned, _ = node_partition(node_config)
+    if pinned >= 0 and pinned != cid:
+        raise ValueError(f"this SuperNode holds partition {pinned}, not client {cid}")
+    return cid
+
+
+def _setup_metrics(proc: _Process) -> dict[str, float | int]:
+    return {"setup-seconds": proc.setup_seconds, "cache-hit": proc.cache_hit}
+
+
+def scores(config: Mapping[str, Any], payload: bytes | None, run_config: Mapping[str, Any],
+           node_config: Mapping[str, Any], state: State) -> Reply:
+    """SNIP saliency of the seeded initial model on this client's data."""
+    proc = _setup(run_config, node_config)
+    cid = _client_id(config, node_config, proc)
+    cfg = proc.config
+    algo = cfg.algorithm
+    data = _client_data(proc, cid, state)
+    assert proc.shape_source is not None  # set by _client_data
+    with Stopwatch() as watch:
+        # A fresh seeded model: the process's model may already have been trained.
+        model = seeded_model(cfg, proc.shape_source)
+        s = compute_scores(
+            model, data, num_batches=algo.saliency_batches,
+            batch_size=algo.saliency_batch_size or cfg.train.batch_size,
+            generator=client_generator(cfg.run.seed, 0, cid),
+        )
+        reply = encode_scores(s)
+    return {"client-id": cid, "num-samples": len(data), "compute-seconds": watch.seconds,
+            **_setup_metrics(proc)}, reply
+
+
+def receive_mask(config: Mapping[str, Any], payload: bytes | None,
+                 run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                 state: State) -> Reply:
+    """Keep the mask bitmap for the rest of the run; later rounds carry only values."""
+    proc = _setup(run_config, node_config)
+    model = _model(proc, node_config, state)
+    prunable = prunable_parameter_names(model)
+    params = dict(model.named_parameters())
+    dense = bool(config["dense"])
+    if dense:
+        mask = full_mask({n: params[n].shape for n in prunable})
+    else:
+        if payload is None:
+            raise ValueError("the mask message carries no bitmap payload")
+        count = sum(params[n].numel() for n in prunable)
+        bits = decode_bits(payload, expected_count=count)
+        if hashlib.blake2b(bits, digest_size=8).digest() != read_header(payload).digest:
+            raise ValueError("mask bitmap does not match the digest in its header")
+        state[STATE_MASK] = payload
+        mask = bits_to_mask(bits, {n: params[n].shape for n in prunable}, prunable)
+    digest = mask_digest(mask, prunable)
+    state[STATE_MASK_INFO] = {"dense": dense, "digest": digest.hex()}
+    return {"kept": int(sum(int(m.sum()) for m in mask.values())), **_setup_metrics(proc)}, None
+
+
+def _mask_and_layout(proc: _Process, node_config: Mapping[str, Any],
+                     state: State) -> tuple[bytes, ParameterLayout, Mask]:
+    if STATE_MASK_INFO not in state:
+        raise RuntimeError("no mask on this node: the server must send query.mask first")
+    info = state[STATE_MASK_INFO]
+    digest = bytes.fromhex(str(info["digest"]))
+    if proc.layout is not None and proc.layout[0] == digest:
+        return proc.layout
+    model = _model(proc, node_config, state)
+    prunable = prunable_parameter_names(model)
+    shapes = {n: p.shape for n, p in model.named_parameters() if n in prunable}
+    if bool(info["dense"]):
+        mask = full_mask(shapes)
+    else:
+        bits = decode_bits(state[STATE_MASK], expected_count=sum(s.numel()
+                                                                  for s in shapes.values()))
+        mask = bits_to_mask(bits, shapes, prunable)
+    if mask_digest(mask, prunable) != digest:
+        raise RuntimeError("the mask kept in the node's state does not match its digest")
+    proc.layout = (digest, ParameterLayout.for_model(model, mask), mask)
+    return proc.layout
+
+
+def train(config: Mapping[str, Any], payload: bytes | None, run_config: Mapping[str, Any],
+          node_config: Mapping[str, Any], state: State) -> Reply:
+    """One round: load the active values, train inside the mask, send the active values back."""
+    proc = _setup(run_config, node_config)
+    cid = _client_id(config, node_config, proc)
+    cfg = proc.config
+    digest, layout, mask = _mask_and_layout(proc, node_config, state)
+    data = _client_data(proc, cid, state)
+    model = _model(proc, node_config, state)
+    if payload is None:
+        raise ValueError("the train message carries no value payload")
+    rnd, lr = int(config["round"]), float(config["lr"])
+    steps: dict[str, float] = {}
+    with Stopwatch() as watch:
+        reply, result = train_round(
+            model, layout, mask, digest, payload, data, train_settings(cfg),
+            round=rnd, lr=lr, generator=client_generator(cfg.run.seed, rnd, cid),
+            value_dtype=cfg.comm.value_dtype, timings=steps,
+        )
+    return {"client-id": cid, "num-samples": result.num_samples,
+            "train-loss": result.mean_loss, "steps": result.steps,
+            "compute-seconds": watch.seconds,
+            "decode-seconds": steps.get("decode", 0.0),
+            "train-seconds": steps.get("train", 0.0),
+            "encode-seconds": steps.get("encode", 0.0), **_setup_metrics(proc)}, reply
+
+
+#: the handlers by message kind (the part of the Flower message type after the last dot)
+HANDLERS = {"scores": scores, "mask": receive_mask, "train": train}
+
+
+def handle(kind: str, config: Mapping[str, Any], payload: bytes | None,
+           run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+           state: State) -> Reply:
+    """Run handler ``kind``; it may update ``state`` in place."""
+    if kind not in HANDLERS:
+        raise ValueError(f"unknown message kind {kind!r}; expected one of {sorted(HANDLERS)}")
+    return HANDLERS[kind](config, payload, run_config, node_config, state)
