@@ -207,17 +207,48 @@ def comm_time_verdict(data: dict[str, Any] | None) -> str:
                  "sparsity than dense across five cloud regions; here, at density 0.1, "
                  "communication is " + ", ".join(speedups) + " shorter than dense.\n")
     if fixed:
+        ours = ("our import of torch and the data and model set-up in that process"
+                if "--no-worker" in data.get("command", "") else
+                "our part of it is gone: the SuperNode's worker keeps torch, data and model "
+                "loaded")
         note += (f"\nThe unshaped rounds still spend {min(fixed):.1f} to {max(fixed):.1f} s in "
                 "communication: Flower 1.42's fixed cost per message (the idle SuperNode pulls "
                 "every 3 s, every message starts a new ClientApp process: Python, `import "
-                "flwr`, our import of torch, then the reply waits for the SuperNode's 0.5 s "
-                "poll) plus, for the larger payloads, serialising them on a 2-core machine. "
-                "Where the transfer is short (a sparse model on a fast link) that fixed cost, "
-                "not the bytes, sets the round time, so the time ratio stays above the byte "
-                "ratio; the excess over the unshaped run follows the bytes. "
+                f"flwr`, the task and the FAB; {ours}; then the reply waits for the "
+                "SuperNode's 0.5 s poll) plus, for the larger payloads, serialising them on a "
+                "2-core machine. Where the transfer is short (a sparse model on a fast link) "
+                "that fixed cost, not the bytes, sets the round time, so the time ratio stays "
+                "above the byte ratio; the excess over the unshaped run follows the bytes. "
                 "[docs/flower.md](flower.md#where-a-rounds-time-goes) breaks the fixed cost down "
                 "and says which part is ours.\n")
     return "\n".join(lines) + "\n" + note
+
+
+def worker_comparison(new: dict[str, Any] | None, old: dict[str, Any] | None) -> str:
+    """The same benchmark with and without the SuperNode's worker, side by side."""
+    if new is None or old is None:
+        return ""
+    lines = ["\n### With and without the SuperNode's worker\n",
+             f"Without: `{old['command']}` ({old.get('note', '')}). With: the table above. "
+             "Per training round, means over the rounds; *ratio gap* = time ratio / wire byte "
+             "ratio - 1 (the bar: within 15% at 20 Mbit/s and below).\n",
+             "| link | density | communication without (s) | with (s) | ratio gap without | "
+             "with |", "|---|---|---|---|---|---|"]
+    for link, by_density in new["summary"].items():
+        before = old["summary"].get(link, {})
+        for density, r in sorted(by_density.items(), key=lambda kv: -float(kv[0])):
+            o = before.get(density)
+            if o is None:
+                continue
+
+            def gap(x: dict[str, Any]) -> str:
+                if float(density) >= 1.0 or not x.get("wire_byte_ratio"):
+                    return "—"
+                return f"{x['time_ratio'] / x['wire_byte_ratio'] - 1:+.1%}"
+
+            lines.append(f"| {link} | {float(density):g} | {o['comm_seconds']:.1f} | "
+                         f"{r['comm_seconds']:.1f} | {gap(o)} | {gap(r)} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -262,6 +293,7 @@ def main() -> None:
         "preset's 1000 clients for a dense score upload, which is not part of a round.\n\n"
         + comm_time_section(_load("comm_time.json"))
         + comm_time_verdict(_load("comm_time.json"))
+        + worker_comparison(_load("comm_time.json"), _load("comm_time_no_worker.json"))
     )
     print(f"written {DOC}")
 

@@ -13,6 +13,7 @@ import time
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -468,26 +469,33 @@ def _stop_leftovers(workdir: Path) -> set[int]:
 needs_linux = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
 
 
+def run_local_matching_simulator(tmp_path: Path, overrides: list[str], supernodes: int,
+                                 **options: Any) -> tuple[Path, list[dict], Any]:
+    """``run_local`` in ``tmp_path/work``; asserts that no process outlives it and that its
+    mask and per-round metrics are the simulator's. Returns the run folder, its metrics rows
+    and the simulator's result."""
+    workdir = (tmp_path / "work").resolve()
+    try:
+        run_dir = run_local(None, overrides, supernodes=supernodes, run_dir=tmp_path / "run",
+                            timeout=240, echo=False, workdir=workdir, **options)
+    finally:
+        leftovers = _stop_leftovers(workdir)
+    assert not leftovers, f"processes left running: {leftovers}"
+    sim = run_experiment(load_config(None, overrides), write=False)
+    assert json.loads((run_dir / "mask.json").read_text())["digest"] == \
+        mask_digest(sim.mask, list(sim.mask)).hex()
+    fl = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    _assert_same_metrics(sim.metrics, fl)
+    return run_dir, fl, sim
+
+
 @needs_linux
 def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path,
                                                                   node_cache: Path) -> None:
     """2 SuperNodes (one per client) and a SuperLink as processes on 127.0.0.1, ``flwr run``;
     same mask digest and per-round metrics as the simulator."""
-    overrides = [*QUICK, "federation.num_clients=2"]
-    config = load_config(None, overrides)
-    workdir = (tmp_path / "work").resolve()
-    try:
-        run_dir = run_local(None, overrides, supernodes=2, run_dir=tmp_path / "run",
-                            timeout=240, echo=False, workdir=workdir)
-    finally:
-        leftovers = _stop_leftovers(workdir)
-    assert not leftovers, f"processes left running: {leftovers}"
-    sim = run_experiment(config, write=False)
-    mask = json.loads((run_dir / "mask.json").read_text())
-    prunable = list(sim.mask)
-    assert mask["digest"] == mask_digest(sim.mask, prunable).hex()
-    fl = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    _assert_same_metrics(sim.metrics, fl)
+    run_dir, fl, sim = run_local_matching_simulator(
+        tmp_path, [*QUICK, "federation.num_clients=2"], supernodes=2)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["nodes"] == 2 and summary["engine"] == "flower"
     assert summary["total_bytes"] == sim.summary["total_bytes"]
@@ -510,18 +518,7 @@ def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path
 def test_simulation_engine_matches_simulator_and_leaves_no_process(tmp_path: Path) -> None:
     """``flwr run`` on Flower's simulation engine (Ray, 3 simulated SuperNodes)."""
     pytest.importorskip("ray")
-    config = load_config(None, QUICK)
-    workdir = (tmp_path / "work").resolve()
-    try:
-        run_dir = run_local(None, QUICK, supernodes=3, run_dir=tmp_path / "run", timeout=240,
-                            echo=False, workdir=workdir, simulation=True)
-    finally:
-        leftovers = _stop_leftovers(workdir)
-    assert not leftovers, f"processes left running: {leftovers}"
-    sim = run_experiment(config, write=False)
-    assert json.loads((run_dir / "mask.json").read_text())["digest"] == \
-        mask_digest(sim.mask, list(sim.mask)).hex()
-    _assert_same_metrics(sim.metrics, [json.loads(x) for x in (run_dir / "metrics.jsonl").open()])
+    run_local_matching_simulator(tmp_path, QUICK, supernodes=3, simulation=True)
 
 
 @needs_linux

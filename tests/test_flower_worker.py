@@ -3,8 +3,8 @@ a Flower run through workers that matches the simulator."""
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,10 +19,8 @@ import test_flower  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from test_flower import (  # noqa: E402, F401
     QUICK,
-    _assert_same_metrics,
     _metadata,
     _scores_message,
-    _stop_leftovers,
     needs_linux,
     node_cache,
     task_identity,
@@ -30,10 +28,7 @@ from test_flower import (  # noqa: E402, F401
 
 from ssfl.config import load_config  # noqa: E402
 from ssfl.flower import client_app as client_module, worker  # noqa: E402
-from ssfl.flower.local import run_local  # noqa: E402
 from ssfl.flower.protocol import CONFIG, METRICS, payload_bytes, run_config_from_config  # noqa: E402
-from ssfl.masks import mask_digest  # noqa: E402
-from ssfl.sim import run_experiment  # noqa: E402
 
 
 def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
@@ -162,18 +157,23 @@ def test_worker_answers_as_the_process_does_reports_errors_and_idles_out(
     assert "not client 2" in log and "stopped" in log
 
 
-def test_a_dead_workers_socket_is_replaced(
+def test_a_killed_worker_is_replaced_mid_run(
     task_identity: None, worker_dir: Path  # noqa: F811
 ) -> None:
+    """SIGKILL leaves the socket file behind; the next message starts a new worker, which
+    answers the same from the node's state in ``context.state``."""
     flat = run_config_from_config(load_config(None, QUICK))
     context = _context({"worker": True, "worker-dir": str(worker_dir)}, flat)
-    path = worker.socket_path(context.node_id, context.node_config)
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(path))  # a socket file nobody listens on (a killed worker's)
-    stale.close()
-    reply = client_module.app(_scores_message(0), context)
-    assert reply.content[METRICS]["worker-started"] == 1
-    assert json.loads(json.dumps(dict(reply.content[METRICS])))["client-id"] == 0
+    first = client_module.app(_scores_message(0), context)
+    (pid_file,) = worker_dir.glob("*.pid")
+    old = int(pid_file.read_text())
+    os.kill(old, signal.SIGKILL)
+    assert _wait_gone(old)
+    assert list(worker_dir.glob("*.sock"))  # stale: nobody listens
+    again = client_module.app(_scores_message(0), context)
+    assert again.content[METRICS]["worker-started"] == 1
+    assert int(pid_file.read_text()) != old
+    assert payload_bytes(again.content["payload"]) == payload_bytes(first.content["payload"])
 
 
 @pytest.mark.parametrize(
@@ -203,20 +203,10 @@ def test_local_deployment_with_workers_matches_simulator_and_stops_them(
     """SuperLink and 2 SuperNodes as processes, each node with its worker: the simulator's
     results; after the first message of a node its ClientApp processes load no torch, data or
     model; ``stop()`` ends the workers with the rest."""
-    overrides = [*QUICK, "federation.num_clients=2", "run.rounds=3"]
-    config = load_config(None, overrides)
+    _, fl, _ = test_flower.run_local_matching_simulator(
+        tmp_path, [*QUICK, "federation.num_clients=2", "run.rounds=3"], supernodes=2,
+        worker=True)
     workdir = (tmp_path / "work").resolve()
-    try:
-        run_dir = run_local(None, overrides, supernodes=2, run_dir=tmp_path / "run",
-                            timeout=240, echo=False, workdir=workdir, worker=True)
-    finally:
-        leftovers = _stop_leftovers(workdir)
-    assert not leftovers, f"processes left running: {leftovers}"
-    sim = run_experiment(config, write=False)
-    assert json.loads((run_dir / "mask.json").read_text())["digest"] == \
-        mask_digest(sim.mask, list(sim.mask)).hex()
-    fl = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    _assert_same_metrics(sim.metrics, fl)
     assert len(list((workdir / "workers").glob("*.log"))) == 2
     assert not list((workdir / "workers").glob("*.pid"))  # the workers stopped cleanly or died
     for row in fl:
