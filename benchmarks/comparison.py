@@ -301,11 +301,14 @@ def _figure():
 
 
 def _finish(fig, ax, path: Path, *, xlabel: str, title: str, ncol: int = 2,
-            grid_axis: str = "both") -> None:
+            grid_axis: str = "both", legend_below: bool = False) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("final global test accuracy (%)")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=ncol)
+    if legend_below:  # bars reach the bottom of the axes: no room inside
+        ax.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    else:
+        ax.legend(fontsize=7, ncol=ncol)
     ax.grid(alpha=0.3, axis=grid_axis)
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
@@ -365,8 +368,8 @@ def plot_noniid(rows, splits, path: Path) -> None:
         ax.bar([j + i * width for j in range(len(splits))], means, width, yerr=errs,
                capsize=2, label=method)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))],
-                  [split_label(s) for s in splits], fontsize=7)
-    _finish(fig, ax, path, xlabel="split", ncol=3, grid_axis="y",
+                  [split_label(s).replace(" (", "\n(") for s in splits], fontsize=7)
+    _finish(fig, ax, path, xlabel="split", ncol=len(methods), grid_axis="y", legend_below=True,
             title="Non-IID sweep at density 0.2 (dense FedAvg at density 1)")
 
 
