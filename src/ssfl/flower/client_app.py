@@ -41,17 +41,16 @@ from ssfl.flower.protocol import (  # noqa: E402
     CONFIG,
     METRICS,
     PAYLOAD,
+    STATE_DATA,
+    STATE_MASK,
+    STATE_MASK_INFO,
+    node_partition,
     payload_bytes,
     payload_record,
     process_start_time,
 )
 
 _PROCESS_STARTED = process_start_time()
-
-# Keys of ``context.state`` (the same names as the node's plain state, ssfl.flower.node).
-STATE_MASK = "ssfl-mask"  # ArrayRecord: the mask payload as received (bitmap + header)
-STATE_MASK_INFO = "ssfl-mask-info"  # ConfigRecord: dense flag and digest
-STATE_DATA = "ssfl-data"  # ConfigRecord: the client whose data this node last loaded
 
 app = ClientApp()
 
@@ -144,10 +143,8 @@ def _reply(message: Message, payload: bytes | None = None, **metrics: float | in
 @app.query("hello")
 def hello(message: Message, context: Context) -> Message:
     """Tell the server which client this node is pinned to (-1: any)."""
-    pid = context.node_config.get("partition-id")
-    num = context.node_config.get("num-partitions")
-    return _reply(message, **{"partition-id": int(pid) if pid is not None else -1,
-                              "num-partitions": int(num) if num is not None else -1})
+    pid, num = node_partition(context.node_config)
+    return _reply(message, **{"partition-id": pid, "num-partitions": num})
 
 
 @app.query("scores")

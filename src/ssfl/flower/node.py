@@ -48,7 +48,14 @@ from ssfl.comm import ParameterLayout, decode_bits, read_header
 from ssfl.config import Config
 from ssfl.data.datasets import ImageDataset, default_cache_dir, source_files
 from ssfl.engine import prepare, seeded_model, train_settings
-from ssfl.flower.protocol import Stopwatch, config_from_run_config
+from ssfl.flower.protocol import (
+    STATE_DATA,
+    STATE_MASK,
+    STATE_MASK_INFO,
+    Stopwatch,
+    config_from_run_config,
+    node_partition,
+)
 from ssfl.masks import (
     Mask,
     bits_to_mask,
@@ -56,11 +63,6 @@ from ssfl.masks import (
     mask_digest,
     prunable_parameter_names,
 )
-
-# Keys of the node's ``state`` (plain values; the ClientApp keeps them in ``context.state``).
-STATE_MASK = "ssfl-mask"  # bytes: the mask payload as received (bitmap + header)
-STATE_MASK_INFO = "ssfl-mask-info"  # {"dense": bool, "digest": hex}
-STATE_DATA = "ssfl-data"  # {"client-id": int}: the client whose data this node last loaded
 
 #: a node's state between messages: STATE_* keys to bytes or small dicts
 State = dict[str, Any]
@@ -264,13 +266,6 @@ def _model(proc: _Process, node_config: Mapping[str, Any], state: State) -> torc
 
 
 # ---- messages ------------------------------------------------------------------------------
-
-
-def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """The node's ``partition-id`` and ``num-partitions`` (-1 where its node config has none)."""
-    pid = node_config.get("partition-id")
-    num = node_config.get("num-partitions")
-    return (int(pid) if pid is not None else -1, int(num) if num is not None else -1)
 
 
 def _client_id(config: Mapping[str, Any], node_config: Mapping[str, Any],

@@ -51,6 +51,18 @@ PAYLOAD = "payload"  # the ArrayRecord (and its single Array) holding payload by
 CONFIG = "config"  # the ConfigRecord of a message's parameters
 METRICS = "metrics"  # the MetricRecord of a reply's numbers
 
+# Keys of the node's state between messages (``context.state``; plain values in the handlers).
+STATE_MASK = "ssfl-mask"  # the mask payload as received (bitmap + header)
+STATE_MASK_INFO = "ssfl-mask-info"  # {"dense": bool, "digest": hex}
+STATE_DATA = "ssfl-data"  # {"client-id": int}: the client whose data this node last loaded
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """The node's ``partition-id`` and ``num-partitions`` (-1 where its node config has none)."""
+    pid = node_config.get("partition-id")
+    num = node_config.get("num-partitions")
+    return (int(pid) if pid is not None else -1, int(num) if num is not None else -1)
+
 @dataclass(frozen=True)
 class FlowerSettings:
     """The Flower-only run-config keys, ``flower.<kebab-case field>``."""
