@@ -112,9 +112,10 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
     extra: dict[str, float | int] = {}
     if worker.enabled(context.node_config):
         path = worker.socket_path(context.node_id, context.node_config)
-        metrics, reply, state, extra = worker.call(
+        metrics, reply, changed, extra = worker.call(
             path, kind, config, payload, context.run_config, context.node_config, state,
             idle=worker.idle_seconds(context.node_config))
+        state = {**state, **changed}
     else:
         metrics, reply = _run_locally(kind, config, payload, context, state)
     _store_state(context, old, state)

@@ -219,7 +219,7 @@ def call(path: Path, kind: str, config: Mapping[str, Any], payload: bytes | None
          state: Mapping[str, Any], *, idle: float = DEFAULT_IDLE_SECONDS,
          ) -> tuple[dict[str, Any], bytes | None, dict[str, Any], dict[str, float | int]]:
     """Have the worker at ``path`` (started if needed) run handler ``kind``; returns the
-    reply's metrics and payload, the node's new state and this call's own figures
+    reply's metrics and payload, the state entries the handler changed and this call's figures
     (``worker-seconds``: the round trip; ``worker-started``: 1 if this call started it)."""
     started = time.perf_counter()
     spawned = 0
@@ -253,10 +253,13 @@ def _answer(conn: socket.socket) -> None:
         header, blocks = read_frame(conn)
         state = unpack_state(header["state"], blocks)
         payload = blocks[header["payload"]] if header.get("payload") is not None else None
+        before = dict(state)
         metrics, reply = node.handle(header["kind"], header["config"], payload,
                                      header["run_config"], header["node_config"], state)
+        # Only what the handler changed goes back (not the mask bitmap of every message).
+        changed = {k: v for k, v in state.items() if before.get(k) != v}
         out_blocks: list[bytes] = []
-        answer = {"ok": True, "metrics": metrics, "state": pack_state(state, out_blocks),
+        answer = {"ok": True, "metrics": metrics, "state": pack_state(changed, out_blocks),
                   "payload": None}
         if reply is not None:
             answer["payload"] = len(out_blocks)
