@@ -288,6 +288,66 @@ def goal_table(goals: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: How the README names each method in its headline sentence.
+LABELS = {"ssfl": "SSFL", "fedavg": "dense FedAvg",
+          "snip_oracle": "the oracle mask (not federated)",
+          "snip_single": "SNIP on one client", "random": "random mask", "random_erk": "random ERK",
+          "random_clientwise": "per-client random masks", "feddst": "FedDST",
+          "prunefl": "PruneFL", "dispfl": "DisPFL", "sparsyfed": "SparsyFed"}
+
+
+def readme_headline(rows, densities: Sequence[float] = DENSITIES, focus: float = 0.1) -> str:
+    """The README's summary of the main sweep, from the run rows: every method's final global
+    accuracy at ``focus`` (with its bytes per round where they differ from SSFL's), the leaders
+    at the other densities, and DisPFL's personalised figure."""
+    def acc(method: str, d: float, key: str = "final_accuracy") -> tuple[float, int] | None:
+        cells = _cells(_select(rows, method, d, REFERENCE_SPLIT), key)
+        return (statistics.mean(cells), len(cells)) if cells else None
+
+    def ratio(method: str, d: float) -> float:
+        return statistics.mean(r["ratio_to_dense"]
+                               for r in _select(rows, method, d, REFERENCE_SPLIT))
+
+    ssfl = acc("ssfl", focus)
+    if ssfl is None:
+        return f"_No SSFL run at density {focus:g} yet._"
+    cells = [acc(m, 1.0 if m == "fedavg" else focus) for m in _methods(rows)]
+    seeds = sorted({c[1] for c in cells if c})
+    seed_text = (f"mean over {seeds[0]} seed{'s' if seeds[0] > 1 else ''}" if len(seeds) == 1
+                 else f"mean over the {seeds[0]} to {seeds[-1]} seeds each method has so far")
+    others = sorted((m for m in _methods(rows) if m not in ("ssfl", "fedavg", "dispfl")
+                     and acc(m, focus)), key=lambda m: -acc(m, focus)[0])
+    parts = []
+    for m in others:
+        text = f"{LABELS.get(m, m)} {acc(m, focus)[0]:.1f}"
+        if abs(ratio(m, focus) - ratio("ssfl", focus)) > 0.005:
+            text += f" ({ratio(m, focus):.3f} of dense bytes)"
+        parts.append(text)
+    sentence = (f"Final global accuracy at density {focus:g} ({seed_text}): SSFL "
+                f"{ssfl[0]:.1f} % with {ratio('ssfl', focus):.3f} of dense FedAvg's bytes per "
+                "round; " + ", ".join(parts))
+    dense = acc("fedavg", 1.0)
+    if dense:
+        sentence += f"; dense FedAvg {dense[0]:.1f}"
+    leaders = []
+    for d in densities:
+        if d == focus or acc("ssfl", d) is None:
+            continue
+        best = sorted((m for m in others if m != ORACLE and acc(m, d)),
+                      key=lambda m: -acc(m, d)[0])[:2]
+        leaders.append(f"at {d:g}: SSFL {acc('ssfl', d)[0]:.1f}, " + ", ".join(
+            f"{LABELS.get(m, m)} {acc(m, d)[0]:.1f}" for m in best))
+    if leaders:
+        sentence += " (" + "; ".join(leaders) + ")"
+    sentence += "."
+    personal = acc("dispfl", focus, "final_personal_accuracy")
+    if personal:
+        sentence += (f" On each client's own test split DisPFL's personalised models reach "
+                     f"{personal[0]:.1f} % at {focus:g} (at {ratio('dispfl', focus):.2f} of dense "
+                     "bytes: ten neighbour models per round).")
+    return sentence
+
+
 # ------------------------------------------------------------------------------------- plots
 
 

@@ -81,3 +81,36 @@ def test_recorded_rows_count_as_done_and_are_reported(comparison, tmp_path: Path
     # Nothing to run (no process is started), and the row comes back from the file.
     comparison.run_jobs(jobs, tmp_path / "runs", 1, [], rows)
     assert comparison.load_summaries(jobs, tmp_path / "runs", rows) == [recorded]
+
+
+def test_readme_headline_by_hand(comparison) -> None:
+    rows = [_row("ssfl", 0.1, 0.60, ratio_to_dense=0.1003),
+            _row("ssfl", 0.1, 0.62, seed=1, ratio_to_dense=0.1003),
+            _row("prunefl", 0.1, 0.55, ratio_to_dense=0.133),
+            _row("prunefl", 0.1, 0.57, seed=1, ratio_to_dense=0.135),
+            _row("random", 0.1, 0.40, ratio_to_dense=0.1003),
+            _row("fedavg", 1.0, 0.65, ratio_to_dense=1.0),
+            _row("ssfl", 0.5, 0.64, ratio_to_dense=0.5),
+            _row("snip_oracle", 0.5, 0.66, ratio_to_dense=0.5),  # not federated: not a leader
+            _row("random", 0.5, 0.63, ratio_to_dense=0.5)]
+    text = comparison.readme_headline(rows, densities=[0.5, 0.1])
+    # Methods with a different seed count make the sentence say so; bytes are shown only
+    # where they differ from SSFL's (PruneFL's mean 0.134).
+    assert text.startswith("Final global accuracy at density 0.1 (mean over the 1 to 2 seeds "
+                           "each method has so far): SSFL 61.0 % with 0.100 of dense")
+    assert "PruneFL 56.0 (0.134 of dense bytes), random mask 40.0; dense FedAvg 65.0" in text
+    assert "(at 0.5: SSFL 64.0, random mask 63.0)." in text
+    assert "DisPFL" not in text
+    assert comparison.readme_headline(rows[2:]) == "_No SSFL run at density 0.1 yet._"
+
+
+def test_readme_headline_matches_the_committed_results() -> None:
+    """The README's comparison summary is what render_docs writes from comparison.json."""
+    root = BENCH.parents[1]
+    spec = importlib.util.spec_from_file_location("render_docs", BENCH.parent / "render_docs.py")
+    render_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_docs)
+    readme = (root / "README.md").read_text()
+    data = json.loads((BENCH.parent / "results" / "comparison.json").read_text())
+    assert render_docs.readme_with_headline(readme, data) == readme, (
+        "README's headline is stale: run python benchmarks/render_docs.py")
