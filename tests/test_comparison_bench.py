@@ -114,3 +114,16 @@ def test_readme_headline_matches_the_committed_results() -> None:
     data = json.loads((BENCH.parent / "results" / "comparison.json").read_text())
     assert render_docs.readme_with_headline(readme, data) == readme, (
         "README's headline is stale: run python benchmarks/render_docs.py")
+
+
+def test_goal_per_split_uses_only_that_split(comparison) -> None:
+    rows = [_row("ssfl", 0.2, 0.50), _row("prunefl", 0.2, 0.40),
+            dict(_row("ssfl", 0.2, 0.30), split="path2"),
+            dict(_row("prunefl", 0.2, 0.44), split="path2")]
+    (goal,) = comparison.relative_error_goal(rows, [0.2], "final_accuracy", "path2")
+    assert (goal["split"], goal["strongest_baseline"]) == ("path2", "prunefl")
+    assert goal["relative_error_reduction"] == pytest.approx(1 - 70 / 56)
+    assert goal["dense_relative_error_reduction"] is None  # no dense run on that split
+    table = comparison.goal_table([goal], by="split")
+    assert "| pathological (2 classes per client) | global | 30.00 | prunefl | 44.00 | -25.0% |" \
+        in table
