@@ -287,7 +287,10 @@ def goal_table(goals: list[dict[str, Any]], by: str = "density") -> str:
         ceiling = g.get("dense_relative_error_reduction")
         first = f"{g['density']:g}" if by == "density" else split_label(g["split"])
         lines.append(f"| {first} | {protocol} | {g['ssfl']:.2f} | "
-                     f"{g['strongest_baseline']} | {g['baseline']:.2f} | "
+                     f"{g['strongest_baseline']}"
+                     + (" (consensus model)" if g["strongest_baseline"] in PERSONALISED
+                        and protocol == "global" else "")
+                     + f" | {g['baseline']:.2f} | "
                      f"{g['relative_error_reduction'] * 100:.1f}% | "
                      + ("—" if ceiling is None else f"{ceiling * 100:.1f}%")
                      + f" | {g['seeds'][0]}, {g['seeds'][1]} |")
