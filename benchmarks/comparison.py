@@ -8,7 +8,12 @@ client sampling, so methods differ only in what they do.
     python benchmarks/comparison.py noniid   # density 0.2 x Dirichlet 0.1/0.3/0.5/1 + 2-class
 
 Options: --algorithms a,b  --seeds 0,1,2  --densities ...  --splits ...  --jobs 2
---runs-dir runs/comparison  --out benchmarks/results  --report-only.
+--runs-dir runs/comparison  --out benchmarks/results  --report-only  --config FILE.
+
+The same comparison at the paper's scale, on a GPU machine (each run trains on the GPU,
+`run.device = "auto"`; results go to benchmarks/results/cifar10_resnet18_paper/):
+
+    python benchmarks/comparison.py main --config configs/cifar10_resnet18_paper.toml --jobs 1
 
 Each run is its own `ssfl run` process (one thread each; on a 2-core machine two such processes
 finish more runs per hour than one with two threads). A run whose summary.json exists is reused,
@@ -113,7 +118,7 @@ def jobs_for(sweep: str, algorithms: Sequence[str], densities: Sequence[float],
 
 
 def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[str],
-             recorded: Mapping[str, Any] | None = None) -> None:
+             recorded: Mapping[str, Any] | None = None, config: Path = CONFIG) -> None:
     """Run the unfinished jobs, ``workers`` processes at a time, each pinned to one thread.
     A job is finished when its run folder has a summary or ``recorded`` holds its row."""
     todo = [j for j in jobs if not (runs_dir / j.name / "summary.json").exists()
@@ -130,7 +135,7 @@ def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[
             folder.parent.mkdir(parents=True, exist_ok=True)
             # A folder left by a killed run resumes from its checkpoint.
             resume = ["--resume", str(folder)] if (folder / "checkpoint.pt").exists() else \
-                [str(CONFIG), *job.overrides(), *extra, "--out", str(folder)]
+                [str(config), *job.overrides(), *extra, "--out", str(folder)]
             log = (runs_dir / f"{job.name}.log").open("a")
             proc = subprocess.Popen([sys.executable, "-m", "ssfl.cli", "run", *resume,
                                      "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
@@ -382,7 +387,8 @@ def _finish(fig, ax, path: Path, *, xlabel: str, title: str, ncol: int = 2,
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def plot_accuracy_vs_density(rows, densities, path: Path) -> None:
+def plot_accuracy_vs_density(rows, densities, path: Path,
+                             setting: str = "CIFAR-10 CPU reference") -> None:
     fig, ax = _figure()
     for method in _methods(rows):
         if method == "fedavg":
@@ -404,7 +410,7 @@ def plot_accuracy_vs_density(rows, densities, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(list(densities), [f"{d:g}" for d in densities])
     _finish(fig, ax, path, xlabel="density (fraction of Conv/Linear weights kept)",
-            title="CIFAR-10 CPU reference: accuracy against density (mean ± std over seeds)")
+            title=f"{setting}: accuracy against density (mean ± std over seeds)")
 
 
 def plot_accuracy_vs_bytes(rows, densities, path: Path) -> None:
@@ -460,13 +466,16 @@ def tuning_text(tuning_rows, tuned: Mapping[str, float]) -> str:
 
 
 def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
-           tuning_rows=(), tuned: Mapping[str, float] | None = None) -> str:
+           tuning_rows=(), tuned: Mapping[str, float] | None = None,
+           config: Path = CONFIG) -> str:
     out.mkdir(parents=True, exist_ok=True)
     keep = ("name", "algorithm", "split", "seed", "lr", "target_density", "density",
             "final_accuracy", "final_personal_accuracy", "best_accuracy", "bytes_per_round",
             "ratio_to_dense", "one_time_bytes", "total_bytes", "wall_seconds", "rounds",
             "per_layer")
-    data: dict[str, Any] = {"config": str(CONFIG.relative_to(HERE.parent)), "overrides": extra,
+    shown = config.resolve()
+    shown = shown.relative_to(HERE.parent) if shown.is_relative_to(HERE.parent) else shown
+    data: dict[str, Any] = {"config": str(shown), "overrides": extra,
                             "runs": [{k: r.get(k) for k in keep} for r in rows],
                             "tuning": [{k: r.get(k) for k in keep} for r in tuning_rows],
                             "tuned_lr": dict(tuned or {})}
@@ -476,7 +485,7 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
                  + relative_error_goal(rows, densities, "final_personal_accuracy"))
         data["goal"] = goals
         text = (
-            "Final **global** accuracy (%), central CIFAR-10 test set, mean ± std over seeds "
+            "Final **global** accuracy (%), central test set, mean ± std over seeds "
             "(dense FedAvg has no density; its figure is repeated in every column):\n\n"
             + accuracy_table(rows, densities, "density", "final_accuracy", dlabels)
             + "\n\nFinal **personalised** accuracy (%): each client's model on a test split "
@@ -489,7 +498,10 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             "(relative error reduction = 1 - error(SSFL) / error(baseline); the oracle mask is "
             "not federated and is left out):\n\n" + goal_table(goals) + "\n"
             + tuning_text(tuning_rows, tuned or {}))
-        plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png")
+        setting = ("CIFAR-10 CPU reference" if config.resolve() == CONFIG.resolve()
+                   else config.stem)
+        plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png",
+                                 setting)
         plot_accuracy_vs_bytes(rows, densities, out / "comparison_accuracy_vs_bytes.png")
     else:
         labels = [split_label(s) for s in splits]
@@ -511,6 +523,15 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
     return text
 
 
+def default_dirs(config: Path) -> tuple[Path, Path]:
+    """Run folders and results folder of a sweep from ``config``: the committed ones for the
+    CPU reference, folders of the config's own name for any other (so a paper-scale sweep never
+    mixes its runs or tables with the CPU reference's)."""
+    if config.resolve() == CONFIG.resolve():
+        return Path("runs/comparison"), HERE / "results"
+    return Path(f"runs/comparison-{config.stem}"), HERE / "results" / config.stem
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", choices=["main", "noniid"])
@@ -519,12 +540,23 @@ def main() -> None:
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    parser.add_argument("--runs-dir", default="runs/comparison")
-    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--config", default=str(CONFIG),
+                        help="the setting every run starts from (default: the CPU reference); "
+                        "another config gets its own --runs-dir and --out by default")
+    parser.add_argument("--runs-dir", default=None, help="default: runs/comparison, or "
+                        "runs/comparison-<config name> for another --config")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results, or "
+                        "benchmarks/results/<config name> for another --config")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables from the finished runs; run nothing")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides")
     args = parser.parse_intermixed_args()
+    config = Path(args.config)
+    if not config.is_file():
+        raise SystemExit(f"--config {config}: no such file")
+    default_runs, default_out = default_dirs(config)
+    args.runs_dir = args.runs_dir or str(default_runs)
+    args.out = args.out or str(default_out)
     algorithms = args.algorithms.split(",")
     densities = [float(d) for d in args.densities.split(",")]
     splits = args.splits.split(",")
@@ -539,15 +571,15 @@ def main() -> None:
         # Untuned runs fill the workers that the tuning runs leave idle.
         filler = [j for j in jobs_for(args.sweep, algorithms, densities, splits, seeds)
                   if j.algorithm not in TUNED][: (-len(tuning)) % args.jobs]
-        run_jobs(tuning + filler, runs_dir, args.jobs, args.overrides, recorded)
+        run_jobs(tuning + filler, runs_dir, args.jobs, args.overrides, recorded, config)
     tuning_rows = load_summaries(tuning, runs_dir, recorded)
     tuned = tuned_rates(tuning_rows)
     jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
     if not args.report_only:
-        run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded)
+        run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded, config)
     rows = load_summaries(jobs, runs_dir, recorded)
     print(report(args.sweep, rows, densities, splits, Path(args.out), args.overrides,
-                 tuning_rows, tuned))
+                 tuning_rows, tuned, config))
 
 
 if __name__ == "__main__":

@@ -299,6 +299,12 @@ def main() -> None:
         "no global model, the consensus model: each weight averaged over the clients that hold "
         "it); *personalised* is each client's model on a test split that follows its own "
         "class distribution.\n\n"
+        "The same sweep at the paper's scale (ResNet-18 with GroupNorm, 5 local epochs, 1000 "
+        "rounds) is one command on a GPU machine: `python benchmarks/comparison.py main "
+        "--config configs/cifar10_resnet18_paper.toml --jobs 1` (every run trains on the GPU, "
+        "`run.device = \"auto\"`; runs in `runs/comparison-cifar10_resnet18_paper/`, tables in "
+        "`benchmarks/results/cifar10_resnet18_paper/`). It has not run: no GPU has been lent "
+        "to this project so far.\n\n"
         + comparison_section(_load("comparison.json"))
         + "\n## Non-IID sweep\n\n`python benchmarks/comparison.py noniid`: the same setting "
         "at density 0.2 over balanced Dirichlet splits (alpha 0.1 to 1; smaller is more "

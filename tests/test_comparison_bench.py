@@ -127,3 +127,13 @@ def test_goal_per_split_uses_only_that_split(comparison) -> None:
     table = comparison.goal_table([goal], by="split")
     assert "| pathological (2 classes per client) | global | 30.00 | prunefl | 44.00 | -25.0% |" \
         in table
+
+
+def test_another_config_gets_its_own_folders(comparison) -> None:
+    assert comparison.default_dirs(comparison.CONFIG) == (Path("runs/comparison"),
+                                                          BENCH.parent / "results")
+    paper = BENCH.parents[1] / "configs" / "cifar10_resnet18_paper.toml"
+    assert paper.is_file()
+    assert comparison.default_dirs(paper) == (
+        Path("runs/comparison-cifar10_resnet18_paper"),
+        BENCH.parent / "results" / "cifar10_resnet18_paper")

@@ -76,6 +76,21 @@ def test_resume_refuses_a_changed_config_and_extra_arguments(tmp_path: Path,
     assert "--resume takes only the run folder" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    """A key added to ssfl later (here run.device) is missing from an older checkpoint's config:
+    it counts as its default, not as a changed config."""
+    folder = tmp_path / "run"
+    reference = run_experiment(load_config(None, [*RUN, "run.rounds=2"]), folder)
+    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+    assert 'device = "auto"\n' in meta["config"]
+    meta["config"] = meta["config"].replace('device = "auto"\n', "")
+    save_checkpoint(folder / "checkpoint.pt", meta, tensors)
+    (folder / "config.toml").write_text(meta["config"])
+    assert main(["run", "--resume", str(folder), "--no-progress"]) == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["final_accuracy"] == reference.summary["final_accuracy"]
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "checkpoint.pt"

@@ -3,6 +3,11 @@
 These functions are shared by the in-process simulator and the Flower ClientApp; they take a
 model, the client's data and settings, and return payload bytes, so that the adapters only move
 bytes around.
+
+They compute on whatever device the model is on (``run.device``): the client's data stays on
+the CPU and each minibatch is moved when it is drawn, so the random crops, flips and sample
+order are drawn from the same CPU generator on any device. Whatever goes back to the server
+(scores, values, masks) comes back as CPU tensors.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ def client_generator(seed: int, round: int, client_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed % (2**63))
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def iterate_batches(
     data: LocalData,
     batch_size: int,
@@ -66,16 +75,20 @@ def iterate_batches(
     *,
     augment: bool,
     shuffle: bool = True,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One pass over the client's data in a seeded order; augmentation runs per whole batch."""
+    """One pass over the client's data in a seeded order; augmentation runs per whole batch,
+    on ``device`` (default: the CPU) with draws from the CPU ``generator``."""
     n = len(data)
     order = data.indices[torch.randperm(n, generator=generator)] if shuffle else data.indices
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        images = data.images[idx]
+        images, labels = data.images[idx], data.labels[idx]
+        if device is not None:
+            images, labels = images.to(device), labels.to(device)
         if augment:
             images = random_crop_flip(images, generator)
-        yield normalize(images, data.mean, data.std), data.labels[idx]
+        yield normalize(images, data.mean, data.std), labels
 
 
 def local_train(
@@ -94,8 +107,8 @@ def local_train(
     """
     params = dict(model.named_parameters())
     # Layers kept whole (density 1, dense FedAvg) need no masking work at all.
-    masked = [(params[n], m.to(params[n].dtype)) for n, m in (mask or {}).items()
-              if not bool(m.all())]
+    masked = [(params[n], m.to(device=params[n].device, dtype=params[n].dtype))
+              for n, m in (mask or {}).items() if not bool(m.all())]
     masked_params = [p for p, _ in masked]
     masked_keep = [k for _, k in masked]
     optimizer = torch.optim.SGD(
@@ -105,7 +118,8 @@ def local_train(
     total_loss, steps, seen = 0.0, 0, 0
     for _ in range(settings.local_epochs):
         for inputs, targets in iterate_batches(
-            data, settings.batch_size, generator, augment=settings.augment
+            data, settings.batch_size, generator, augment=settings.augment,
+            device=model_device(model),
         ):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs), targets)
@@ -136,20 +150,22 @@ def evaluate_samples(
     std: tuple[float, ...],
     batch_size: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample correctness (bool) and cross-entropy of ``model`` on a uint8 image tensor.
+    """Per-sample correctness (bool) and cross-entropy of ``model`` on a uint8 image tensor
+    (CPU tensors, whatever device the model is on).
 
     Per-sample results let one pass over the test set serve both the global accuracy and every
     client's personalised accuracy (a mean over that client's test indices).
     """
     model.eval()
+    device = model_device(model)
     correct, losses = [], []
     for start in range(0, len(labels), batch_size):
-        x = normalize(images[start : start + batch_size], mean, std)
-        y = labels[start : start + batch_size]
+        x = normalize(images[start : start + batch_size].to(device), mean, std)
+        y = labels[start : start + batch_size].to(device)
         logits = model(x)
         losses.append(F.cross_entropy(logits, y, reduction="none"))
         correct.append(logits.argmax(1) == y)
-    return torch.cat(correct), torch.cat(losses)
+    return torch.cat(correct).cpu(), torch.cat(losses).cpu()
 
 
 def compute_scores(
@@ -165,7 +181,8 @@ def compute_scores(
     No augmentation: the score should reflect the data, not random crops of it. If the client
     has fewer samples than ``num_batches * batch_size``, its batches are the ones it has.
     """
-    batches = iterate_batches(data, batch_size, generator, augment=False)
+    batches = iterate_batches(data, batch_size, generator, augment=False,
+                              device=model_device(model))
     chosen = (b for i, b in zip(range(num_batches), batches))
     return saliency_scores(model, chosen, prunable_parameter_names(model))
 

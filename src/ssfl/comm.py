@@ -226,7 +226,7 @@ class ParameterLayout:
             flat = params[name].detach().reshape(-1)
             idx = self.active[name]
             parts.append(flat if idx is None else flat[idx])
-        return torch.cat(parts).to(torch.float32)
+        return torch.cat(parts).to(device="cpu", dtype=torch.float32)  # payloads are CPU
 
     def gather_model(self, model: nn.Module) -> torch.Tensor:
         return self.gather(dict(model.named_parameters()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -36,6 +37,9 @@ class RunSection:
     eval_every: int = 1
     out_dir: str = "runs"
     threads: int = 0  # 0: leave PyTorch's default
+    # Where the model trains: "auto" (the machine's CUDA GPU if it has one, else the CPU),
+    # "cpu", "cuda" or "cuda:N". Server state and payloads stay on the CPU either way.
+    device: str = "auto"
     progress: bool = True
     # Save the server state every n rounds (and after the last) for `ssfl run --resume`; 0: never
     checkpoint_every: int = 10
@@ -284,6 +288,9 @@ def validate(config: Config) -> None:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.run.device):
+        raise ConfigError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                          f"{config.run.device!r}")
     if config.federation.update_clip_norm > 0 and config.algorithm.name in (
         "random_clientwise", "feddst", "prunefl", "dispfl", "sparsyfed"
     ):

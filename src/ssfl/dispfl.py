@@ -113,8 +113,10 @@ from ssfl.comm import (
     read_header,
 )
 from ssfl.dynamic import (
+    apply_regrowth_,
     average_over_holders,
     cosine_fraction,
+    cpu_weights,
     drop_and_regrow,
     erk_counts,
     minibatch_gradient,
@@ -337,12 +339,9 @@ class DisPFLStrategy(TrainingStrategy):
         ratio = drop_ratio(self.anneal, round, self.rounds)
         if ratio > 0:
             grads = minibatch_gradient(model, data, settings, generator, self.prunable)
-            new_mask, grown = update_mask({n: params[n] for n in self.prunable}, own_mask,
-                                          grads, ratio)
-            with torch.no_grad():
-                for n in self.prunable:
-                    params[n].view(-1)[grown[n]] = 0.0  # regrown weights start at exactly zero
-                    params[n].masked_fill_(~new_mask[n], 0.0)  # dropped weights leave
+            new_mask, grown = update_mask(cpu_weights(model, self.prunable), own_mask, grads,
+                                          ratio)
+            apply_regrowth_(model, new_mask, grown)
         values = ParameterLayout(self.shapes, new_mask).gather_model(model)
         return self.model_payload(new_mask, values, round), result
 

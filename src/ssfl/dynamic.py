@@ -22,7 +22,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ssfl.checkpoint import prefixed, unprefixed
-from ssfl.client import LocalData, TrainResult, TrainSettings, iterate_batches, local_train
+from ssfl.client import (
+    LocalData,
+    TrainResult,
+    TrainSettings,
+    iterate_batches,
+    local_train,
+    model_device,
+)
 from ssfl.comm import (
     ParameterLayout,
     PayloadError,
@@ -184,14 +191,30 @@ def minibatch_gradient(
     generator: torch.Generator,
     names: list[str],
 ) -> dict[str, torch.Tensor]:
-    """Dense gradient of the loss on one minibatch of the client's data (``.grad`` untouched)."""
+    """Dense gradient of the loss on one minibatch of the client's data (``.grad`` untouched),
+    as CPU tensors."""
     inputs, targets = next(iterate_batches(data, settings.batch_size, generator,
-                                           augment=settings.augment))
+                                           augment=settings.augment, device=model_device(model)))
     params = dict(model.named_parameters())
     model.train()
     loss = F.cross_entropy(model(inputs), targets)
     grads = torch.autograd.grad(loss, [params[n] for n in names])
-    return {n: g.detach() for n, g in zip(names, grads)}
+    return {n: g.detach().cpu() for n, g in zip(names, grads)}
+
+
+def cpu_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named weights of ``model`` as CPU tensors (the very tensors when it is on the CPU)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu() for n in names}
+
+
+@torch.no_grad()
+def apply_regrowth_(model: nn.Module, new_mask: Mask, grown: Mapping[str, torch.Tensor]) -> None:
+    """After a drop-and-regrow: regrown weights start at exactly zero, dropped weights leave."""
+    params = dict(model.named_parameters())
+    for n, keep in new_mask.items():
+        params[n].view(-1)[grown[n].to(params[n].device)] = 0.0
+        params[n].masked_fill_(~keep.to(params[n].device), 0.0)
 
 
 def train_with_importance(
@@ -224,7 +247,7 @@ def train_with_importance(
         for h in handles:
             h.remove()
     steps = max(result.steps, 1)
-    return {n: (s / steps).to(torch.float32) for n, s in sums.items()}, result
+    return {n: (s / steps).to(device="cpu", dtype=torch.float32) for n, s in sums.items()}, result
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -427,14 +450,9 @@ class FedDSTStrategy(DynamicMaskStrategy):
         if fraction <= 0:
             return self.values_reply(model, layout, digest, round), result
         grads = minibatch_gradient(model, data, settings, generator, self.prunable)
-        params = dict(model.named_parameters())
-        new_mask, grown = drop_and_regrow({n: params[n] for n in self.prunable}, mask, grads,
+        new_mask, grown = drop_and_regrow(cpu_weights(model, self.prunable), mask, grads,
                                           fraction)
-        with torch.no_grad():
-            for n in self.prunable:
-                flat = params[n].view(-1)
-                flat[grown[n]] = 0.0  # regrown weights start at exactly zero
-                params[n].masked_fill_(~new_mask[n], 0.0)  # dropped weights leave
+        apply_regrowth_(model, new_mask, grown)
         self._client_bits[client_id] = mask_to_bits(new_mask, self.prunable)
         _, new_layout, new_digest = self._mask_and_layout(self._client_bits[client_id])
         reply = self.mask_payload(new_mask, round) + self.values_reply(model, new_layout,
@@ -547,9 +565,9 @@ class PruneFLStrategy(DynamicMaskStrategy):
             mask = global_topk_mask(importance, density)
             with torch.no_grad():
                 for n in prunable:
-                    params[n].masked_fill_(~mask[n], 0.0)
+                    params[n].masked_fill_(~mask[n].to(params[n].device), 0.0)
             self.initial_masks.append(mask)
-        pruned = {n: p.detach().clone() for n, p in params.items()}
+        pruned = {n: p.detach().cpu().clone() for n, p in params.items()}
         super().__init__(pruned, prunable, mask, value_dtype=value_dtype)
         upload = self.mask_payload(self.mask) + encode_values(
             self.layout.gather(self.weights), digest=self.digest, dtype=value_dtype)

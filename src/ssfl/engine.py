@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,14 @@ from ssfl.checkpoint import (
 )
 from ssfl.client import LocalData, TrainSettings, evaluate_samples
 from ssfl.comm import encode_values, read_header
-from ssfl.config import Config, augmentation_enabled, check_against_data, to_toml
+from ssfl.config import (
+    Config,
+    ConfigError,
+    augmentation_enabled,
+    check_against_data,
+    from_dict,
+    to_toml,
+)
 from ssfl.data.datasets import ImageDataset, load_dataset
 from ssfl.data.partition import class_counts, matching_test_splits, partition
 from ssfl.masks import layer_densities, mask_density, mask_digest, prunable_parameter_names
@@ -61,7 +69,8 @@ class Experiment:
 
     def __post_init__(self) -> None:
         self.prunable = prunable_parameter_names(self.model)
-        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        # The server's copy: on the CPU whatever device the model trains on.
+        self.initial = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
 
     def client(self, cid: int) -> LocalData:
         t = self.train_set
@@ -90,11 +99,39 @@ def prepare(config: Config, *, data_root: str = "", with_test: bool = True) -> E
     return Experiment(config, train_set, test_set, list(parts), seeded_model(config, train_set))
 
 
+def resolve_device(spec: str) -> torch.device:
+    """The device ``run.device`` names on this machine (``auto``: its CUDA GPU if it has one)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device = {spec!r}, but PyTorch sees no CUDA GPU on this "
+                              "machine (a CPU build, or no driver); use 'auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device = {spec!r}, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+        # Reproducible convolutions: the same seed gives the same run on the same GPU.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return device
+
+
 def seeded_model(config: Config, data: ImageDataset) -> torch.nn.Module:
-    """The initial model: the same weights in every process that builds it from ``config``."""
+    """The initial model: the same weights in every process that builds it from ``config``
+    (drawn on the CPU, then moved to ``run.device``)."""
     _, channels, height, _ = data.images.shape
-    return build_model(config.model.name, num_classes=data.num_classes, in_channels=channels,
-                       image_size=height, width=config.model.width, seed=config.run.seed)
+    model = build_model(config.model.name, num_classes=data.num_classes, in_channels=channels,
+                        image_size=height, width=config.model.width, seed=config.run.seed)
+    return model.to(resolve_device(config.run.device))
+
+
+def device_name(model: torch.nn.Module) -> str:
+    """Where ``model`` trains, for the summary: ``cpu`` or ``cuda:0 (<GPU name>)``."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return device.type
+    return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def train_settings(config: Config) -> TrainSettings:
@@ -244,7 +281,9 @@ def run(
         if run_dir is None:
             raise ValueError("resume needs the run folder")
         checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT)
-        if checkpoint[0]["config"] != to_toml(config):
+        # Parsed, so that a key added to ssfl after the checkpoint was written counts as its
+        # default rather than as a difference.
+        if from_dict(tomllib.loads(checkpoint[0]["config"])) != config:
             raise CheckpointError(f"the config differs from the one {run_dir} was started with")
     seed, algo = config.run.seed, config.algorithm
     if exp.test_set is None:
@@ -485,6 +524,7 @@ def run(
         "num_parameters": sum(t.numel() for t in exp.initial.values()),
         "wall_seconds": wall,
         "mask_seconds": mask_seconds,
+        "device": device_name(model),
         "samples_per_second": samples / seconds if seconds > 0 else 0.0,
         **transport.summary_info(),
     }

@@ -67,7 +67,7 @@ def saliency_scores(
         model.train(was_training)
     if count == 0:
         raise ValueError("saliency_scores needs at least one minibatch")
-    return {n: t.div_(count) for n, t in zip(names, totals)}
+    return {n: t.div_(count).cpu() for n, t in zip(names, totals)}
 
 
 class WeightedMean:
@@ -266,4 +266,4 @@ def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
     """Zero the masked-out weights of ``model`` in place."""
     params = dict(model.named_parameters())
     for name, keep in mask.items():
-        params[name].mul_(keep)
+        params[name].mul_(keep.to(params[name].device))

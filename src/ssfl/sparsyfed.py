@@ -323,11 +323,12 @@ class SparsyFedStrategy(TrainingStrategy):
         with powerprop_parametrized(model, self.prunable, self.beta):
             result = local_train(model, data, settings, lr, generator)
         params = dict(model.named_parameters())
-        keep = topk_magnitude_mask({n: params[n] for n in self.prunable}, self.k)
+        keep = topk_magnitude_mask({n: params[n].detach().cpu() for n in self.prunable}, self.k)
         with torch.no_grad():
             for n in self.prunable:
-                params[n].masked_fill_(~keep[n], 0.0)
-        return self.encode(params, keep, round), result
+                params[n].masked_fill_(~keep[n].to(params[n].device), 0.0)
+        # The upload is encoded from CPU tensors (the parameters themselves on a CPU run).
+        return self.encode({n: p.detach().cpu() for n, p in params.items()}, keep, round), result
 
     # -- aggregation ----------------------------------------------------------------------
     def aggregate(self, round: int, replies: Iterable[Reply]) -> RoundUpdate:
