@@ -338,7 +338,7 @@ def readme_headline(rows, densities: Sequence[float] = DENSITIES, focus: float =
             text += f" ({ratio(m, focus):.3f} of dense bytes)"
         parts.append(text)
     sentence = (f"Final global accuracy at density {focus:g} ({seed_text}): SSFL "
-                f"{ssfl[0]:.1f} % with {ratio('ssfl', focus):.3f} of dense FedAvg's bytes per "
+                f"{ssfl[0]:.1f}% with {ratio('ssfl', focus):.3f} of dense FedAvg's bytes per "
                 "round; " + ", ".join(parts))
     dense = acc("fedavg", 1.0)
     if dense:
@@ -357,7 +357,7 @@ def readme_headline(rows, densities: Sequence[float] = DENSITIES, focus: float =
     personal = acc("dispfl", focus, "final_personal_accuracy")
     if personal:
         sentence += (f" On each client's own test split DisPFL's personalised models reach "
-                     f"{personal[0]:.1f} % at {focus:g} (at {ratio('dispfl', focus):.2f} of dense "
+                     f"{personal[0]:.1f}% at {focus:g} (at {ratio('dispfl', focus):.2f} of dense "
                      "bytes: ten neighbour models per round).")
     return sentence
 

@@ -97,7 +97,7 @@ def test_readme_headline_by_hand(comparison) -> None:
     # Methods with a different seed count make the sentence say so; bytes are shown only
     # where they differ from SSFL's (PruneFL's mean 0.134).
     assert text.startswith("Final global accuracy at density 0.1 (mean over the 1 to 2 seeds "
-                           "each method has so far): SSFL 61.0 % with 0.100 of dense")
+                           "each method has so far): SSFL 61.0% with 0.100 of dense")
     assert "PruneFL 56.0 (0.134 of dense bytes), random mask 40.0; dense FedAvg 65.0" in text
     assert "(at 0.5: SSFL 64.0, random mask 63.0)." in text
     assert "DisPFL" not in text
