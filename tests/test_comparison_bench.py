@@ -68,6 +68,10 @@ def test_relative_error_goal_by_hand(comparison) -> None:
     assert goal["relative_error_reduction"] == pytest.approx(1 - 39 / 45)
     assert goal["dense_relative_error_reduction"] == pytest.approx(1 - 35 / 45)
     assert goal["seeds"] == (2, 1)
+    (published,) = comparison.relative_error_goal(rows, [0.1], "final_accuracy",
+                                                  candidates=["random"])
+    assert published["strongest_baseline"] == "random"
+    assert published["relative_error_reduction"] == pytest.approx(1 - 39 / 50)
 
 
 def test_recorded_rows_count_as_done_and_are_reported(comparison, tmp_path: Path) -> None:
