@@ -69,6 +69,21 @@ def test_a_gpu_run_keeps_the_masks_bytes_and_learns_like_the_cpu_run(algorithm: 
 
 
 @needs_cuda
+def test_auto_on_a_gpu_asks_cudnn_for_reproducible_kernels() -> None:
+    torch.backends.cudnn.deterministic = False
+    assert resolve_device("auto").type == "cuda"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+
+
+def test_the_checkpoint_records_the_device(tmp_path) -> None:
+    from ssfl.checkpoint import load_checkpoint
+
+    run_experiment(load_config(None, [*FAST, 'run.device="cpu"']), tmp_path / "run")
+    meta, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert meta["device"] == "cpu"
+
+
+@needs_cuda
 def test_a_gpu_run_is_reproducible() -> None:
     a, b = _run('run.device="cuda"'), _run('run.device="cuda"')
     assert [m["train_loss"] for m in a.metrics] == [m["train_loss"] for m in b.metrics]

@@ -357,6 +357,16 @@ def test_node_cache_serves_later_messages_with_the_same_data(
     assert abs(metrics["handler-started"] - time.time()) < 600
 
 
+def test_node_config_device_overrides_the_runs_and_is_checked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    flat = run_config_from_config(load_config(None, QUICK))
+    monkeypatch.setattr(node_module, "_PROC", node_module._Process())
+    assert node_module._setup(flat, {}).config.run.device == "auto"
+    assert node_module._setup(flat, {"device": "cpu"}).config.run.device == "cpu"
+    with pytest.raises(ConfigError, match="node config device must be 'auto', 'cpu', 'cuda'"):
+        node_module._setup(flat, {"device": "gpu1"})
+
+
 def test_cached_part_trains_bit_identically(tmp_path: Path) -> None:
     """The cached part keeps the data set's strides (digits' size-1 channel dimension): torch
     picks its kernels from them, so a different layout would change the float sums."""

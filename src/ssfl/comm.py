@@ -75,7 +75,8 @@ def encode_values(
     if dtype not in VALUE_DTYPES:
         raise ValueError(f"unknown value dtype {dtype!r}; choose one of {sorted(VALUE_DTYPES)}")
     code, np_dtype = VALUE_DTYPES[dtype]
-    body = values.detach().reshape(-1).to(torch.float32).numpy().astype(np_dtype, copy=False)
+    body = values.detach().reshape(-1).to(device="cpu", dtype=torch.float32).numpy().astype(
+        np_dtype, copy=False)
     header = HEADER.pack(MAGIC, VERSION, int(kind), code, 0, round, body.size, digest)
     return header + body.tobytes()
 
@@ -89,7 +90,7 @@ def encode_indices(indices: torch.Tensor, *, round: int = 0,
                    digest: bytes = NO_DIGEST) -> bytes:
     """Strictly increasing flat positions as uint32: the cheaper way to say which weights a
     sparse payload holds when fewer than 1 in 32 are kept (a bitmap costs 1 bit per weight)."""
-    flat = indices.detach().reshape(-1).to(torch.int64)
+    flat = indices.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
     if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= 2**32
                          or not bool((flat[1:] > flat[:-1]).all())):
         raise ValueError("indices must be strictly increasing and fit in uint32")

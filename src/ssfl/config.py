@@ -223,6 +223,11 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def check_device(key: str, value: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ConfigError(f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+
 def validate(config: Config) -> None:
     """Checks that need no data. Checks against the data set run in ``check_against_data``."""
     _choice("data.dataset", config.data.dataset, DATASETS)
@@ -288,9 +293,7 @@ def validate(config: Config) -> None:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.run.device):
-        raise ConfigError(f"run.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
-                          f"{config.run.device!r}")
+    check_device("run.device", config.run.device)
     if config.federation.update_clip_norm > 0 and config.algorithm.name in (
         "random_clientwise", "feddst", "prunefl", "dispfl", "sparsyfed"
     ):

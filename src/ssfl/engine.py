@@ -102,7 +102,7 @@ def prepare(config: Config, *, data_root: str = "", with_test: bool = True) -> E
 def resolve_device(spec: str) -> torch.device:
     """The device ``run.device`` names on this machine (``auto``: its CUDA GPU if it has one)."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -285,6 +285,11 @@ def run(
         # default rather than as a difference.
         if from_dict(tomllib.loads(checkpoint[0]["config"])) != config:
             raise CheckpointError(f"the config differs from the one {run_dir} was started with")
+        before, now = checkpoint[0].get("device"), device_name(exp.model)
+        if before is not None and before != now:
+            logger.warning("%s was checkpointed on %s and resumes on %s: the rest of the run "
+                           "will differ in the last bits from an uninterrupted one", run_dir,
+                           before, now)
     seed, algo = config.run.seed, config.algorithm
     if exp.test_set is None:
         raise ValueError("the server needs the test set")
@@ -470,6 +475,7 @@ def run(
                     "round": rnd, "config": to_toml(config), "metrics": metrics,
                     "cumulative": cumulative, "one_time": one_time, "mask_info": mask_info,
                     "wall_seconds": time.perf_counter() - started, "strategy": strategy_meta,
+                    "device": device_name(model),
                 }, prefixed("strategy", strategy_tensors))
             if on_round is not None:
                 on_round(row)

@@ -45,7 +45,7 @@ from ssfl.client import (
     train_round,
 )
 from ssfl.comm import ParameterLayout, decode_bits, read_header
-from ssfl.config import Config
+from ssfl.config import Config, check_device
 from ssfl.data.datasets import ImageDataset, default_cache_dir, source_files
 from ssfl.engine import prepare, seeded_model, train_settings
 from ssfl.flower.protocol import (
@@ -108,12 +108,18 @@ def _setup(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> _Pr
     per-message counters."""
     data_root = str(node_config.get("data-root", ""))
     cache_dir = _cache_dir(node_config)
-    key = (tuple(sorted(run_config.items())), data_root, str(cache_dir))
+    # A node's own device (say cuda:1 for the second SuperNode of a two-GPU host) wins over
+    # the run's run.device.
+    device = str(node_config.get("device", ""))
+    key = (tuple(sorted(run_config.items())), data_root, str(cache_dir), device)
     _PROC.setup_seconds = 0.0  # what this message spent on set-up (0 when reused)
     _PROC.cache_hit = -1
     if _PROC.key != key:
         with Stopwatch() as watch:
             config, _ = config_from_run_config(run_config)
+            if device:
+                check_device("node config device", device)
+                config.run.device = device
             if config.run.threads > 0:
                 torch.set_num_threads(config.run.threads)
             _PROC.config, _PROC.data_root, _PROC.cache_dir = config, data_root, cache_dir
