@@ -131,6 +131,7 @@ def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     running: list[tuple[Job, subprocess.Popen, float]] = []
     failed: list[str] = []
+    durations: list[float] = []
     while todo or running:
         while todo and len(running) < workers:
             job = todo.pop(0)
@@ -153,10 +154,20 @@ def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[
             status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
             if proc.returncode != 0:
                 failed.append(job.name)
-            print(f"{job.name}: {status} in {time.time() - started:.0f} s; "
-                  f"{len(todo)} queued", flush=True)
+            durations.append(time.time() - started)
+            print(f"{job.name}: {status} in {durations[-1]:.0f} s; {len(todo)} queued"
+                  f"{time_left(durations, len(todo) + len(running), workers)}", flush=True)
     if failed:
         print(f"{len(failed)} run(s) failed, see their .log in {runs_dir}: {failed}")
+
+
+def time_left(durations: Sequence[float], remaining: int, workers: int) -> str:
+    """A rough estimate of the sweep's remaining time, from the runs finished so far."""
+    if not durations or remaining <= 0:
+        return ""
+    minutes = statistics.mean(durations) * remaining / max(1, workers) / 60
+    return (f", about {minutes:.0f} min left" if minutes < 90
+            else f", about {minutes / 60:.1f} h left")
 
 
 def tuned_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -141,3 +141,10 @@ def test_another_config_gets_its_own_folders(comparison) -> None:
     assert comparison.default_dirs(paper) == (
         Path("runs/comparison-cifar10_resnet18_paper"),
         BENCH.parent / "results" / "cifar10_resnet18_paper")
+
+
+def test_time_left_is_mean_run_time_times_runs_over_workers(comparison) -> None:
+    assert comparison.time_left([], 5, 2) == ""
+    assert comparison.time_left([300.0], 0, 2) == ""
+    assert comparison.time_left([240.0, 360.0], 4, 2) == ", about 10 min left"
+    assert comparison.time_left([300.0], 80, 2) == ", about 3.3 h left"
