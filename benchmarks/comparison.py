@@ -191,8 +191,12 @@ def load_summaries(jobs: Iterable[Job], runs_dir: Path,
         if path.exists():
             summary = json.loads(path.read_text())
             mask_info = json.loads((runs_dir / job.name / "mask.json").read_text())
+            metrics = [json.loads(line) for line in
+                       (runs_dir / job.name / "metrics.jsonl").read_text().splitlines()]
             rows.append({"name": job.name, "split": job.split, "lr": job.lr, **summary,
-                         "per_layer": mask_info.get("final", mask_info)["per_layer"]})
+                         "per_layer": mask_info.get("final", mask_info)["per_layer"],
+                         "curve": [[m["round"], m["accuracy"]] for m in metrics
+                                   if m["accuracy"] is not None]})
         elif recorded and job.name in recorded:
             rows.append(dict(recorded[job.name]))
     return rows
@@ -392,9 +396,10 @@ def _figure():
 
 
 def _finish(fig, ax, path: Path, *, xlabel: str, title: str, ncol: int = 2,
-            grid_axis: str = "both", legend_below: bool = False) -> None:
+            grid_axis: str = "both", legend_below: bool = False,
+            ylabel: str = "final global test accuracy (%)") -> None:
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("final global test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     if legend_below:  # bars reach the bottom of the axes: no room inside
         ax.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.16))
@@ -447,6 +452,50 @@ def plot_accuracy_vs_bytes(rows, densities, path: Path) -> None:
             title="Accuracy against communication (one point per density)")
 
 
+def mean_curve(rows) -> list[tuple[int, float]]:
+    """Global accuracy (%) at each evaluated round, mean over the rows that have a curve."""
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        for rnd, acc in r.get("curve") or []:
+            by_round.setdefault(rnd, []).append(acc * 100)
+    return [(rnd, statistics.mean(v)) for rnd, v in sorted(by_round.items())]
+
+
+def last_step_noise(rows) -> float | None:
+    """Mean absolute change of a run's global accuracy (points) between its last two
+    evaluations: how much the final figure moves with the last rounds' client sample."""
+    steps = [abs(r["curve"][-1][1] - r["curve"][-2][1]) * 100 for r in rows
+             if len(r.get("curve") or []) >= 2]
+    return statistics.mean(steps) if steps else None
+
+
+def leading_spread(rows, densities: Sequence[float], n: int = 3) -> float | None:
+    """The largest, over densities, gap (points) between the best and the n-th best method's
+    mean final global accuracy (dense FedAvg left out)."""
+    gaps = []
+    for d in densities:
+        means = sorted((statistics.mean(c) for m in _methods(rows) if m != "fedavg"
+                        for c in [_cells(_select(rows, m, d, REFERENCE_SPLIT),
+                                         "final_accuracy")] if c), reverse=True)
+        if len(means) >= n:
+            gaps.append(means[0] - means[n - 1])
+    return max(gaps) if gaps else None
+
+
+def plot_accuracy_vs_round(rows, density: float, path: Path) -> None:
+    fig, ax = _figure()
+    for method in _methods(rows):
+        d = 1.0 if method == "fedavg" else density
+        curve = mean_curve(_select(rows, method, d, REFERENCE_SPLIT))
+        if curve:
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3,
+                    ls="--" if method == "fedavg" else ":" if method == ORACLE else "-",
+                    color="black" if method == "fedavg" else None,
+                    label="dense FedAvg" if method == "fedavg" else method)
+    _finish(fig, ax, path, xlabel="round", ylabel="global test accuracy (%)",
+            title=f"Global accuracy during training at density {density:g} (mean over seeds)")
+
+
 def plot_noniid(rows, splits, path: Path) -> None:
     fig, ax = _figure()
     methods = _methods(rows)
@@ -489,7 +538,7 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
     keep = ("name", "algorithm", "split", "seed", "lr", "target_density", "density",
             "final_accuracy", "final_personal_accuracy", "best_accuracy", "bytes_per_round",
             "ratio_to_dense", "one_time_bytes", "total_bytes", "wall_seconds", "rounds",
-            "per_layer")
+            "per_layer", "curve")
     shown = config.resolve()
     shown = shown.relative_to(HERE.parent) if shown.is_relative_to(HERE.parent) else shown
     data: dict[str, Any] = {"config": str(shown), "overrides": extra,
@@ -526,6 +575,9 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
         plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png",
                                  setting)
         plot_accuracy_vs_bytes(rows, densities, out / "comparison_accuracy_vs_bytes.png")
+        plot_accuracy_vs_round(rows, TUNING_DENSITY, out / "comparison_accuracy_vs_round.png")
+        data["last_step_noise"] = last_step_noise(rows)
+        data["leading_spread"] = leading_spread(rows, densities)
     else:
         labels = [split_label(s) for s in splits]
         text = (

@@ -148,3 +148,17 @@ def test_time_left_is_mean_run_time_times_runs_over_workers(comparison) -> None:
     assert comparison.time_left([300.0], 0, 2) == ""
     assert comparison.time_left([240.0, 360.0], 4, 2) == ", about 10 min left"
     assert comparison.time_left([300.0], 80, 2) == ", about 3.3 h left"
+
+
+def test_curves_noise_and_leading_spread_by_hand(comparison) -> None:
+    rows = [_row("ssfl", 0.1, 0.42, curve=[[50, 0.45], [60, 0.42]]),
+            _row("ssfl", 0.1, 0.44, seed=1, curve=[[50, 0.43], [60, 0.44]]),
+            _row("prunefl", 0.1, 0.41, curve=[[60, 0.41]]),
+            _row("random", 0.1, 0.20), _row("fedavg", 1.0, 0.50)]
+    assert comparison.mean_curve(rows[:2]) == [(50, pytest.approx(44.0)),
+                                               (60, pytest.approx(43.0))]
+    # |42 - 45| and |44 - 43|: runs with fewer than two evaluations do not count.
+    assert comparison.last_step_noise(rows) == pytest.approx(2.0)
+    # Best 43 (SSFL's mean), third best 20 (random); dense FedAvg is left out.
+    assert comparison.leading_spread(rows, [0.1]) == pytest.approx(23.0)
+    assert comparison.leading_spread(rows, [0.1], n=4) is None
