@@ -115,7 +115,10 @@ def local_train(
         model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     model.train()
-    total_loss, steps, seen = 0.0, 0, 0
+    # Summed on the model's device in float64 (the same IEEE sums as Python floats), so a GPU
+    # is not made to wait for the host after every step.
+    total_loss = torch.zeros((), dtype=torch.float64, device=model_device(model))
+    steps, seen = 0, 0
     for _ in range(settings.local_epochs):
         for inputs, targets in iterate_batches(
             data, settings.batch_size, generator, augment=settings.augment,
@@ -134,10 +137,10 @@ def local_train(
                 # re-mask is a cheap guard against any optimiser change that would not.
                 with torch.no_grad():
                     torch._foreach_mul_(masked_params, masked_keep)
-            total_loss += float(loss.detach()) * targets.numel()
+            total_loss += loss.detach().to(torch.float64) * targets.numel()
             seen += targets.numel()
             steps += 1
-    mean_loss = total_loss / seen if seen else math.nan
+    mean_loss = float(total_loss) / seen if seen else math.nan
     return TrainResult(num_samples=len(data), mean_loss=mean_loss, steps=steps)
 
 
