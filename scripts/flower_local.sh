@@ -3,7 +3,8 @@
 # 127.0.0.1, one `flwr run`, then every process stopped (also on Ctrl-C / SIGTERM).
 #
 #   scripts/flower_local.sh                                   # 3 SuperNodes, the app's quickstart
-#   scripts/flower_local.sh --supernodes 4 configs/quickstart.toml federation.num_clients=4
+#   scripts/flower_local.sh --supernodes 4 configs/quickstart.toml federation.num_clients=4 \
+#       federation.clients_per_round=2
 #   scripts/flower_local.sh --help
 #
 # All the work (process groups, clean-up, collecting the run folder) is in ssfl.flower.local;

@@ -83,8 +83,8 @@ model). There is no global model in DisPFL; ``accuracy`` evaluates the consensus
 (``load_global_``): each weight averaged over all clients whose mask holds it, dense parameters
 over all clients -- what a client aggregating from everybody would start from (the authors'
 ``w_per_globals``). ``global_mask`` is the union of all client masks, the support of that
-consensus model (so the reported "density" is the union's; each client's own model has exactly
-the target density, see ``client_mask``).
+consensus model (``mask.json`` reports it as the final mask; the summary's ``density`` is the
+mean of the clients' own densities, each exactly the target, see ``client_mask``).
 
 Checkpoints store, for the clients that have published at least once, the mask bitmap (uint8),
 the values (float32) and the round of the upload; the others are derived from the seed again.
