@@ -482,6 +482,28 @@ def leading_spread(rows, densities: Sequence[float], n: int = 3) -> float | None
     return max(gaps) if gaps else None
 
 
+def seed_spread(rows, densities: Sequence[float]) -> dict[str, float]:
+    """Per method, the seed-to-seed standard deviation of the final global accuracy (points),
+    averaged over the densities where it has at least two seeds."""
+    out = {}
+    for m in _methods(rows):
+        stds = [statistics.stdev(c) for d in ([1.0] if m == "fedavg" else densities)
+                for c in [_cells(_select(rows, m, d, REFERENCE_SPLIT), "final_accuracy")]
+                if len(c) >= 2]
+        if stds:
+            out[m] = statistics.mean(stds)
+    return out
+
+
+def spread_table(spread: Mapping[str, float], rows, densities: Sequence[float]) -> str:
+    lines = ["| method | std over seeds (points) | densities with 2+ seeds |", "|---|---|---|"]
+    for m, v in sorted(spread.items(), key=lambda kv: kv[1]):
+        ds = [f"{d:g}" for d in ([1.0] if m == "fedavg" else densities)
+              if len(_select(rows, m, d, REFERENCE_SPLIT)) >= 2]
+        lines.append(f"| {m} | {v:.2f} | {', '.join(ds)} |")
+    return "\n".join(lines)
+
+
 def plot_accuracy_vs_round(rows, density: float, path: Path) -> None:
     fig, ax = _figure()
     for method in _methods(rows):
@@ -550,6 +572,7 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
         goals = (relative_error_goal(rows, densities, "final_accuracy")
                  + relative_error_goal(rows, densities, "final_personal_accuracy"))
         data["goal"] = goals
+        data["seed_spread"] = seed_spread(rows, densities)
         data["goal_published"] = relative_error_goal(rows, densities, "final_accuracy",
                                                      candidates=PUBLISHED)
         text = (
@@ -569,6 +592,12 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             + ", ".join(PUBLISHED) + "; the others are the SSFL paper's ablations), global "
             "protocol:\n\n"
             + goal_table(data["goal_published"]) + "\n"
+            + ("\nHow much a method's final global accuracy varies from seed to seed (seeds "
+               "change the partition, the initial weights and the client sampling; standard "
+               "deviation, mean over the densities with two or more seeds; from so few seeds, a "
+               "rough estimate):\n\n"
+               + spread_table(data["seed_spread"], rows, densities) + "\n"
+               if data["seed_spread"] else "")
             + tuning_text(tuning_rows, tuned or {}))
         setting = ("CIFAR-10 CPU reference" if config.resolve() == CONFIG.resolve()
                    else config.stem)
