@@ -168,11 +168,11 @@ def test_seed_spread_by_hand(comparison) -> None:
     rows = [_row("ssfl", 0.1, 0.40), _row("ssfl", 0.1, 0.42, seed=1),
             _row("ssfl", 0.05, 0.30), _row("ssfl", 0.05, 0.36, seed=1),
             _row("prunefl", 0.1, 0.50),  # one seed: no spread
-            _row("fedavg", 1.0, 0.60), _row("fedavg", 1.0, 0.64, seed=1)]
+            _row("fedavg", 1.0, 0.60), _row("fedavg", 1.0, 0.70, seed=1)]
     spread = comparison.seed_spread(rows, [0.1, 0.05])
     # stdev(40, 42) = sqrt(2), stdev(30, 36) = sqrt(18); dense FedAvg at density 1.
     assert spread["ssfl"] == pytest.approx((2 ** 0.5 + 18 ** 0.5) / 2)
-    assert spread["fedavg"] == pytest.approx(8 ** 0.5)
+    assert spread["fedavg"] == pytest.approx(50 ** 0.5)
     assert "prunefl" not in spread
     table = comparison.spread_table(spread, rows, [0.1, 0.05])
-    assert table.splitlines()[2] == "| ssfl | 2.83 | 0.1, 0.05 |"
+    assert table.splitlines()[2:] == ["| ssfl | 2.83 | 0.1, 0.05 |", "| fedavg | 7.07 | 1 |"]
