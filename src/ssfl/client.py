@@ -106,6 +106,7 @@ def local_train(
     optimiser is made per call, as in FedAvg, so no momentum carries across rounds.
     """
     params = dict(model.named_parameters())
+    device = model_device(model)
     # Layers kept whole (density 1, dense FedAvg) need no masking work at all.
     masked = [(params[n], m.to(device=params[n].device, dtype=params[n].dtype))
               for n, m in (mask or {}).items() if not bool(m.all())]
@@ -117,12 +118,11 @@ def local_train(
     model.train()
     # Summed on the model's device in float64 (the same IEEE sums as Python floats), so a GPU
     # is not made to wait for the host after every step.
-    total_loss = torch.zeros((), dtype=torch.float64, device=model_device(model))
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
     steps, seen = 0, 0
     for _ in range(settings.local_epochs):
         for inputs, targets in iterate_batches(
-            data, settings.batch_size, generator, augment=settings.augment,
-            device=model_device(model),
+            data, settings.batch_size, generator, augment=settings.augment, device=device
         ):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs), targets)

@@ -32,7 +32,7 @@ from ssfl.checkpoint import (
     save_checkpoint,
     unprefixed,
 )
-from ssfl.client import LocalData, TrainSettings, evaluate_samples
+from ssfl.client import LocalData, TrainSettings, evaluate_samples, model_device
 from ssfl.comm import encode_values, read_header
 from ssfl.config import (
     Config,
@@ -128,7 +128,7 @@ def seeded_model(config: Config, data: ImageDataset) -> torch.nn.Module:
 
 def device_name(model: torch.nn.Module) -> str:
     """Where ``model`` trains, for the summary: ``cpu`` or ``cuda:0 (<GPU name>)``."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     if device.type != "cuda":
         return device.type
     return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -276,6 +276,7 @@ def run(
     """Run ``exp`` to the end (or, with ``resume``, on from the checkpoint in ``run_dir``)."""
     config = exp.config
     transport.check_supported(config)
+    device = device_name(exp.model)  # where this process trains: recorded, compared on resume
     checkpoint = None
     if resume:
         if run_dir is None:
@@ -285,11 +286,11 @@ def run(
         # default rather than as a difference.
         if from_dict(tomllib.loads(checkpoint[0]["config"])) != config:
             raise CheckpointError(f"the config differs from the one {run_dir} was started with")
-        before, now = checkpoint[0].get("device"), device_name(exp.model)
-        if before is not None and before != now:
+        before = checkpoint[0].get("device")
+        if before is not None and before != device:
             logger.warning("%s was checkpointed on %s and resumes on %s: the rest of the run "
                            "will differ in the last bits from an uninterrupted one", run_dir,
-                           before, now)
+                           before, device)
     seed, algo = config.run.seed, config.algorithm
     if exp.test_set is None:
         raise ValueError("the server needs the test set")
@@ -475,7 +476,7 @@ def run(
                     "round": rnd, "config": to_toml(config), "metrics": metrics,
                     "cumulative": cumulative, "one_time": one_time, "mask_info": mask_info,
                     "wall_seconds": time.perf_counter() - started, "strategy": strategy_meta,
-                    "device": device_name(model),
+                    "device": device,
                 }, prefixed("strategy", strategy_tensors))
             if on_round is not None:
                 on_round(row)
@@ -530,7 +531,7 @@ def run(
         "num_parameters": sum(t.numel() for t in exp.initial.values()),
         "wall_seconds": wall,
         "mask_seconds": mask_seconds,
-        "device": device_name(model),
+        "device": device,
         "samples_per_second": samples / seconds if seconds > 0 else 0.0,
         **transport.summary_info(),
     }
