@@ -357,7 +357,9 @@ def main() -> None:
         + comparison_section(_load("comparison.json"))
         + "\n## Non-IID sweep\n\n`python benchmarks/comparison.py noniid`: the same setting "
         "at density 0.2 over balanced Dirichlet splits (alpha 0.1 to 1; smaller is more "
-        "skewed) and the pathological split (2 classes per client).\n\n"
+        "skewed) and the pathological split (2 classes per client), for dense FedAvg, SSFL, "
+        "the random mask and the published methods (the mask ablations are the main sweep's "
+        "question).\n\n"
         + noniid_section(_load("noniid.json"))
         + "\n## Mask analysis\n\n`python benchmarks/mask_analysis.py`.\n\n"
         + mask_analysis_section(_load("mask_analysis.json"))

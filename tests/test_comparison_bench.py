@@ -52,6 +52,15 @@ def test_tuned_rate_is_the_best_accuracy_and_ties_go_to_the_smaller_rate(compari
     assert comparison.tuned_rates(rows) == {"sparsyfed": 0.1}
 
 
+def test_each_sweep_has_its_default_methods_and_a_typo_stops_it(comparison) -> None:
+    assert comparison.sweep_methods("main", None) == comparison.METHODS
+    noniid = comparison.sweep_methods("noniid", None)
+    assert noniid == comparison.NONIID_METHODS and "snip_oracle" not in noniid
+    assert comparison.sweep_methods("noniid", "ssfl,fedavg") == ["ssfl", "fedavg"]
+    with pytest.raises(SystemExit, match="unknown 'sfl'; choose from dispfl, fedavg"):
+        comparison.sweep_methods("main", "ssfl,sfl")
+
+
 def test_unknown_split_is_refused(comparison) -> None:
     with pytest.raises(SystemExit, match="unknown split"):
         comparison.split_overrides("iid")
