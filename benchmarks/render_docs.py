@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,11 @@ def noniid_section(data: dict[str, Any] | None) -> str:
     if data is None:
         return "_Not yet measured: run `python benchmarks/comparison.py noniid`._\n"
     seeds = sorted({r["seed"] for r in data["runs"]})
-    return (f"Config `{data['config']}`, density 0.2, seeds {', '.join(map(str, seeds))}.\n\n"
+    per_cell = Counter((r["algorithm"], r["split"]) for r in data["runs"]).values()
+    fewest, most = min(per_cell), max(per_cell)
+    cell_text = f"{fewest}" if fewest == most else f"{fewest} to {most}"
+    return (f"Config `{data['config']}`, density 0.2, seeds {', '.join(map(str, seeds))} "
+            f"({cell_text} per method and split).\n\n"
             + (RESULTS / "noniid.md").read_text()
             + "\n![non-IID sweep](../benchmarks/results/noniid_accuracy.png)\n"
             "\nReading the sweep: the more skewed the split, the lower the global models, up to "
