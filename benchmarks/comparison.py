@@ -274,11 +274,16 @@ def accuracy_table(rows, columns: Sequence[Any], column_key: str, key: str,
     return "\n".join(lines)
 
 
+def method_densities(method: str, densities: Sequence[float]) -> Sequence[float]:
+    """The densities ``method`` has runs at: dense FedAvg only at 1."""
+    return [1.0] if method == "fedavg" else densities
+
+
 def bytes_table(rows, densities: Sequence[float]) -> str:
     lines = ["| method | density | MB per client-round (down + up) | ratio to dense | "
              "one-time MB | total MB of the run |", "|---|---|---|---|---|---|"]
     for method in _methods(rows):
-        for d in ([1.0] if method == "fedavg" else densities):
+        for d in method_densities(method, densities):
             chosen = _select(rows, method, d, REFERENCE_SPLIT)
             if not chosen:
                 continue
@@ -458,7 +463,7 @@ def plot_accuracy_vs_bytes(rows, densities, path: Path) -> None:
     fig, ax = _figure()
     for method in _methods(rows):
         xs, ys = [], []
-        for d in ([1.0] if method == "fedavg" else densities):
+        for d in method_densities(method, densities):
             chosen = _select(rows, method, d, REFERENCE_SPLIT)
             if chosen:
                 xs.append(statistics.mean(r["total_bytes"] / 1e6 for r in chosen))
@@ -506,9 +511,9 @@ def seed_spread(rows, densities: Sequence[float]) -> dict[str, float]:
     averaged over the densities where it has at least two seeds."""
     out = {}
     for m in _methods(rows):
-        stds = [statistics.stdev(c) for d in ([1.0] if m == "fedavg" else densities)
-                for c in [_cells(_select(rows, m, d, REFERENCE_SPLIT), "final_accuracy")]
-                if len(c) >= 2]
+        cells = [_cells(_select(rows, m, d, REFERENCE_SPLIT), "final_accuracy")
+                 for d in method_densities(m, densities)]
+        stds = [statistics.stdev(c) for c in cells if len(c) >= 2]
         if stds:
             out[m] = statistics.mean(stds)
     return out
@@ -517,7 +522,7 @@ def seed_spread(rows, densities: Sequence[float]) -> dict[str, float]:
 def spread_table(spread: Mapping[str, float], rows, densities: Sequence[float]) -> str:
     lines = ["| method | std over seeds (points) | densities with 2+ seeds |", "|---|---|---|"]
     for m, v in sorted(spread.items(), key=lambda kv: kv[1]):
-        ds = [f"{d:g}" for d in ([1.0] if m == "fedavg" else densities)
+        ds = [f"{d:g}" for d in method_densities(m, densities)
               if len(_select(rows, m, d, REFERENCE_SPLIT)) >= 2]
         lines.append(f"| {m} | {v:.2f} | {', '.join(ds)} |")
     return "\n".join(lines)
