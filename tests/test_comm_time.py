@@ -111,7 +111,7 @@ def test_round_record_takes_the_breakdown_of_the_last_reply(comm_time) -> None:
 
 
 def test_node_plan_gives_each_sampled_client_its_own_supernode(comm_time) -> None:
-    from ssfl.engine import sample_clients
+    from ssfl.run.experiment import sample_clients
 
     assert comm_time.node_plan(3, 2, 3, 0) == ([0, 1, 2], False)
     pinned, pool = comm_time.node_plan(1000, 2, 3, 0)

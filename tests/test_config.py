@@ -43,7 +43,15 @@ def test_overrides_are_typed() -> None:
         (["train.augment=yes"], "train.augment"),
         (["comm.value_dtype=int8"], "comm.value_dtype"),
         (["algorithm.name=feddst", "federation.update_clip_norm=1.0"],
-         "update_clip_norm applies to the global-mask algorithms"),
+         "update_clip_norm applies to the global-mask methods"),
+        (["algorithm.feddst.nosuch=1"], "unknown config key 'algorithm.feddst.nosuch'"),
+        (["algorithm.feddst.update_interval=0"], "algorithm.feddst: update_interval must be"),
+        (["algorithm.feddst.prune_fraction=yes"], "algorithm.feddst.prune_fraction must be"),
+        (["algorithm.magic.x=1"], r"\[algorithm.magic\] names no method"),
+        (["algorithm.name=dispfl", "federation.num_clients=1",
+          "federation.clients_per_round=1"], "needs federation.num_clients >= 2"),
+        (["run.plugins=no_such_module_here"], "no_such_module_here"),
+        (["a.b.c=1"], "algorithm.<method>.key"),
         (["federation.min_replies=9"], "exceeds federation.clients_per_round"),
         (["federation.failure_rate=1.0"], "failure_rate must be in"),
         (["train.lr"], "section.key=value"),
@@ -78,3 +86,30 @@ def test_shipped_configs_are_valid() -> None:
     assert configs, "configs/ should hold example configs"
     for path in configs:
         load_config(path)
+
+
+def test_method_tables_are_the_methods_own_and_old_flat_keys_still_load(tmp_path: Path) -> None:
+    new = load_config(None, ["algorithm.name=feddst", "algorithm.feddst.update_interval=3"])
+    assert new.algorithm.options == {
+        "feddst": {"update_interval": 3, "update_until": 0, "prune_fraction": 0.3}}
+    # The spelling of earlier versions (flat keys under [algorithm]) gives the same config.
+    old = load_config(None, ["algorithm.name=feddst", "algorithm.update_interval=3"])
+    assert old == new
+    # The resolved config writes the chosen method's table in full and reads back the same.
+    text = to_toml(new)
+    assert "[algorithm.feddst]\nupdate_interval = 3\n" in text
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert load_config(path) == new
+    # Tables of other methods are checked, then left out of the resolved config.
+    both = load_config(None, ["algorithm.name=ssfl", "algorithm.feddst.update_interval=3"])
+    assert list(both.algorithm.options) == ["ssfl"]
+
+
+def test_config_module_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, ssfl.config, ssfl.flower.protocol; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssfl.config import ConfigError, load_config
-from ssfl.engine import resolve_device
+from ssfl.run.experiment import resolve_device
 from ssfl.sim import run_experiment
 
 FAST = ["run.rounds=4", "run.eval_every=2", "run.progress=false", "federation.num_clients=6",

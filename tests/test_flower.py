@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from flower_grid import InMemoryGrid  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -82,12 +81,9 @@ def node_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     return folder / "flower"
 
 
-def _assert_same_metrics(sim: list[dict], fl: list[dict], one_time_extra: int = 0) -> None:
-    """``one_time_extra``: mask bytes the Flower run sends beyond the simulator's count (the
-    simulator counts one mask per client; Flower sends one per node)."""
+def _assert_same_metrics(sim: list[dict], fl: list[dict]) -> None:
     assert len(sim) == len(fl)
     for a, b in zip(sim, fl):
-        b = dict(b, bytes_cumulative=b["bytes_cumulative"] - one_time_extra)
         for key in COMPARED:
             if isinstance(a[key], float):
                 assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), (key, a, b)
@@ -181,58 +177,6 @@ def test_flower_encoding_overhead_at_resnet18_size_is_below_2_percent(density: f
 # ---- in-process Grid: the apps without processes ------------------------------------------------
 
 
-class InMemoryGrid(Grid):
-    """Delivers each message to the ClientApp of its node at once, through Flower's own
-    serialisation (deflate/inflate), with one persistent Context per node as a SuperNode keeps."""
-
-    def __init__(self, config_flat: dict, node_configs: list[dict]) -> None:
-        self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config=nc, state=RecordDict(),
-                              run_config=dict(config_flat))
-            for i, nc in enumerate(node_configs)
-        }
-        self.replies: dict[str, Message] = {}
-        self.received: list[tuple[int, str]] = []
-
-    def set_run(self, run):  # pragma: no cover - unused
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - unused
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    @staticmethod
-    def _transport(message: Message) -> Message:
-        contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
-        return inflate_object_from_contents(message.object_id, contents)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id
-            node = msg.metadata.dst_node_id
-            self.received.append((node, msg.metadata.message_type))
-            delivered = self._transport(msg)
-            delivered.metadata.__dict__["_message_id"] = msg.object_id
-            reply = client_module.app(delivered, self.contexts[node])
-            reply.metadata.__dict__["_message_id"] = reply.object_id
-            self.replies[msg.object_id] = self._transport(reply)
-            ids.append(msg.object_id)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - unused
-        return self.pull_messages(self.push_messages(messages))
-
-
 @pytest.fixture()
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
@@ -252,6 +196,17 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         (QUICK + ["algorithm.name=fedavg", "algorithm.density=1.0"], [{}]),
         (QUICK + ["algorithm.name=snip_single", "algorithm.density=0.2"], [{}, {}]),
         (QUICK + ["algorithm.name=random_erk", "algorithm.density=0.2"], [{}, {}]),
+        # the methods with per-client or changing masks, personal models and client state
+        (QUICK + ["algorithm.name=random_clientwise", "algorithm.density=0.3"], [{}, {}]),
+        (QUICK + ["algorithm.name=feddst", "algorithm.density=0.3", "run.rounds=4",
+                  "algorithm.feddst.update_interval=2", "algorithm.feddst.update_until=4"],
+         [{"partition-id": i, "num-partitions": 3} for i in range(3)]),
+        (QUICK + ["algorithm.name=prunefl", "algorithm.density=0.3", "run.rounds=4",
+                  "algorithm.prunefl.update_interval=2", "algorithm.prunefl.initial_rounds=2"],
+         [{}, {}]),
+        (QUICK + ["algorithm.name=sparsyfed", "algorithm.density=0.2"], [{}, {}]),
+        (QUICK + ["algorithm.name=dispfl", "algorithm.density=0.3",
+                  "algorithm.dispfl.neighbors=1"], [{}, {}]),
     ],
 )
 def test_in_process_flower_run_matches_simulator(
@@ -263,25 +218,20 @@ def test_in_process_flower_run_matches_simulator(
     fl = run_on_grid(grid, config, FlowerSettings(node_wait_seconds=5), tmp_path / "run")
     prunable = list(sim.mask)
     assert mask_digest(fl["mask"], prunable) == mask_digest(sim.mask, prunable)
-    assert json.loads((tmp_path / "run" / "mask.json").read_text())["digest"] == \
+    assert json.loads((tmp_path / "run" / "mask.json").read_text())["final"]["digest"] == \
         mask_digest(sim.mask, prunable).hex()
-    extra = sum(fl["summary"]["one_time_bytes"].values()) - sum(
-        sim.summary["one_time_bytes"].values())
-    if len(node_configs) == config.federation.num_clients:
-        assert extra == 0
-    _assert_same_metrics(sim.metrics, fl["metrics"], extra)
+    assert fl["summary"]["one_time_bytes"] == sim.summary["one_time_bytes"]
+    _assert_same_metrics(sim.metrics, fl["metrics"])
     assert torch.equal(fl["values"], sim.final_values)
-    for key in ["density", "final_accuracy", "bytes_per_round", "dense_bytes_per_round",
-                "ratio_to_dense", "num_values"]:
+    for key in ["density", "final_accuracy", "final_personal_accuracy", "bytes_per_round",
+                "dense_bytes_per_round", "ratio_to_dense", "num_values", "total_bytes"]:
         assert fl["summary"][key] == sim.summary[key], key
-    if len(node_configs) == config.federation.num_clients:
-        assert fl["summary"]["total_bytes"] == sim.summary["total_bytes"]
-    # The mask goes to each node once; training rounds carry values only.
+    # Set-up messages go to each client (SSFL: scores, then the mask); rounds carry payloads.
     types = [t for _, t in grid.received]
-    assert types.count("query.mask") == len(node_configs)
+    assert set(types) <= {"query.hello", "query.setup", "train"}
     assert types.count("train") == config.run.rounds * config.federation.clients_per_round
     written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    _assert_same_metrics(sim.metrics, written, extra)
+    _assert_same_metrics(sim.metrics, written)
     for row in written:  # the time line of each round (one entry per replying client)
         k = len(row["clients"])
         assert len(row["client_reply_seconds"]) == len(row["client_handler_seconds"]) == k
@@ -292,10 +242,9 @@ def test_in_process_flower_run_matches_simulator(
         p.name for p in (tmp_path / "run").iterdir()}
 
 
-@pytest.mark.parametrize("algorithm", ["snip_oracle", "random_clientwise", "feddst", "prunefl"])
-def test_algorithms_not_on_flower_are_refused_before_any_work(algorithm: str) -> None:
-    config = load_config(None, [*QUICK, f"algorithm.name={algorithm}"])
-    with pytest.raises(ConfigError, match="does not run on Flower"):
+def test_pooled_data_method_is_refused_before_any_work() -> None:
+    config = load_config(None, [*QUICK, "algorithm.name=snip_oracle"])
+    with pytest.raises(ConfigError, match="pooled data of every client"):
         run_on_grid(InMemoryGrid(run_config_from_config(config), [{}]), config,
                     FlowerSettings(), write=False)
 
@@ -313,8 +262,11 @@ def test_pinned_nodes_must_cover_every_client(task_identity: None) -> None:
 
 
 def _scores_message(cid: int) -> Message:
-    return Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}),
-                   metadata=_metadata("query.scores"))
+    """SSFL's set-up message asking client ``cid`` for its saliency scores."""
+    return Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid, "kind": "scores",
+                                                     "round": 0, "lr": 0.0}),
+                               "payload": payload_record(b"")}),
+                   metadata=_metadata("query.setup"))
 
 
 def test_node_cache_serves_later_messages_with_the_same_data(
@@ -371,7 +323,7 @@ def test_cached_part_trains_bit_identically(tmp_path: Path) -> None:
     """The cached part keeps the data set's strides (digits' size-1 channel dimension): torch
     picks its kernels from them, so a different layout would change the float sums."""
     from ssfl.client import LocalData, local_train
-    from ssfl.engine import prepare, seeded_model, train_settings
+    from ssfl.run.experiment import prepare, seeded_model, train_settings
 
     config = load_config(None, QUICK)
     exp = prepare(config, with_test=False)
@@ -444,14 +396,17 @@ def test_round_timeline_splits_each_reply() -> None:
     assert old["client_deliver_seconds"] == [None] and old["client_return_seconds"] == [None]
 
 
-def test_train_before_mask_is_an_error_reply(task_identity: None) -> None:
+def test_train_before_mask_is_refused_never_trained_densely(task_identity: None) -> None:
+    """A client that never received SSFL's mask cannot read a sparse round's payload (its
+    count and mask digest are another mask's): the message fails instead of training."""
     config = load_config(None, QUICK)
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
                       run_config=run_config_from_config(config))
+    sparse = encode_values(torch.zeros(100), round=1, digest=b"\x01" * 8)
     msg = Message(RecordDict({CONFIG: ConfigRecord({"client-id": 0, "round": 1, "lr": 0.1}),
-                              "payload": payload_record(b"x" * HEADER.size)}),
+                              "payload": payload_record(sparse)}),
                   metadata=_metadata("train"))
-    with pytest.raises(RuntimeError, match="no mask"):
+    with pytest.raises(ValueError, match="payload has 100 values, expected"):
         client_module.app(msg, context)
 
 

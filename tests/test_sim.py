@@ -89,20 +89,14 @@ def test_uniform_and_weighted_score_aggregation_both_run() -> None:
     assert w.summary["density"] == u.summary["density"]
 
 
-def test_clients_share_one_image_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssfl.engine as engine
+def test_clients_share_one_image_tensor() -> None:
+    from ssfl.sim import InProcessTransport, prepare
 
-    seen = []
-    real = engine.LocalData
-
-    def spy(*args, **kwargs):
-        data = real(*args, **kwargs)
-        seen.append(data.images.data_ptr())
-        return data
-
-    monkeypatch.setattr(engine, "LocalData", spy)
-    _run()
-    assert len(seen) >= 6 and len(set(seen)) == 1
+    exp = prepare(load_config(None, FAST))
+    clients = InProcessTransport(exp).clients
+    assert len(clients) == exp.config.federation.num_clients
+    # Index sets into the one uint8 tensor, never copies of it.
+    assert {c.images.data_ptr() for c in clients} == {exp.train_set.images.data_ptr()}
 
 
 def test_eval_every_zero_trains_without_evaluating() -> None:

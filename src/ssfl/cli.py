@@ -13,7 +13,8 @@ from ssfl.config import ConfigError, load_config
 def _run(args: argparse.Namespace) -> int:
     from ssfl.checkpoint import CheckpointError
     from ssfl.data.datasets import CorruptDatasetError, DatasetNotFoundError
-    from ssfl.server import RoundFailed
+    from ssfl.algorithms.base import RoundFailed
+    from ssfl.run.loop import SetupFailed
     from ssfl.sim import run_experiment
 
     # Words with "=" are overrides; at most one other word, the config file. One positional
@@ -39,6 +40,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError) as exc:
         print(f"ssfl run: {exc}", file=sys.stderr)
         return 2
+    except SetupFailed as exc:
+        print(f"ssfl run: the set-up phase failed: {exc}", file=sys.stderr)
+        return 3
     except RoundFailed as exc:
         where = f"; continue it with: ssfl run --resume {exc.run_dir}" if exc.run_dir else ""
         print(f"ssfl run: the run stopped: {exc}{where}", file=sys.stderr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -230,3 +230,69 @@ def train_round(
         timings.update(decode=decoded - started, train=trained - decoded,
                        encode=time.perf_counter() - trained)
     return reply, result
+
+
+def minibatch_gradient(
+    model: nn.Module,
+    data: LocalData,
+    settings: TrainSettings,
+    generator: torch.Generator,
+    names: list[str],
+) -> dict[str, torch.Tensor]:
+    """Dense gradient of the loss on one minibatch of the client's data (``.grad`` untouched),
+    as CPU tensors."""
+    inputs, targets = next(iterate_batches(data, settings.batch_size, generator,
+                                           augment=settings.augment, device=model_device(model)))
+    params = dict(model.named_parameters())
+    model.train()
+    loss = F.cross_entropy(model(inputs), targets)
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    return {n: g.detach().cpu() for n, g in zip(names, grads)}
+
+
+def cpu_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named weights of ``model`` as CPU tensors (the very tensors when it is on the CPU)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu() for n in names}
+
+
+@torch.no_grad()
+def apply_regrowth_(model: nn.Module, new_mask: Mask, grown: Mapping[str, torch.Tensor]) -> None:
+    """After a drop-and-regrow: regrown weights start at exactly zero, dropped weights leave."""
+    params = dict(model.named_parameters())
+    for n, keep in new_mask.items():
+        params[n].view(-1)[grown[n].to(params[n].device)] = 0.0
+        params[n].masked_fill_(~keep.to(params[n].device), 0.0)
+
+
+def train_with_importance(
+    model: nn.Module,
+    data: LocalData,
+    settings: TrainSettings,
+    lr: float,
+    generator: torch.Generator,
+    mask: Mapping[str, torch.Tensor],
+    names: list[str],
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """``local_train`` that also returns PruneFL's importance: the squared dense gradient of
+    every weight in ``names`` (masked-out ones included), averaged over the local iterations.
+
+    Gradient hooks see each minibatch's gradient before ``local_train`` masks it, so this costs
+    no extra backward pass.
+    """
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+
+    def hook(name: str):
+        def accumulate(grad: torch.Tensor) -> None:
+            sums[name].add_(grad.detach().to(torch.float64).square())
+        return accumulate
+
+    handles = [params[n].register_hook(hook(n)) for n in names]
+    try:
+        result = local_train(model, data, settings, lr, generator, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    steps = max(result.steps, 1)
+    return {n: (s / steps).to(device="cpu", dtype=torch.float32) for n, s in sums.items()}, result

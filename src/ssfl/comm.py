@@ -188,6 +188,21 @@ def decode_bits(payload: bytes, *, expected_count: int) -> bytes:
     return bytes(payload[HEADER.size :])
 
 
+def payload_parts(payload: bytes) -> list[bytes]:
+    """Split a bundle of concatenated payloads (each starts with its own header)."""
+    parts, offset = [], 0
+    while offset < len(payload):
+        header = read_header(payload[offset:])
+        itemsize = ITEM_SIZES.get(header.dtype_code)  # None: packed bits
+        size = HEADER.size + ((header.count + 7) // 8 if itemsize is None
+                              else header.count * itemsize)
+        if offset + size > len(payload):
+            raise PayloadError("bundle ends inside a payload")
+        parts.append(payload[offset : offset + size])
+        offset += size
+    return parts
+
+
 class ParameterLayout:
     """The order in which a masked model's values are laid out in a payload.
 
@@ -266,6 +281,7 @@ __all__: Sequence[str] = [
     "decode_bits",
     "decode_indices",
     "decode_values",
+    "payload_parts",
     "encode_bits",
     "encode_indices",
     "encode_values",

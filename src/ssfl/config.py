@@ -15,14 +15,29 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from ssfl.comm import VALUE_DTYPES
-from ssfl.data.datasets import DATASETS
-from ssfl.data.partition import PARTITIONS
-from ssfl.models import MODELS
-from ssfl.server import ALGORITHMS, SCORE_AGGREGATIONS
-
 LR_SCHEDULES = ("exponential", "cosine")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
+#: the names of ``ssfl.comm.VALUE_DTYPES`` (a test keeps them equal; this module stays torch-free)
+VALUE_DTYPE_NAMES = ("float16", "float32")
+
+#: the flat ``[algorithm]`` keys of earlier versions, and the method tables they now belong to
+#: (``algorithm.update_interval`` -> ``algorithm.feddst.update_interval`` and
+#: ``algorithm.prunefl.update_interval``); old configs and run folders still load.
+LEGACY_ALGORITHM_KEYS: dict[str, list[tuple[str, str]]] = {
+    "score_aggregation": [("ssfl", "score_aggregation"), ("snip_single", "score_aggregation")],
+    "saliency_batches": [("ssfl", "saliency_batches"), ("snip_single", "saliency_batches"),
+                         ("snip_oracle", "saliency_batches")],
+    "saliency_batch_size": [("ssfl", "saliency_batch_size"),
+                            ("snip_single", "saliency_batch_size"),
+                            ("snip_oracle", "saliency_batch_size")],
+    "update_interval": [("feddst", "update_interval"), ("prunefl", "update_interval")],
+    "update_until": [("feddst", "update_until"), ("prunefl", "update_until")],
+    "prune_fraction": [("feddst", "prune_fraction")],
+    "prunefl_initial_rounds": [("prunefl", "initial_rounds")],
+    "powerprop_beta": [("sparsyfed", "powerprop_beta")],
+    "neighbors": [("dispfl", "neighbors")],
+    "dispfl_anneal": [("dispfl", "anneal")],
+}
 
 
 class ConfigError(ValueError):
@@ -43,6 +58,9 @@ class RunSection:
     progress: bool = True
     # Save the server state every n rounds (and after the last) for `ssfl run --resume`; 0: never
     checkpoint_every: int = 10
+    # Modules to import before the config is checked, comma-separated, so that methods, models
+    # and data sets they register can be named (every process of a Flower run imports them)
+    plugins: str = ""
 
 
 @dataclass
@@ -65,26 +83,10 @@ class ModelSection:
 class AlgorithmSection:
     name: str = "ssfl"
     density: float = 0.5
-    score_aggregation: str = "weighted"
-    saliency_batches: int = 1
-    saliency_batch_size: int = 0  # 0: the training batch size
-    # Dynamic masks (feddst, prunefl): the global mask is updated every `update_interval` rounds
-    # (R; rounds R, 2R, ...) up to round `update_until` (0: half the run). FedDST's clients drop
-    # a fraction alpha_r = prune_fraction/2 * (1 + cos(pi * round / update_until)) of their
-    # smallest active weights per layer and regrow as many by gradient magnitude.
-    update_interval: int = 10
-    update_until: int = 0
-    prune_fraction: float = 0.3  # alpha, in [0, 1]; 0 keeps FedDST's initial ERK mask fixed
-    # PruneFL: local rounds of initial pruning on client 0 before federated training
-    prunefl_initial_rounds: int = 5
-    # SparsyFed: the Powerprop exponent beta (w = v * |v|**(beta-1)), the method's one
-    # hyperparameter (authors' CIFAR setting 1.25); 1 trains plain weights (top-k pruning only)
-    powerprop_beta: float = 1.25
-    # DisPFL: neighbours each active client aggregates from (besides itself; at most all other
-    # clients), and its anneal factor: every local update drops/regrows a fraction
-    # dispfl_anneal/2 * (1 + cos(pi * (round-1) / rounds)) of each layer (authors' default 0.5)
-    neighbors: int = 10
-    dispfl_anneal: float = 0.5
+    # Each method's own settings, the tables [algorithm.<method>] (for example
+    # [algorithm.feddst] update_interval = 10), validated by the method (its Settings class in
+    # ssfl.algorithms); the resolved config holds the chosen method's table in full.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,7 +137,11 @@ class Config:
     comm: CommSection = field(default_factory=CommSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Sections of scalars; ``[algorithm]`` also holds the method tables by name."""
+        out = dataclasses.asdict(self)
+        options = out["algorithm"].pop("options")
+        out["algorithm"].update({name: dict(table) for name, table in options.items()})
+        return out
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
@@ -145,7 +151,7 @@ def _section_types() -> dict[str, type]:
     return get_type_hints(Config)
 
 
-def _coerce(key: str, value: Any, expected: type) -> Any:
+def coerce(key: str, value: Any, expected: type) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is bool and not isinstance(value, bool):
@@ -170,13 +176,35 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             raise ConfigError(f"[{section_name}] must be a table of keys")
         section = getattr(config, section_name)
         hints = get_type_hints(type(section))
+        if section_name == "algorithm":
+            section_values = _algorithm_tables(config.algorithm, section_values)
         for key, value in section_values.items():
             dotted = f"{section_name}.{key}"
-            if key not in hints:
+            if key not in hints or key == "options":
                 raise ConfigError(f"unknown config key {dotted!r}; allowed in [{section_name}]: "
                                   f"{sorted(hints)}")
-            setattr(section, key, _coerce(dotted, value, hints[key]))
+            setattr(section, key, coerce(dotted, value, hints[key]))
     return config
+
+
+def _algorithm_tables(section: AlgorithmSection,
+                      values: Mapping[str, Any]) -> dict[str, Any]:
+    """Move ``[algorithm.<method>]`` tables (and the legacy flat keys) into
+    ``section.options``; return the plain keys (name, density, unknown ones)."""
+    plain: dict[str, Any] = {}
+    legacy: list[tuple[str, str, Any]] = []
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            if not key.isidentifier():
+                raise ConfigError(f"[algorithm.{key}] is not a method name")
+            section.options.setdefault(key, {}).update(value)
+        elif key in LEGACY_ALGORITHM_KEYS:
+            legacy.extend((method, new, value) for method, new in LEGACY_ALGORITHM_KEYS[key])
+        else:
+            plain[key] = value
+    for method, key, value in legacy:  # an explicit table entry wins over the old spelling
+        section.options.setdefault(method, {}).setdefault(key, value)
+    return plain
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -185,13 +213,14 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw_value = text.split("=", 1)
     parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key {dotted!r} must look like section.key (e.g. train.lr)")
+    if not all(parts) or not (len(parts) == 2 or (len(parts) == 3 and parts[0] == "algorithm")):
+        raise ConfigError(f"override key {dotted!r} must look like section.key (e.g. train.lr) "
+                          f"or algorithm.<method>.key (e.g. algorithm.feddst.update_interval)")
     try:
         value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw_value.strip()
-    return parts[0], parts[1], value
+    return parts[0], ".".join(parts[1:]), value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -206,7 +235,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
     for text in overrides:
         section, key, value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
+        if "." in key:  # algorithm.<method>.<key>
+            method, key = key.split(".", 1)
+            table = raw.setdefault(section, {}).setdefault(method, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}.{method} is a key, not a table")
+            table[key] = value
+        else:
+            raw.setdefault(section, {})[key] = value
     config = from_dict(raw)
     validate(config)
     return config
@@ -229,23 +265,15 @@ def check_device(key: str, value: str) -> None:
 
 
 def validate(config: Config) -> None:
-    """Checks that need no data. Checks against the data set run in ``check_against_data``."""
-    _choice("data.dataset", config.data.dataset, DATASETS)
-    _choice("data.partition", config.data.partition, PARTITIONS)
-    _choice("model.name", config.model.name, sorted(MODELS))
-    _choice("algorithm.name", config.algorithm.name, sorted(ALGORITHMS))
-    _choice("algorithm.score_aggregation", config.algorithm.score_aggregation, SCORE_AGGREGATIONS)
+    """Every check that needs no data (the data-set checks run in ``check_against_data``):
+    first the ones this module can make alone, then the names and the method's own settings,
+    which need the registries (``check_registered``)."""
     _choice("train.lr_schedule", config.train.lr_schedule, LR_SCHEDULES)
     _choice("train.augment", config.train.augment, AUGMENTATIONS)
-    _choice("comm.value_dtype", config.comm.value_dtype, sorted(VALUE_DTYPES))
+    _choice("comm.value_dtype", config.comm.value_dtype, VALUE_DTYPE_NAMES)
     density = config.algorithm.density
     if not (0.0 < density <= 1.0) or not math.isfinite(density):
         raise ConfigError(f"algorithm.density must be in (0, 1], got {density}")
-    if config.algorithm.name == "fedavg" and density != 1.0:
-        raise ConfigError(
-            "algorithm.name = 'fedavg' is dense FedAvg: set algorithm.density = 1.0, "
-            "or choose 'ssfl' or 'random' for a sparse run"
-        )
     _positive("data.alpha", config.data.alpha)
     _positive("model.width", config.model.width)
     _positive("train.lr", config.train.lr)
@@ -264,51 +292,20 @@ def validate(config: Config) -> None:
         ("federation.clients_per_round", config.federation.clients_per_round),
         ("train.local_epochs", config.train.local_epochs),
         ("train.batch_size", config.train.batch_size),
-        ("algorithm.saliency_batches", config.algorithm.saliency_batches),
-        ("algorithm.update_interval", config.algorithm.update_interval),
-        ("algorithm.prunefl_initial_rounds", config.algorithm.prunefl_initial_rounds),
-        ("algorithm.neighbors", config.algorithm.neighbors),
         ("data.classes_per_client", config.data.classes_per_client),
+        ("federation.min_replies", config.federation.min_replies),
+        ("federation.max_round_attempts", config.federation.max_round_attempts),
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if config.algorithm.saliency_batch_size < 0:
-        raise ConfigError("algorithm.saliency_batch_size must be >= 0 (0: the training batch size)")
-    if config.algorithm.update_until < 0:
-        raise ConfigError("algorithm.update_until must be >= 0 (0: half of run.rounds)")
-    beta = config.algorithm.powerprop_beta
-    if not beta >= 1.0 or not math.isfinite(beta):
-        raise ConfigError(f"algorithm.powerprop_beta must be a finite number >= 1 (SparsyFed's "
-                          f"Powerprop exponent; 1: no re-parameterisation), got {beta}")
-    fraction = config.algorithm.prune_fraction
-    if not (0.0 <= fraction <= 1.0) or not math.isfinite(fraction):
-        raise ConfigError(f"algorithm.prune_fraction must be in [0, 1], got {fraction}")
-    anneal = config.algorithm.dispfl_anneal
-    if not (0.0 <= anneal <= 1.0) or not math.isfinite(anneal):
-        raise ConfigError(f"algorithm.dispfl_anneal must be in [0, 1], got {anneal}")
-    if config.algorithm.name == "dispfl" and config.federation.num_clients < 2:
-        raise ConfigError("algorithm.name = 'dispfl' needs federation.num_clients >= 2 "
-                          "(each client aggregates from other clients)")
     if config.run.checkpoint_every < 0:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
     check_device("run.device", config.run.device)
-    if config.federation.update_clip_norm > 0 and config.algorithm.name in (
-        "random_clientwise", "feddst", "prunefl", "dispfl", "sparsyfed"
-    ):
-        raise ConfigError(
-            "federation.update_clip_norm applies to the global-mask algorithms (ssfl, fedavg, "
-            f"random, random_erk, snip_oracle, snip_single), not {config.algorithm.name!r}; "
-            "set it to 0"
-        )
     if not 0.0 <= config.federation.failure_rate < 1.0:
         raise ConfigError(f"federation.failure_rate must be in [0, 1), got "
                           f"{config.federation.failure_rate}")
-    for key, value in [("federation.min_replies", config.federation.min_replies),
-                       ("federation.max_round_attempts", config.federation.max_round_attempts)]:
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
     if config.federation.min_replies > config.federation.clients_per_round:
         raise ConfigError(
             f"federation.min_replies ({config.federation.min_replies}) exceeds "
@@ -318,6 +315,39 @@ def validate(config: Config) -> None:
             f"federation.clients_per_round ({config.federation.clients_per_round}) exceeds "
             f"federation.num_clients ({config.federation.num_clients})"
         )
+    check_registered(config)
+
+
+def check_registered(config: Config) -> None:
+    """The names (data set, partition, model, method) against their registries, and the
+    method's own table through its ``Settings``; fills the chosen method's table with its
+    defaults so that the resolved config says every value it ran with. Imports the
+    registries (and so torch) when called, never when this module is imported."""
+    from ssfl import algorithms
+    from ssfl.data.datasets import DATASETS
+    from ssfl.data.partition import PARTITIONS
+    from ssfl.models import MODELS
+
+    algorithms.load_plugins(p for p in config.run.plugins.split(",") if p.strip())
+    _choice("data.dataset", config.data.dataset, sorted(DATASETS))
+    _choice("data.partition", config.data.partition, PARTITIONS)
+    _choice("model.name", config.model.name, sorted(MODELS))
+    _choice("algorithm.name", config.algorithm.name, algorithms.names())
+    known = set(algorithms.names())
+    for method, table in config.algorithm.options.items():
+        if method not in known:
+            raise ConfigError(f"[algorithm.{method}] names no method; known: {sorted(known)}")
+        algorithms.build_settings(algorithms.get(method).Settings, table,
+                                  f"algorithm.{method}")
+    cls = algorithms.get(config.algorithm.name)
+    settings = algorithms.settings_of(config)
+    if config.federation.update_clip_norm > 0 and not cls.supports_update_clipping:
+        raise ConfigError(
+            f"federation.update_clip_norm applies to the global-mask methods "
+            f"{[n for n in sorted(known) if algorithms.get(n).supports_update_clipping]}, not "
+            f"{config.algorithm.name!r}; set it to 0")
+    cls.check_config(config, settings)
+    config.algorithm.options = {config.algorithm.name: dataclasses.asdict(settings)}
 
 
 def check_against_data(config: Config, num_train: int, num_classes: int) -> None:
@@ -345,9 +375,15 @@ def to_toml(config: Config) -> str:
     lines: list[str] = []
     for section, values in config.to_dict().items():
         lines.append(f"[{section}]")
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            if key not in tables:
+                lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
+        for name, table in tables.items():
+            lines.append(f"[{section}.{name}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -70,38 +70,6 @@ def saliency_scores(
     return {n: t.div_(count).cpu() for n, t in zip(names, totals)}
 
 
-class WeightedMean:
-    """Running weighted mean of equally-shaped tensors (or dicts of tensors).
-
-    Keeps one running sum instead of every client's contribution, so server memory does not grow
-    with the number of clients (as fedjax's FedAvg does).
-    """
-
-    def __init__(self) -> None:
-        self._sum: torch.Tensor | None = None
-        self._total_weight = 0.0
-        self.count = 0
-
-    def add(self, value: torch.Tensor, weight: float = 1.0) -> None:
-        if weight <= 0 or not math.isfinite(weight):
-            raise ValueError(f"weights must be positive and finite, got {weight}")
-        value = value.to(torch.float64)
-        if self._sum is None:
-            self._sum = value * weight
-        else:
-            if value.shape != self._sum.shape:
-                raise ValueError(f"shape {tuple(value.shape)} != {tuple(self._sum.shape)}")
-            self._sum.add_(value, alpha=weight)
-        self._total_weight += weight
-        self.count += 1
-
-    def result(self) -> torch.Tensor:
-        if self._sum is None:
-            raise ValueError("WeightedMean has no values")
-        # Sum in float64 so that the mean of identical updates is exactly that update.
-        return (self._sum / self._total_weight).to(torch.float32)
-
-
 def flatten(tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     return torch.cat([tensors[n].reshape(-1) for n in names])
 
@@ -129,22 +97,47 @@ def topk_count(density: float, total: int) -> int:
     return k
 
 
-def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
-    """Keep the k highest-scoring weights over all layers together (global, not per layer).
+def top_k(key: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """The one top-k rule of the library: a flat bool tensor marking the ``k`` largest entries
+    of ``key``; ties go to the larger ``tiebreak`` (if given), then to the earlier position.
 
-    Ties are broken by position (earlier layer, then earlier flat index, wins) through a stable
-    sort, so the mask has exactly k ones and is the same on every machine.
-    """
-    names = list(scores)
-    shapes = {n: scores[n].shape for n in names}
-    flat = flatten({n: scores[n].to(torch.float32) for n in names}, names)
-    if not torch.isfinite(flat).all():
-        raise ValueError("saliency scores contain NaN or infinite values")
-    k = topk_count(density, flat.numel())
-    order = torch.sort(flat, descending=True, stable=True).indices
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    Two stable sorts make it exact and the same on every machine (``torch.topk`` breaks ties
+    arbitrarily). Every mask rule (global SNIP top-k, magnitude pruning, FedDST's server
+    re-pruning, drop-and-regrow) selects through this function."""
+    key = key.reshape(-1)
+    if not 0 <= k <= key.numel():
+        raise ValueError(f"cannot keep {k} of {key.numel()} entries")
+    if tiebreak is None:
+        order = torch.sort(key, descending=True, stable=True).indices
+    else:
+        order = torch.sort(tiebreak.reshape(-1), descending=True, stable=True).indices
+        order = order[torch.sort(key[order], descending=True, stable=True).indices]
+    keep = torch.zeros(key.numel(), dtype=torch.bool)
     keep[order[:k]] = True
-    return unflatten(keep, shapes, names)
+    return keep
+
+
+def global_top_k(keys: Mapping[str, torch.Tensor], k: int) -> Mask:
+    """``top_k`` over all tensors together (global, not per layer): ties go to the earlier
+    tensor, then the earlier position."""
+    names = list(keys)
+    keep = top_k(flatten(keys, names), k)
+    return unflatten(keep, {n: keys[n].shape for n in names}, names)
+
+
+def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
+    """Keep the k = round(density * total) highest-scoring weights over all layers together,
+    so the mask has exactly k ones and is the same on every machine."""
+    scores32 = {n: s.to(torch.float32) for n, s in scores.items()}
+    if not all(bool(torch.isfinite(s).all()) for s in scores32.values()):
+        raise ValueError("saliency scores contain NaN or infinite values")
+    return global_top_k(scores32, topk_count(density, sum(s.numel() for s in scores32.values())))
+
+
+def magnitude_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> Mask:
+    """Keep the ``counts[layer]`` largest-magnitude weights of each layer (ties: earlier first)."""
+    return {n: top_k(w.detach().abs().to(torch.float64), counts[n]).reshape(w.shape)
+            for n, w in weights.items()}
 
 
 def random_global_mask(
@@ -213,6 +206,76 @@ def random_layerwise_mask(
         keep = torch.zeros(math.prod(shape), dtype=torch.bool)
         keep[torch.randperm(keep.numel(), generator=generator)[: counts[name]]] = True
         mask[name] = keep.reshape(shape)
+    return mask
+
+
+def erk_counts(shapes: Mapping[str, torch.Size], density: float) -> dict[str, int]:
+    """Per-layer kept counts with ERK densities, adding up to exactly round(density * total)."""
+    total = topk_count(density, sum(math.prod(s) for s in shapes.values()))
+    return layer_counts(erk_densities(shapes, density), shapes, total)
+
+
+def cosine_fraction(alpha: float, round: int, end: int) -> float:
+    """The cosine-decayed readjustment fraction ``alpha/2 * (1 + cos(pi * round / end))`` of
+    FedDST (and DisPFL's anneal); 0 from ``end`` on (the cosine reaches 0 there)."""
+    if end <= 0 or round >= end:
+        return 0.0
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * round / end))
+
+
+def drop_and_regrow(
+    weights: Mapping[str, torch.Tensor],
+    mask: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    fraction: float,
+    *,
+    ceil: bool = False,
+) -> tuple[Mask, dict[str, torch.Tensor]]:
+    """FedDST's (and DisPFL's) client-side mask readjustment, layer by layer.
+
+    Drop ``k = floor(fraction * active + 1/2)`` (with ``ceil``: ``ceil(fraction * active)``, as
+    DisPFL's ``fire_mask``) active weights of smallest magnitude and grow the ``k`` weights that
+    were inactive *before* the drop with the largest gradient magnitude (``k`` is capped at the
+    number of inactive weights, so a fully dense layer is left alone). Ties go to the earlier
+    position. Returns the new mask (same count in every layer) and, per layer, the flat indices
+    that were grown (ascending): their weights must start at exactly zero.
+    """
+    new_mask, grown = {}, {}
+    for name, keep in mask.items():
+        flat = keep.reshape(-1)
+        active = int(flat.sum())
+        wanted = math.ceil(fraction * active) if ceil else math.floor(fraction * active + 0.5)
+        k = min(wanted, flat.numel() - active)
+        if k <= 0:
+            new_mask[name] = keep.clone()
+            grown[name] = torch.zeros(0, dtype=torch.long)
+            continue
+        magnitude = weights[name].detach().reshape(-1).abs().to(torch.float64)
+        # The k smallest active magnitudes are the k largest of their negation.
+        drop = top_k(torch.where(flat, -magnitude, torch.full_like(magnitude, -math.inf)), k)
+        gradient = grads[name].detach().reshape(-1).abs().to(torch.float64)
+        grow = top_k(torch.where(flat, torch.full_like(gradient, -math.inf), gradient), k)
+        new_mask[name] = ((flat & ~drop) | grow).reshape(keep.shape)
+        grown[name] = grow.nonzero().squeeze(1)
+    return new_mask, grown
+
+
+def prune_to_counts(
+    values: Mapping[str, torch.Tensor],
+    holders: Mapping[str, torch.Tensor],
+    counts: Mapping[str, int],
+) -> Mask:
+    """FedDST's server re-pruning: per layer keep the ``counts[layer]`` held weights (holder
+    weight > 0) of largest magnitude; ties by the larger holder weight, then the earlier
+    position. Raises ``ValueError`` when a layer holds fewer weights than its count."""
+    mask = {}
+    for n, k in counts.items():
+        held = holders[n] > 0
+        if int(held.sum()) < k:
+            raise ValueError(f"{n}: only {int(held.sum())} weights held, need {k}")
+        key = torch.where(held, values[n].abs().to(torch.float64),
+                          torch.full(held.shape, -math.inf, dtype=torch.float64))
+        mask[n] = top_k(key, k, holders[n]).reshape(held.shape)
     return mask
 
 

@@ -3,11 +3,33 @@
 ResNet-18 follows the CIFAR form used by SSFL and the sparse-FL literature: a 3x3 stride-1 stem,
 no max-pool, and GroupNorm instead of BatchNorm. GroupNorm matters in federated learning because
 BatchNorm's running statistics are client-specific and average badly under non-IID data.
+
+Models are built by name (``model.name`` in a config) through :func:`build_model`, which looks
+the name up in :data:`MODELS`. To add a model from user code, decorate a builder with
+:func:`register_model`; the builder takes the same arguments as the built-in ones and
+returns a fresh, randomly initialised module (seeding is :func:`build_model`'s job)::
+
+    from torch import nn
+    from ssfl.models import build_model, register_model
+
+    @register_model("mlp")
+    def build_mlp(num_classes: int, *, in_channels: int, image_size: int,
+                  width: float) -> nn.Module:
+        hidden = max(1, round(128 * width))
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, hidden),
+                             nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    model = build_model("mlp", num_classes=10, in_channels=3, image_size=32, seed=0)
+
+Register before the config is validated, e.g. at import of your module (every process that
+builds models, such as a Flower node, must import that module too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -100,8 +122,66 @@ class SmallCNN(nn.Module):
         return self.fc2(x)
 
 
+class ModelBuilder(Protocol):
+    """Builds an untrained model for the data set's shape: ``num_classes`` outputs for
+    ``[N, in_channels, image_size, image_size]`` input; ``width`` scales its channels (1.0 is
+    the standard size; a builder without a notion of width may ignore it)."""
+
+    def __call__(
+        self, num_classes: int, *, in_channels: int, image_size: int, width: float
+    ) -> nn.Module: ...
+
+
+# Kept for code that annotated factories with it; every MODELS value is a ModelBuilder.
 ModelFactory = Callable[..., nn.Module]
-MODELS: dict[str, ModelFactory] = {"resnet18": ResNet18, "small_cnn": SmallCNN}
+BuilderT = TypeVar("BuilderT", bound=ModelBuilder)
+
+_BUILDERS: dict[str, ModelBuilder] = {}
+
+#: Registered models, name -> builder, in registration order (built-ins first). A read-only
+#: live view: add entries with :func:`register_model`, which refuses accidental duplicates.
+MODELS: Mapping[str, ModelBuilder] = MappingProxyType(_BUILDERS)
+
+
+def register_model(name: str, *, replace: bool = False) -> Callable[[BuilderT], BuilderT]:
+    """Decorator that makes a builder available to :func:`build_model` as ``name``.
+
+    The builder is called as ``builder(num_classes, in_channels=..., image_size=...,
+    width=...)`` (see :class:`ModelBuilder`) under the seeded generator of
+    :func:`build_model`, so it must take its randomness from torch's global generator and
+    must not seed it itself. Returns the builder unchanged.
+
+    Raises:
+        ValueError: ``name`` is empty, or already registered and ``replace`` is false.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a model name must be a non-empty string, got {name!r}")
+
+    def decorate(builder: BuilderT) -> BuilderT:
+        if not callable(builder):
+            raise TypeError(f"register_model({name!r}) needs a callable, got {builder!r}")
+        if name in _BUILDERS and not replace:
+            raise ValueError(f"model {name!r} is already registered; pass replace=True to "
+                             f"replace it")
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorate
+
+
+@register_model("resnet18")
+def _build_resnet18(
+    num_classes: int, *, in_channels: int, image_size: int, width: float
+) -> nn.Module:
+    del image_size  # global average pooling makes the network independent of it
+    return ResNet18(num_classes, in_channels=in_channels, width=width)
+
+
+@register_model("small_cnn")
+def _build_small_cnn(
+    num_classes: int, *, in_channels: int, image_size: int, width: float
+) -> nn.Module:
+    return SmallCNN(num_classes, in_channels=in_channels, image_size=image_size, width=width)
 
 
 def build_model(
@@ -117,12 +197,22 @@ def build_model(
 
     Every client and the server call this with the same seed and so hold bit-identical initial
     weights without sending them: the SSFL mask round needs all clients to score the same model.
+
+    ``name`` is any key of :data:`MODELS` (built-in or added with :func:`register_model`).
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the registered names).
+        TypeError: the registered builder did not return an ``nn.Module``.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_BUILDERS)}")
     # Initialise under a private generator state so that the caller's global RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "resnet18":
-            return ResNet18(num_classes, in_channels=in_channels, width=width)
-        return SmallCNN(num_classes, in_channels=in_channels, image_size=image_size, width=width)
+        model = builder(num_classes, in_channels=in_channels, image_size=image_size, width=width)
+    # A registered builder is user code: fail here, not deep inside training.
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the builder of model {name!r} returned {type(model).__name__}, "
+                        f"not an nn.Module")
+    return model

@@ -1,4 +1,7 @@
-"""Data layer: data set loaders, client partitioning, batch augmentation, downloads."""
+"""Data layer: data set loaders, client partitioning, batch augmentation, downloads.
+
+Add a data set with :func:`register_dataset` (see :mod:`ssfl.data.datasets`).
+"""
 
 from .augment import normalize, random_crop_flip
 from .datasets import (
@@ -8,6 +11,7 @@ from .datasets import (
     ImageDataset,
     default_cache_dir,
     load_dataset,
+    register_dataset,
     resolve_root,
 )
 from .download import ARCHIVES, download_and_extract
@@ -28,5 +32,6 @@ __all__ = [
     "matching_test_splits",
     "partition",
     "random_crop_flip",
+    "register_dataset",
     "resolve_root",
 ]

@@ -6,7 +6,7 @@ indexes into that tensor (client shards, mini-batches) and augments whole batche
 once (see :mod:`ssfl.data.augment`), which is far cheaper than per-image
 ``Dataset.__getitem__`` calls for small images such as CIFAR.
 
-Supported data sets (``DATASETS``):
+Built-in data sets (names in :data:`DATASETS`):
 
 * ``cifar10``: ``root/cifar-10-batches-bin/`` (binary version) or
   ``root/cifar-10-batches-py/`` (python version).
@@ -21,6 +21,29 @@ checksum-verified: only archives that are *downloaded* are (see
 :mod:`ssfl.data.download`), so re-packed or re-ordered copies of the data still load.
 Python-version pickles are read with a restricted unpickler that can only rebuild
 numpy arrays, so a malicious file cannot run code.
+
+Adding a data set from user code: decorate a loader ``(root, split, download) ->
+ImageDataset`` with :func:`register_dataset`; :func:`load_dataset` and the config's
+``data.dataset`` then accept its name. ``root`` arrives resolved (the ``root`` argument,
+else ``$SSFL_DATA_DIR``, else ``~/.cache/ssfl/data``); ``split`` is ``"train"`` or
+``"test"``. Register before the config is validated, e.g. at import of your module (every
+process that loads data, such as a Flower node, must import that module too)::
+
+    import torch
+    from ssfl.data import ImageDataset, load_dataset, register_dataset
+
+    @register_dataset("noise")
+    def load_noise(root, split, download):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        images = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 2, (100,), generator=g)
+        return ImageDataset("noise", images, labels, num_classes=2,
+                            class_names=("a", "b"), mean=(0.5,), std=(0.29,))
+
+    train = load_dataset("noise", None, "train")
+
+A loader that reads files should also pass ``files=`` (see :func:`register_dataset`), so
+that caches derived from the data notice when the files change.
 """
 
 from __future__ import annotations
@@ -28,25 +51,44 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from .download import download_and_extract
+
+# Defined in .files so that download.py can use them without importing this module;
+# re-exported here, where callers have always imported them from.
+from .files import (
+    LAYOUTS,
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    Layout,
+    default_cache_dir,
+    resolve_root,
+)
+
 __all__ = [
     "DATASETS",
     "CorruptDatasetError",
+    "DatasetLoader",
     "DatasetNotFoundError",
     "ImageDataset",
+    "SourceFiles",
     "default_cache_dir",
     "load_dataset",
+    "register_dataset",
     "resolve_root",
+    "source_files",
 ]
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tinyimagenet", "digits")
 Split = Literal["train", "test"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -110,79 +152,102 @@ class ImageDataset:
         return int(self.labels.shape[0])
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The files of a data set are not where the loader looked for them.
+# --------------------------------------------------------------------------- registry
 
-    The message names the files looked for, the folder, and the three fixes: put the
-    files there, point ``data.root``/``SSFL_DATA_DIR`` elsewhere, or pass
-    ``download=true``.
+
+class DatasetLoader(Protocol):
+    """Loads one split: ``(root, split, download) -> ImageDataset``.
+
+    ``root`` is already resolved (see :func:`resolve_root`); loaders that need no files
+    ignore it, and ``download`` too. Raise :class:`DatasetNotFoundError` for missing and
+    :class:`CorruptDatasetError` for malformed files.
     """
 
+    def __call__(self, root: Path, split: Split, download: bool) -> ImageDataset: ...
 
-class CorruptDatasetError(ValueError):
-    """A data file exists but its content is wrong; the message names file and problem."""
+
+class SourceFiles(Protocol):
+    """The files a loader reads for ``(root, split)``, without reading them."""
+
+    def __call__(self, root: Path, split: Split) -> list[Path]: ...
+
+
+LoaderT = TypeVar("LoaderT", bound=DatasetLoader)
+
+_LOADERS: dict[str, DatasetLoader] = {}
+_SOURCE_FILES: dict[str, SourceFiles] = {}
+
+#: Registered data sets, name -> loader, in registration order (built-ins first). A read-only
+#: live view: add entries with :func:`register_dataset`, which checks for clashes.
+DATASETS: Mapping[str, DatasetLoader] = MappingProxyType(_LOADERS)
+
+
+def _normalize(name: str) -> str:
+    # Lookups forgive case, "-" and "_" ("CIFAR-10", "tiny_imagenet"), as they always have.
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _registered_name(name: str) -> str | None:
+    """The registered name that ``name`` spells, ignoring case, ``-`` and ``_``."""
+    if name in _LOADERS:
+        return name
+    key = _normalize(name)
+    return next((known for known in _LOADERS if _normalize(known) == key), None)
+
+
+def _known_name(name: str) -> str:
+    known = _registered_name(name)
+    if known is None:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(_LOADERS)}")
+    return known
+
+
+def register_dataset(
+    name: str, *, files: SourceFiles | None = None, replace: bool = False
+) -> Callable[[LoaderT], LoaderT]:
+    """Decorator that makes a loader available to :func:`load_dataset` as ``name``.
+
+    Args:
+        name: the data set's name (``data.dataset`` in a config). Lookups ignore case,
+            ``-`` and ``_``, so a name that differs from a registered one only in those
+            counts as the same name.
+        files: optional ``(root, split) -> list[Path]`` naming the files the loader reads;
+            :func:`source_files` returns it, so caches of derived data (the Flower nodes'
+            partition caches) notice when the files change. Without it the data set counts
+            as having no files: fine for generated or bundled data.
+        replace: allow replacing a registered loader (e.g. a patched built-in).
+
+    Returns the loader unchanged, so it can still be called directly.
+
+    Raises:
+        ValueError: ``name`` is empty, or already registered and ``replace`` is false.
+    """
+    if not isinstance(name, str) or not _normalize(name):
+        raise ValueError(f"a data set name must be a non-empty string, got {name!r}")
+
+    def decorate(loader: LoaderT) -> LoaderT:
+        if not callable(loader):
+            raise TypeError(f"register_dataset({name!r}) needs a callable, got {loader!r}")
+        existing = _registered_name(name)
+        if existing is not None:
+            if not replace:
+                raise ValueError(f"data set {name!r} is already registered as {existing!r}; "
+                                 f"pass replace=True to replace it")
+            _LOADERS.pop(existing)
+            _SOURCE_FILES.pop(existing, None)
+        _LOADERS[name] = loader
+        if files is not None:
+            _SOURCE_FILES[name] = files
+        return loader
+
+    return decorate
 
 
 # --------------------------------------------------------------------------- paths
 
 
-def resolve_root(root: str | os.PathLike[str] | None) -> Path:
-    """Data root: ``root`` if given, else ``$SSFL_DATA_DIR``, else ``~/.cache/ssfl/data``."""
-    if root is None:
-        env = os.environ.get("SSFL_DATA_DIR")
-        root = env if env else Path.home() / ".cache" / "ssfl" / "data"
-    return Path(root).expanduser()
-
-
-def default_cache_dir() -> Path:
-    """Where decoded caches go: ``$SSFL_CACHE_DIR``, else ``~/.cache/ssfl``.
-
-    Kept apart from the data root because that may be read-only or shared.
-    """
-    env = os.environ.get("SSFL_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ssfl"
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """One on-disk layout of a data set: a folder and the files one split needs."""
-
-    folder: str
-    files: dict[str, tuple[str, ...]]  # split -> file names inside folder
-    archive: str  # key in ssfl.data.download.ARCHIVES that provides this layout
-
-    def missing(self, root: Path, split: str) -> list[Path]:
-        base = root / self.folder
-        return [base / f for f in self.files[split] if not (base / f).is_file()]
-
-
-_LAYOUTS: dict[str, tuple[_Layout, ...]] = {
-    "cifar10": (
-        _Layout("cifar-10-batches-bin",
-                {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
-                 "test": ("test_batch.bin",)},
-                "cifar-10-binary"),
-        _Layout("cifar-10-batches-py",
-                {"train": tuple(f"data_batch_{i}" for i in range(1, 6)),
-                 "test": ("test_batch",)},
-                "cifar-10-python"),
-    ),
-    "cifar100": (
-        _Layout("cifar-100-binary", {"train": ("train.bin",), "test": ("test.bin",)},
-                "cifar-100-binary"),
-        _Layout("cifar-100-python", {"train": ("train",), "test": ("test",)},
-                "cifar-100-python"),
-    ),
-    "tinyimagenet": (
-        _Layout("tiny-imagenet-200",
-                {"train": ("wnids.txt",), "test": ("wnids.txt", "val/val_annotations.txt")},
-                "tiny-imagenet-200"),
-    ),
-}
-
-
 def _not_found_message(name: str, root: Path, split: str, missing: list[list[Path]]) -> str:
-    layouts = _LAYOUTS[name]
+    layouts = LAYOUTS[name]
     lines = [f"Data set {name!r} (split {split!r}) was not found under {root}."]
     for layout, miss in zip(layouts, missing):
         wanted = ", ".join(layout.files[split])
@@ -196,17 +261,14 @@ def _not_found_message(name: str, root: Path, split: str, missing: list[list[Pat
     return "\n".join(lines)
 
 
-def _find_layout(name: str, root: Path, split: str, download: bool) -> _Layout:
+def _find_layout(name: str, root: Path, split: str, download: bool) -> Layout:
     """First layout whose files for ``split`` are all present; download if allowed."""
-    layouts = _LAYOUTS[name]
+    layouts = LAYOUTS[name]
     missing = [layout.missing(root, split) for layout in layouts]
     for layout, miss in zip(layouts, missing):
         if not miss:
             return layout
     if download:
-        # Imported here: download.py imports this module's error classes.
-        from .download import download_and_extract
-
         download_and_extract(layouts[0].archive, root)
         if not layouts[0].missing(root, split):
             return layouts[0]
@@ -217,20 +279,17 @@ def _find_layout(name: str, root: Path, split: str, download: bool) -> _Layout:
 def source_files(name: str, root: str | os.PathLike[str] | None, split: Split) -> list[Path]:
     """The files (and for tinyimagenet also the image folder) that :func:`load_dataset` reads
     for one split, without reading them: what a cache of data derived from the split checks
-    for changes. ``digits`` ships with scikit-learn: no files. Raises
-    :class:`DatasetNotFoundError` when the files are missing."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if key == "digits":
-        return []
-    resolved = resolve_root(root)
-    layout = _find_layout(key, resolved, split, download=False)
-    base = resolved / layout.folder
-    files = [base / f for f in layout.files[split]]
-    if key == "tinyimagenet":
-        files.append(base / ("train" if split == "train" else "val"))
-    return files
+    for changes. ``digits`` ships with scikit-learn: no files; nor has a registered data set
+    that gave no ``files=``. Raises :class:`DatasetNotFoundError` when the files are missing
+    and ``ValueError`` for an unknown name."""
+    files = _SOURCE_FILES.get(_known_name(name))
+    return [] if files is None else files(resolve_root(root), split)
+
+
+def _layout_files(name: str, root: Path, split: str) -> list[Path]:
+    """The files of the first complete official layout of ``name`` (no download)."""
+    layout = _find_layout(name, root, split, download=False)
+    return [root / layout.folder / f for f in layout.files[split]]
 
 
 # --------------------------------------------------------------------------- pickles
@@ -600,7 +659,8 @@ def load_dataset(
     """Load one split of a data set as whole uint8 tensors.
 
     Args:
-        name: one of :data:`DATASETS`.
+        name: one of :data:`DATASETS` (built-in or added with :func:`register_dataset`);
+            case, ``-`` and ``_`` are ignored.
         root: folder holding the data set folders; ``None`` means ``$SSFL_DATA_DIR``,
             else ``~/.cache/ssfl/data``.  Ignored by ``digits``.
         split: ``"train"`` or ``"test"`` (for tinyimagenet, ``"test"`` is the val set).
@@ -611,15 +671,41 @@ def load_dataset(
         CorruptDatasetError: files exist but are malformed (message names the file).
         ValueError: unknown name or split.
     """
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    loader = _LOADERS[_known_name(name)]
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if key == "digits":
-        return _load_digits(split)
-    resolved = resolve_root(root)
-    if key in ("cifar10", "cifar100"):
-        return _load_cifar(key, resolved, split, download)
-    return _load_tinyimagenet(resolved, split, download)
+    dataset = loader(resolve_root(root), split, download)
+    # A registered loader is user code: fail here, not deep inside training.
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"the loader of data set {name!r} returned {type(dataset).__name__}, "
+                        f"not an ImageDataset")
+    return dataset
+
+
+# --------------------------------------------------------------------------- built-ins
+# Registered in this order because DATASETS lists them in registration order.
+
+
+def _tiny_files(root: Path, split: Split) -> list[Path]:
+    # The image folder too: its listing, not only the index files, decides what is loaded.
+    images = root / LAYOUTS["tinyimagenet"][0].folder / ("train" if split == "train" else "val")
+    return [*_layout_files("tinyimagenet", root, split), images]
+
+
+@register_dataset("cifar10", files=partial(_layout_files, "cifar10"))
+def _cifar10(root: Path, split: Split, download: bool) -> ImageDataset:
+    return _load_cifar("cifar10", root, split, download)
+
+
+@register_dataset("cifar100", files=partial(_layout_files, "cifar100"))
+def _cifar100(root: Path, split: Split, download: bool) -> ImageDataset:
+    return _load_cifar("cifar100", root, split, download)
+
+
+register_dataset("tinyimagenet", files=_tiny_files)(_load_tinyimagenet)
+
+
+@register_dataset("digits")
+def _digits(root: Path, split: Split, download: bool) -> ImageDataset:
+    return _load_digits(split)  # bundled with scikit-learn: no root, nothing to download
 

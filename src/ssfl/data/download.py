@@ -24,7 +24,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .datasets import CorruptDatasetError, DatasetNotFoundError
+# Only the dependency-free .files module: datasets.py imports this module, so importing
+# datasets.py from here would make a cycle.
+from .files import LAYOUTS, CorruptDatasetError, DatasetNotFoundError
 
 __all__ = ["ARCHIVES", "DATASET_ARCHIVES", "Archive", "download_and_extract",
            "safe_extract", "md5sum"]
@@ -63,12 +65,9 @@ ARCHIVES: dict[str, Archive] = {
         "90528d7ca1a48142e341f4ef8d21d0de", "tiny-imagenet-200"),
 }
 
-# Which archive a data set name downloads by default (the binary versions: no pickles).
-DATASET_ARCHIVES: dict[str, str] = {
-    "cifar10": "cifar-10-binary",
-    "cifar100": "cifar-100-binary",
-    "tinyimagenet": "tiny-imagenet-200",
-}
+# Which archive a data set name downloads by default: the one of its preferred (first)
+# layout, so the loader and the downloader cannot disagree (the binary versions: no pickles).
+DATASET_ARCHIVES: dict[str, str] = {name: layouts[0].archive for name, layouts in LAYOUTS.items()}
 
 _CHUNK = 1 << 20
 

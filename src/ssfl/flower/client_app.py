@@ -1,14 +1,16 @@
-"""The SSFL ClientApp: moves each message between Flower records and the node's handlers.
+"""The SSFL ClientApp: moves each message between Flower records and the node's handler.
 
-The handlers (saliency scores, the mask, masked training) are in :mod:`ssfl.flower.node`. They
-run in this process, or, with node config ``worker=true``, in the node's persistent worker
+Every method runs through two messages, ``query.setup`` (the method's set-up messages, such
+as SSFL's scores and mask) and ``train``; :mod:`ssfl.flower.node` hands both to the method's
+own client code (``Algorithm.handle``), the code the simulator runs. It runs in this process, or, with node config ``worker=true``, in the node's persistent worker
 (:mod:`ssfl.flower.worker`): Flower 1.42's deployment engine starts a new ClientApp process
 for every message, and the worker spares each of them importing torch and building the data
 and the model. This module imports no torch (checked by a test), so that with the worker a
 message costs Flower's process start and a local socket round trip.
 
-The node's state between messages (the mask bitmap, its digest, the client whose data it holds)
-lives in ``context.state``, so a node behaves the same with or without the worker.
+The node's state between messages (each client's state, as the method returned it, and the
+client whose data it holds) lives in ``context.state``, so a node behaves the same with or
+without the worker.
 
 Every reply carries time stamps (wall clock) and durations that the server turns into the
 per-round breakdown of ``metrics.jsonl`` (``ssfl.flower.server_app``).
@@ -38,12 +40,11 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from ssfl.flower import worker  # noqa: E402
 from ssfl.flower.protocol import (  # noqa: E402
+    CLIENT_STATE_PREFIX,
     CONFIG,
     METRICS,
     PAYLOAD,
     STATE_DATA,
-    STATE_MASK,
-    STATE_MASK_INFO,
     node_partition,
     payload_bytes,
     payload_record,
@@ -64,17 +65,19 @@ _IMPORT_SECONDS = time.time() - _IMPORT_STARTED
 
 
 def _state_of(context: Context) -> dict[str, Any]:
-    """The node's state as plain values (bytes and dicts)."""
+    """The node's state as plain values: the clients' states (bytes) and the data record."""
     state: dict[str, Any] = {}
-    if STATE_MASK in context.state:
-        state[STATE_MASK] = payload_bytes(context.state[STATE_MASK])
-    for key in (STATE_MASK_INFO, STATE_DATA):
-        if key in context.state:
+    for key in list(context.state.keys()):
+        if key.startswith(CLIENT_STATE_PREFIX):
+            state[key] = payload_bytes(context.state[key])
+        elif key == STATE_DATA:
             state[key] = dict(context.state[key])
     return state
 
 
 def _store_state(context: Context, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    for key in old.keys() - new.keys():  # a client whose state the method cleared
+        del context.state[key]
     for key, value in new.items():
         if old.get(key) == value:
             continue
@@ -115,7 +118,7 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
         metrics, reply, changed, extra = worker.call(
             path, kind, config, payload, context.run_config, context.node_config, state,
             idle=worker.idle_seconds(context.node_config))
-        state = {**state, **changed}
+        state = {k: v for k, v in {**state, **changed}.items() if v is not None}
     else:
         metrics, reply = _run_locally(kind, config, payload, context, state)
     _store_state(context, old, state)
@@ -148,20 +151,13 @@ def hello(message: Message, context: Context) -> Message:
     return _reply(message, **{"partition-id": pid, "num-partitions": num})
 
 
-@app.query("scores")
-def scores(message: Message, context: Context) -> Message:
-    """SNIP saliency of the seeded initial model on this client's data."""
-    return _handle("scores", message, context)
-
-
-@app.query("mask")
-def receive_mask(message: Message, context: Context) -> Message:
-    """Keep the mask bitmap for the rest of the run; later rounds carry only values."""
-    return _handle("mask", message, context)
+@app.query("setup")
+def setup(message: Message, context: Context) -> Message:
+    """A set-up message of the run's method (its ``kind`` is in the message's config)."""
+    return _handle("setup", message, context)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """One round: load the active values, train inside the mask, send the active values back."""
+    """One round of the run's method on this client."""
     return _handle("train", message, context)
-

@@ -37,32 +37,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssfl.client import (
-    LocalData,
-    client_generator,
-    compute_scores,
-    encode_scores,
-    train_round,
-)
-from ssfl.comm import ParameterLayout, decode_bits, read_header
+from ssfl import algorithms
+from ssfl.algorithms.base import TRAIN, Algorithm, ClientContext, Setup
+from ssfl.client import LocalData, client_generator
 from ssfl.config import Config, check_device
 from ssfl.data.datasets import ImageDataset, default_cache_dir, source_files
-from ssfl.engine import prepare, seeded_model, train_settings
 from ssfl.flower.protocol import (
     STATE_DATA,
-    STATE_MASK,
-    STATE_MASK_INFO,
     Stopwatch,
+    client_state_key,
     config_from_run_config,
     node_partition,
 )
-from ssfl.masks import (
-    Mask,
-    bits_to_mask,
-    full_mask,
-    mask_digest,
-    prunable_parameter_names,
-)
+from ssfl.masks import prunable_parameter_names
+from ssfl.run.experiment import prepare, seeded_model, train_settings
 
 #: a node's state between messages: STATE_* keys to bytes or small dicts
 State = dict[str, Any]
@@ -88,7 +76,8 @@ class _Process:
     # input shape and class count come from it.
     shape_source: ImageDataset | None = None
     model: torch.nn.Module | None = None
-    layout: tuple[bytes, ParameterLayout, Mask] | None = None
+    initial: dict[str, torch.Tensor] | None = None  # the model's seeded weights, on the CPU
+    algorithm: Algorithm[Any] | None = None
     setup_seconds: float = 0.0  # data loading and model building for the current message
     cache_hit: int = -1  # the current message's data: 1 from the cache, 0 loaded, -1 none
 
@@ -123,7 +112,8 @@ def _setup(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> _Pr
             if config.run.threads > 0:
                 torch.set_num_threads(config.run.threads)
             _PROC.config, _PROC.data_root, _PROC.cache_dir = config, data_root, cache_dir
-            _PROC.data, _PROC.shape_source, _PROC.model, _PROC.layout = {}, None, None, None
+            _PROC.data, _PROC.shape_source, _PROC.model = {}, None, None
+            _PROC.initial, _PROC.algorithm = None, None
             _PROC.key = key
         _PROC.setup_seconds = watch.seconds
     return _PROC
@@ -153,7 +143,8 @@ def _code_fingerprint() -> str:
     from importlib import import_module
 
     digest = hashlib.blake2b(digest_size=8)
-    for name in ("ssfl.data.datasets", "ssfl.data.partition", "ssfl.engine"):
+    for name in ("ssfl.data.datasets", "ssfl.data.files", "ssfl.data.partition",
+                 "ssfl.run.experiment"):
         digest.update(Path(str(import_module(name).__file__)).read_bytes())
     return digest.hexdigest()
 
@@ -245,7 +236,7 @@ def _client_data(proc: _Process, cid: int, state: State) -> LocalData:
             proc.data.update({c: exp.client(c) for c in range(len(exp.parts))})
             proc.shape_source = exp.train_set
             if proc.model is None:
-                proc.model = exp.model
+                _set_model(proc, exp.model)
             data = exp.client(cid)
         proc.data[cid] = data
         state[STATE_DATA] = {"client-id": cid}
@@ -266,9 +257,16 @@ def _model(proc: _Process, node_config: Mapping[str, Any], state: State) -> torc
         if proc.model is None:
             with Stopwatch() as watch:
                 assert proc.shape_source is not None
-                proc.model = seeded_model(proc.config, proc.shape_source)
+                _set_model(proc, seeded_model(proc.config, proc.shape_source))
             proc.setup_seconds += watch.seconds
+    assert proc.model is not None
     return proc.model
+
+
+def _set_model(proc: _Process, model: torch.nn.Module) -> None:
+    """The process's model buffer, and its seeded weights before any training."""
+    proc.model = model
+    proc.initial = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -289,111 +287,65 @@ def _setup_metrics(proc: _Process) -> dict[str, float | int]:
     return {"setup-seconds": proc.setup_seconds, "cache-hit": proc.cache_hit}
 
 
-def scores(config: Mapping[str, Any], payload: bytes | None, run_config: Mapping[str, Any],
-           node_config: Mapping[str, Any], state: State) -> Reply:
-    """SNIP saliency of the seeded initial model on this client's data."""
+def _algorithm(proc: _Process, node_config: Mapping[str, Any], state: State) -> Algorithm[Any]:
+    """The run's method, built once per process from the run config (as the server builds
+    it), with the seeded initial weights of the process's model."""
+    if proc.algorithm is None:
+        model = _model(proc, node_config, state)
+        assert proc.initial is not None
+        cfg = proc.config
+        setup = Setup(config=cfg, shapes={n: p.shape for n, p in model.named_parameters()},
+                      prunable=prunable_parameter_names(model), initial=proc.initial,
+                      num_clients=cfg.federation.num_clients)
+        proc.algorithm = algorithms.build(cfg, setup)
+    return proc.algorithm
+
+
+def client_message(kind: str, config: Mapping[str, Any], payload: bytes | None,
+                   run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                   state: State) -> Reply:
+    """Any message of the run's method (``train`` or a set-up ``kind``): the client's state
+    comes from and goes back to ``state`` (``client_state_key``); all learning is the
+    method's ``Algorithm.handle``, the same code the simulator runs."""
     proc = _setup(run_config, node_config)
     cid = _client_id(config, node_config, proc)
     cfg = proc.config
-    algo = cfg.algorithm
     data = _client_data(proc, cid, state)
-    assert proc.shape_source is not None  # set by _client_data
+    algorithm = _algorithm(proc, node_config, state)
+    rnd, lr = int(config.get("round", 0)), float(config.get("lr", 0.0))
+    ctx = ClientContext(client_id=cid, round=rnd, lr=lr, model=_model(proc, node_config, state),
+                        data=data, settings=train_settings(cfg),
+                        generator=client_generator(cfg.run.seed, rnd, cid),
+                        setup=algorithm.setup)
+    key = client_state_key(cid)
     with Stopwatch() as watch:
-        # A fresh seeded model: the process's model may already have been trained.
-        model = seeded_model(cfg, proc.shape_source)
-        s = compute_scores(
-            model, data, num_batches=algo.saliency_batches,
-            batch_size=algo.saliency_batch_size or cfg.train.batch_size,
-            generator=client_generator(cfg.run.seed, 0, cid),
-        )
-        reply = encode_scores(s)
-    return {"client-id": cid, "num-samples": len(data), "compute-seconds": watch.seconds,
-            **_setup_metrics(proc)}, reply
-
-
-def receive_mask(config: Mapping[str, Any], payload: bytes | None,
-                 run_config: Mapping[str, Any], node_config: Mapping[str, Any],
-                 state: State) -> Reply:
-    """Keep the mask bitmap for the rest of the run; later rounds carry only values."""
-    proc = _setup(run_config, node_config)
-    model = _model(proc, node_config, state)
-    prunable = prunable_parameter_names(model)
-    params = dict(model.named_parameters())
-    dense = bool(config["dense"])
-    if dense:
-        mask = full_mask({n: params[n].shape for n in prunable})
+        out = algorithm.handle(kind, ctx, payload or b"", state.get(key))
+    if out.state is None:
+        state.pop(key, None)
     else:
-        if payload is None:
-            raise ValueError("the mask message carries no bitmap payload")
-        count = sum(params[n].numel() for n in prunable)
-        bits = decode_bits(payload, expected_count=count)
-        if hashlib.blake2b(bits, digest_size=8).digest() != read_header(payload).digest:
-            raise ValueError("mask bitmap does not match the digest in its header")
-        state[STATE_MASK] = payload
-        mask = bits_to_mask(bits, {n: params[n].shape for n in prunable}, prunable)
-    digest = mask_digest(mask, prunable)
-    state[STATE_MASK_INFO] = {"dense": dense, "digest": digest.hex()}
-    return {"kept": int(sum(int(m.sum()) for m in mask.values())), **_setup_metrics(proc)}, None
-
-
-def _mask_and_layout(proc: _Process, node_config: Mapping[str, Any],
-                     state: State) -> tuple[bytes, ParameterLayout, Mask]:
-    if STATE_MASK_INFO not in state:
-        raise RuntimeError("no mask on this node: the server must send query.mask first")
-    info = state[STATE_MASK_INFO]
-    digest = bytes.fromhex(str(info["digest"]))
-    if proc.layout is not None and proc.layout[0] == digest:
-        return proc.layout
-    model = _model(proc, node_config, state)
-    prunable = prunable_parameter_names(model)
-    shapes = {n: p.shape for n, p in model.named_parameters() if n in prunable}
-    if bool(info["dense"]):
-        mask = full_mask(shapes)
-    else:
-        bits = decode_bits(state[STATE_MASK], expected_count=sum(s.numel()
-                                                                  for s in shapes.values()))
-        mask = bits_to_mask(bits, shapes, prunable)
-    if mask_digest(mask, prunable) != digest:
-        raise RuntimeError("the mask kept in the node's state does not match its digest")
-    proc.layout = (digest, ParameterLayout.for_model(model, mask), mask)
-    return proc.layout
-
-
-def train(config: Mapping[str, Any], payload: bytes | None, run_config: Mapping[str, Any],
-          node_config: Mapping[str, Any], state: State) -> Reply:
-    """One round: load the active values, train inside the mask, send the active values back."""
-    proc = _setup(run_config, node_config)
-    cid = _client_id(config, node_config, proc)
-    cfg = proc.config
-    digest, layout, mask = _mask_and_layout(proc, node_config, state)
-    data = _client_data(proc, cid, state)
-    model = _model(proc, node_config, state)
-    if payload is None:
-        raise ValueError("the train message carries no value payload")
-    rnd, lr = int(config["round"]), float(config["lr"])
-    steps: dict[str, float] = {}
-    with Stopwatch() as watch:
-        reply, result = train_round(
-            model, layout, mask, digest, payload, data, train_settings(cfg),
-            round=rnd, lr=lr, generator=client_generator(cfg.run.seed, rnd, cid),
-            value_dtype=cfg.comm.value_dtype, timings=steps,
-        )
-    return {"client-id": cid, "num-samples": result.num_samples,
-            "train-loss": result.mean_loss, "steps": result.steps,
-            "compute-seconds": watch.seconds,
-            "decode-seconds": steps.get("decode", 0.0),
-            "train-seconds": steps.get("train", 0.0),
-            "encode-seconds": steps.get("encode", 0.0), **_setup_metrics(proc)}, reply
-
-
-#: the handlers by message kind (the part of the Flower message type after the last dot)
-HANDLERS = {"scores": scores, "mask": receive_mask, "train": train}
+        state[key] = out.state
+    result = out.result
+    metrics: dict[str, float | int] = {
+        "client-id": cid,
+        "num-samples": result.num_samples if result is not None else len(data),
+        "train-loss": result.mean_loss if result is not None else float("nan"),
+        "steps": result.steps if result is not None else 0,
+        "compute-seconds": watch.seconds,
+        **{f"{step}-seconds": ctx.timings.get(step, 0.0) for step in ("decode", "train",
+                                                                      "encode")},
+        **_setup_metrics(proc),
+    }
+    return metrics, out.reply
 
 
 def handle(kind: str, config: Mapping[str, Any], payload: bytes | None,
            run_config: Mapping[str, Any], node_config: Mapping[str, Any],
            state: State) -> Reply:
-    """Run handler ``kind``; it may update ``state`` in place."""
-    if kind not in HANDLERS:
-        raise ValueError(f"unknown message kind {kind!r}; expected one of {sorted(HANDLERS)}")
-    return HANDLERS[kind](config, payload, run_config, node_config, state)
+    """Run the message of ``kind`` (``setup`` carries the method's own kind in its config);
+    it may update ``state`` in place."""
+    if kind == "setup":
+        return client_message(str(config["kind"]), config, payload, run_config, node_config,
+                              state)
+    if kind == TRAIN:
+        return client_message(TRAIN, config, payload, run_config, node_config, state)
+    raise ValueError(f"unknown message kind {kind!r}; expected 'setup' or 'train'")

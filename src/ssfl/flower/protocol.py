@@ -10,11 +10,16 @@ Messages, in the order the server sends them:
 message type   server -> client                        client -> server
 ============== ======================================= =====================================
 query.hello    (nothing)                               the node's ``partition-id`` (or -1)
-query.scores   ``client-id``                           score payload, ``num-samples``
-query.mask     mask bitmap payload (once per node)     ``digest`` it stored
-train          ``client-id``, ``round``, ``lr``,       value payload, ``num-samples``,
-               value payload (active values only)      ``train-loss``, compute seconds
+query.setup    ``kind`` (the method's set-up message,  reply payload (empty for a delivery),
+               e.g. ``scores``, ``mask``),             ``num-samples``, compute seconds
+               ``client-id``, payload
+train          ``client-id``, ``round``, ``lr``,       reply payload, ``num-samples``,
+               the method's payload                    ``train-loss``, compute seconds
 ============== ======================================= =====================================
+
+Every method runs through these two messages: the node hands them to the method's
+``Algorithm.handle`` (``ssfl.flower.node``), the same client code the simulator runs, with the
+client's state kept in the node's ``context.state`` under ``client_state_key(client-id)``.
 
 Run config: every key of :class:`ssfl.config.Config` is a Flower run-config key
 ``<section>.<key-in-kebab-case>`` (``train.lr``, ``federation.num-clients``), plus the Flower-only
@@ -32,19 +37,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 # This module must import without torch: the ClientApp process (started per message by Flower's
 # deployment engine) imports it, and forwards to the node's worker, which has torch loaded.
-# ssfl.config imports torch (value dtypes, data sets), so it is imported where it is used.
-if TYPE_CHECKING:
-    from ssfl.config import Config
+# ssfl.config is torch-free; its registry checks import torch only when they run.
+from ssfl.config import Config, ConfigError, from_dict, validate
 
 MSG_HELLO = "query.hello"
-MSG_SCORES = "query.scores"
-MSG_MASK = "query.mask"
+MSG_SETUP = "query.setup"
 MSG_TRAIN = "train"
 
 PAYLOAD = "payload"  # the ArrayRecord (and its single Array) holding payload bytes
@@ -52,9 +55,13 @@ CONFIG = "config"  # the ConfigRecord of a message's parameters
 METRICS = "metrics"  # the MetricRecord of a reply's numbers
 
 # Keys of the node's state between messages (``context.state``; plain values in the handlers).
-STATE_MASK = "ssfl-mask"  # the mask payload as received (bitmap + header)
-STATE_MASK_INFO = "ssfl-mask-info"  # {"dense": bool, "digest": hex}
 STATE_DATA = "ssfl-data"  # {"client-id": int}: the client whose data this node last loaded
+CLIENT_STATE_PREFIX = "ssfl-client-"  # + client id: that client's state (bytes)
+
+
+def client_state_key(client_id: int) -> str:
+    """Where a node keeps a client's state (a node may serve several clients)."""
+    return f"{CLIENT_STATE_PREFIX}{client_id}"
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
@@ -100,7 +107,10 @@ def run_config_from_config(
     flat: dict[str, Any] = {}
     for section, values in config.to_dict().items():
         for key, value in values.items():
-            flat[f"{section}.{_kebab(key)}"] = value
+            if isinstance(value, dict):  # a method's table: algorithm.<method>.<key>
+                flat.update({f"{section}.{key}.{_kebab(k)}": v for k, v in value.items()})
+            else:
+                flat[f"{section}.{_kebab(key)}"] = value
     if settings is not None:
         for f in dataclasses.fields(settings):
             flat[f"flower.{_kebab(f.name)}"] = getattr(settings, f.name)
@@ -114,8 +124,6 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
     section or key, or a value of the wrong type, raises :class:`ssfl.config.ConfigError` naming
     the key.
     """
-    from ssfl.config import ConfigError, from_dict, validate
-
     raw: dict[str, dict[str, Any]] = {}
     flower: dict[str, Any] = {}
     for dotted, value in run_config.items():
@@ -126,6 +134,9 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
         section, key = dotted.split(".", 1)
         if section == "flower":
             flower[_snake(key)] = value
+        elif section == "algorithm" and "." in key:  # algorithm.<method>.<key>
+            method, key = key.split(".", 1)
+            raw.setdefault(section, {}).setdefault(method, {})[_snake(key)] = value
         else:
             raw.setdefault(section, {})[_snake(key)] = value
     config = from_dict(raw)
@@ -134,8 +145,6 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
 
 
 def _flower_settings(values: Mapping[str, Any]) -> FlowerSettings:
-    from ssfl.config import ConfigError
-
     allowed = {f.name: f for f in dataclasses.fields(FlowerSettings)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
@@ -170,7 +179,7 @@ def run_config_toml(flat: Mapping[str, Any]) -> str:
     """
     sections: dict[str, dict[str, Any]] = {}
     for dotted, value in flat.items():
-        section, key = dotted.split(".", 1)
+        section, key = dotted.rsplit(".", 1)  # algorithm.<method>.<key>: table algorithm.<m>
         sections.setdefault(section, {})[key] = value
     lines: list[str] = []
     for section, values in sections.items():

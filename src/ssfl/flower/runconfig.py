@@ -15,10 +15,12 @@ The local deployment script renders a fresh app folder for each run, so it never
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ssfl import algorithms
 from ssfl.config import ConfigError, load_config
 from ssfl.flower.protocol import FlowerSettings, run_config_from_config, run_config_toml
 
@@ -67,6 +69,11 @@ clientapp = "ssfl.flower.client_app:app"
 
 def render_pyproject(overrides: Sequence[str] = APP_DEFAULTS) -> str:
     config = load_config(None, overrides)
+    # Flower accepts an override only for a declared key: declare every method's table (the
+    # chosen method's as configured, the others with their defaults).
+    for name in algorithms.names():
+        config.algorithm.options.setdefault(
+            name, dataclasses.asdict(algorithms.get(name).Settings()))
     flat = run_config_from_config(config, FlowerSettings())
     body = run_config_toml(flat)
     # Nest the tables under [tool.flwr.app.config].

@@ -1,14 +1,15 @@
 """The SSFL ServerApp: the simulator's experiment, with Flower moving the payloads.
 
-The experiment is :func:`ssfl.engine.run`, the simulator's own; Flower only carries the
-payloads (``FlowerTransport``), so the two produce the same mask and per-round metrics:
+The experiment is :func:`ssfl.run.loop.run`, the simulator's own, for any method; Flower only
+carries the payloads (``FlowerTransport``), so the two produce the same mask and per-round
+metrics:
 
-1. load the data set and partition it (seeded); build the seeded model;
-2. mask round: every client scores the initial weights on its data (``query.scores``); the
-   server averages the scores in client-id order and keeps the global top-k; each node receives
-   the mask bitmap once (``query.mask``);
-3. per round: learning rate, seeded client sample, one broadcast payload of the active values
-   (``train``), aggregation of the replies in sampled-client order, evaluation on the test set.
+1. load the data set and partition it (seeded); build the seeded model and the method;
+2. the method's set-up phase (SSFL's mask round: every client scores the initial weights on its
+   data, the server keeps the global top-k and sends each client the bitmap once), each of its
+   messages a ``query.setup`` to the client's node;
+3. per round: learning rate, seeded client sample, the method's payload for each client
+   (``train``), screening and aggregation in sampled-client order, evaluation on the test set.
 
 It writes the same run folder as the simulator (``config.toml``, ``partition.json``,
 ``mask.json``, ``metrics.jsonl``, ``summary.json``) with the real payload byte counts, plus per
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ssfl import algorithms
+from ssfl.algorithms.base import TRAIN, Algorithm
 from ssfl.config import Config, ConfigError
-from ssfl.engine import ClientReply, Transport, prepare, run
 from ssfl.flower.protocol import (
     CONFIG,
     METRICS,
     MSG_HELLO,
-    MSG_MASK,
-    MSG_SCORES,
+    MSG_SETUP,
     MSG_TRAIN,
     PAYLOAD,
     FlowerSettings,
@@ -48,7 +49,8 @@ from ssfl.flower.protocol import (
     payload_record,
     resolve_run_dir,
 )
-from ssfl.strategies import TrainingStrategy
+from ssfl.run.experiment import prepare
+from ssfl.run.loop import ClientReply, Transport, run
 
 app = ServerApp()
 logger = logging.getLogger(__name__)
@@ -245,19 +247,18 @@ def _map_clients(known: dict[int, int], num_clients: int) -> tuple[dict[int, int
     return pinned, ""
 
 
-# Global-mask algorithms whose mask round the Flower app runs (``ssfl.server.find_mask``).
-# Not here: snip_oracle (needs every client's data in one place, only the simulator has it) and
-# the algorithms with their own training rounds (``ssfl.algorithms.TRAINING_STRATEGIES``:
-# per-client masks, dynamic masks), which need messages this app does not have yet.
-FLOWER_ALGORITHMS = ("ssfl", "fedavg", "random", "random_erk", "snip_single")
-
-
 def check_supported(config: Config) -> None:
-    if config.algorithm.name not in FLOWER_ALGORITHMS:
+    """Refuse, before any process or message, a method that cannot run on Flower."""
+    refuse_unsupported(algorithms.get(config.algorithm.name))
+
+
+def refuse_unsupported(cls: type[Algorithm[Any]]) -> None:
+    """A method that needs the pooled data of every client in one place (``snip_oracle``)
+    cannot run where each client's data stays on its node."""
+    if cls.needs_pooled_data:
         raise ConfigError(
-            f"algorithm.name = {config.algorithm.name!r} does not run on Flower yet; "
-            f"choose one of {list(FLOWER_ALGORITHMS)} (or use the simulator, `ssfl run`)"
-        )
+            f"algorithm.name = {cls.name!r} needs the pooled data of every client in one "
+            "place, which only the simulator has: run it with `ssfl run`")
 
 
 def _payload_and_metrics(reply: Message) -> tuple[bytes, Any]:
@@ -265,9 +266,10 @@ def _payload_and_metrics(reply: Message) -> tuple[bytes, Any]:
 
 
 class FlowerTransport(Transport):
-    """Carries the engine's payloads as Flower messages: ``query.scores`` for the mask round,
-    ``query.mask`` once per node, ``train`` per sampled client and round. It also records what
-    the processes measured: each client's compute seconds and the time in send-and-receive."""
+    """Carries the loop's payloads as Flower messages (``query.setup`` for a method's set-up
+    messages, ``train`` per sampled client and round), each to the node that holds the client.
+    It also records what the processes measured: each client's compute seconds and where a
+    round's time went."""
 
     def __init__(self, grid: Grid, config: Config, settings: FlowerSettings) -> None:
         self.grid, self.settings = grid, settings
@@ -275,77 +277,60 @@ class FlowerTransport(Transport):
         self.mapping = assign_clients(grid, config.federation.num_clients, settings)
         self.nodes = sorted(set(self.mapping.values()))
         self.node_wait_seconds = time.perf_counter() - started
-        self.score_compute: dict[int, float] = {}
+        self.setup_compute: dict[str, dict[int, float]] = {}
         self.message_bytes: dict[str, int] = {}
         self._round: dict[str, Any] = {}
 
-    def check_supported(self, config: Config) -> None:
-        check_supported(config)
+    def check_supported(self, algorithm: type[Algorithm[Any]]) -> None:
+        refuse_unsupported(algorithm)
 
-    def collect_scores(self, client_ids: Sequence[int]) -> Iterator[tuple[int, bytes, int]]:
-        asks = [
-            Message(RecordDict({CONFIG: ConfigRecord({"client-id": cid})}), self.mapping[cid],
-                    MSG_SCORES, group_id="mask")
-            for cid in client_ids
-        ]
-        # Replies come back in the order asked (client-id order), as the engine sums them; the
-        # mask is built from the clients that answered.
-        for cid, reply in zip(client_ids, _exchange_tolerant(self.grid, asks, self.settings,
-                                                             "scores")):
-            if isinstance(reply, str):
-                logger.warning("mask round: client %d failed: %s", cid, reply)
-                continue
-            payload, metrics = _payload_and_metrics(reply)
-            self.score_compute[cid] = float(metrics["compute-seconds"])
-            yield cid, payload, int(metrics["num-samples"])
-
-    def deliver_mask(self, payload: bytes | None) -> int:
-        deliveries = []
-        for node in self.nodes:
-            content = RecordDict({CONFIG: ConfigRecord({"dense": payload is None})})
-            if payload is not None:
-                content[PAYLOAD] = payload_record(payload)
-            deliveries.append(Message(content, node, MSG_MASK, group_id="mask"))
-        _exchange(self.grid, deliveries, self.settings, "mask")
-        # Once per node (one node per client in a pinned deployment, as the simulator counts).
-        return 0 if payload is None else len(payload) * len(self.nodes)
-
-    def train(self, round: int, lr: float, client_ids: Sequence[int],
-              strategy: TrainingStrategy, attempt: int = 1) -> Iterator[ClientReply]:
-        downs = {cid: strategy.payload_for(cid, round) for cid in client_ids}
-        out = [
+    def _messages(self, kind: str, round: int, lr: float,
+                  payloads: Mapping[int, bytes]) -> list[Message]:
+        message_type = MSG_TRAIN if kind == TRAIN else MSG_SETUP
+        group = str(round) if kind == TRAIN else f"setup-{kind}"
+        return [
             Message(RecordDict({
-                CONFIG: ConfigRecord({"client-id": cid, "round": round, "lr": lr}),
-                PAYLOAD: payload_record(downs[cid]),
-            }), self.mapping[cid], MSG_TRAIN, group_id=str(round))
-            for cid in client_ids
+                CONFIG: ConfigRecord({"client-id": cid, "round": round, "lr": lr, "kind": kind}),
+                PAYLOAD: payload_record(down),
+            }), self.mapping[cid], message_type, group_id=group)
+            for cid, down in payloads.items()
         ]
+
+    def exchange(self, kind: str, round: int, lr: float, payloads: Mapping[int, bytes],
+                 attempt: int = 1, *, ack: bool = False) -> list[ClientReply]:
+        out = self._messages(kind, round, lr, payloads)
         times = ExchangeTimes()
+        what = f"round {round}" if kind == TRAIN else kind
         with Stopwatch() as exchange:
-            replies = _exchange_tolerant(self.grid, out, self.settings, f"round {round}",
-                                         times)
+            replies = _exchange_tolerant(self.grid, out, self.settings, what, times)
         arrived = [r for r in replies if not isinstance(r, str)]
-        if not self.message_bytes and arrived:
+        if kind == TRAIN and not self.message_bytes and arrived:
             self.message_bytes = {"down": message_wire_bytes(out[0]),
                                   "up": message_wire_bytes(arrived[0])}
         unpacked = [r if isinstance(r, str) else _payload_and_metrics(r) for r in replies]
         del replies, arrived, out
         ok = [u for u in unpacked if not isinstance(u, str)]
-        self._round = {
-            "client_compute_seconds": [float(m["compute-seconds"]) for _, m in ok],
-            "client_setup_seconds": [float(m["setup-seconds"]) for _, m in ok],
-            "client_worker_seconds": [float(m["worker-seconds"]) if "worker-seconds" in m
-                                      else None for _, m in ok],
-            "exchange_seconds": exchange.seconds,
-            **round_timeline(times, [None if isinstance(u, str) else u[1] for u in unpacked]),
-        }
-        for cid, got in zip(client_ids, unpacked):
+        if kind == TRAIN:
+            self._round = {
+                "client_compute_seconds": [float(m["compute-seconds"]) for _, m in ok],
+                "client_setup_seconds": [float(m["setup-seconds"]) for _, m in ok],
+                "client_worker_seconds": [float(m["worker-seconds"]) if "worker-seconds" in m
+                                          else None for _, m in ok],
+                "exchange_seconds": exchange.seconds,
+                **round_timeline(times, [None if isinstance(u, str) else u[1]
+                                         for u in unpacked]),
+            }
+        result = []
+        for (cid, down), got in zip(payloads.items(), unpacked):
             if isinstance(got, str):
-                yield ClientReply(cid, downs[cid], b"", 0, float("nan"), error=got)
-            else:
-                payload, metrics = got
-                yield ClientReply(cid, downs[cid], payload, int(metrics["num-samples"]),
-                                  float(metrics["train-loss"]))
+                result.append(ClientReply(cid, down, b"", 0, float("nan"), error=got))
+                continue
+            payload, metrics = got
+            if kind != TRAIN:
+                self.setup_compute.setdefault(kind, {})[cid] = float(metrics["compute-seconds"])
+            result.append(ClientReply(cid, down, payload, int(metrics["num-samples"]),
+                                      float(metrics["train-loss"])))
+        return result
 
     def round_info(self) -> dict[str, Any]:
         return self._round
@@ -356,7 +341,8 @@ class FlowerTransport(Transport):
             "engine": "flower",
             "nodes": len(self.nodes),
             "node_wait_seconds": self.node_wait_seconds,
-            "score_compute_seconds": [self.score_compute[c] for c in sorted(self.score_compute)],
+            "setup_compute_seconds": {kind: [seconds[c] for c in sorted(seconds)]
+                                      for kind, seconds in self.setup_compute.items()},
             # One train message and one reply as Flower serialises them, vs. the payload bytes.
             "message_bytes_per_round": self.message_bytes,
         }

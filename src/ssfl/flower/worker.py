@@ -258,6 +258,7 @@ def _answer(conn: socket.socket) -> None:
                                      header["run_config"], header["node_config"], state)
         # Only what the handler changed goes back (not the mask bitmap of every message).
         changed = {k: v for k, v in state.items() if before.get(k) != v}
+        changed.update({k: None for k in before.keys() - state.keys()})  # None: removed
         out_blocks: list[bytes] = []
         answer = {"ok": True, "metrics": metrics, "state": pack_state(changed, out_blocks),
                   "payload": None}

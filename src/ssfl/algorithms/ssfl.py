@@ -1,0 +1,256 @@
+"""SSFL (Ohib et al., TMLR; arXiv 2405.09037): one sparse subnetwork found before training.
+
+Read top to bottom, this file is the whole method:
+
+1. **Mask round** (``SSFL.run_setup``): every client scores each Conv/Linear weight of the same
+   seeded initial model on its own data, SNIP-style ``|dL/dw * w|`` on
+   ``saliency_batches`` minibatches (``client_setup("scores")``, ``ssfl.client.compute_scores``:
+   unaugmented batches, the model in eval mode as in the authors' code); the server averages the
+   scores, weighted by sample count or uniformly as the authors' code does
+   (``aggregate_scores``), and keeps the global top-k for the target density
+   (``ssfl.masks.global_topk_mask``, exact k, ties by position). The mask bitmap goes to every
+   client once (``client_setup("mask")`` keeps it as the client's state).
+2. **Sparse FedAvg in the fixed mask** (``FixedMaskFedAvg``): each round the sampled clients
+   receive the active values only, in the agreed order of ``ParameterLayout`` (no indices),
+   train inside the mask (``ssfl.client.train_round``: masked SGD) and return their active
+   values; the server averages them weighted by sample count. Biases and normalisation
+   parameters are dense. ``federation.update_clip_norm`` optionally clips each client's change
+   (robust aggregation).
+
+The static baselines of the paper's comparison (dense FedAvg, random masks, SNIP on one client
+or on pooled data) differ only in how the mask is found: ``ssfl.algorithms.static``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ssfl.algorithms.base import (
+    Algorithm,
+    Ask,
+    ClientContext,
+    ClientOutput,
+    Reply,
+    RoundFailed,
+    Setup,
+    SetupReply,
+)
+from ssfl.algorithms.common import MaskCodec, WeightedMean
+from ssfl.client import compute_scores, encode_scores, train_round
+from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, PayloadKind, decode_values, encode_values
+from ssfl.masks import Mask, full_mask, global_topk_mask, mask_density, unflatten
+
+SCORE_AGGREGATIONS = ("weighted", "uniform")
+
+
+@dataclass(frozen=True)
+class FixedMaskState:
+    """The server state of FedAvg in one fixed mask: the mask, the global model as its active
+    values (layout order), the rounds completed and who scored in the mask round."""
+
+    mask: Mask
+    values: torch.Tensor
+    round: int = 0
+    scored: tuple[int, ...] = ()
+
+
+class FixedMaskFedAvg(Algorithm[FixedMaskState]):
+    """FedAvg over the active values of one mask fixed before round 1; subclasses choose the
+    mask in ``run_setup`` (the default: dense, no set-up)."""
+
+    supports_update_clipping = True
+
+    def __init__(self, setup: Setup, settings: Any) -> None:
+        super().__init__(setup, settings)
+        self.codec = MaskCodec(setup.shapes, setup.prunable)
+        self.clip_norm = float(setup.config.federation.update_clip_norm)  # 0: off
+
+    # ---- server -----------------------------------------------------------------------------
+    def init(self) -> FixedMaskState:
+        return self.with_mask(full_mask(self.setup.prunable_shapes))
+
+    def with_mask(self, mask: Mask, scored: Iterable[int] = ()) -> FixedMaskState:
+        """The state at round 0 for ``mask``: the initial weights inside it."""
+        return FixedMaskState(mask, self.codec.layout(mask).gather(self.setup.initial),
+                              scored=tuple(scored))
+
+    def deliver_mask(self, state: FixedMaskState, ask: Ask, label: str) -> None:
+        """Send every client the mask bitmap once (a dense model needs none)."""
+        if mask_density(state.mask) < 1.0:
+            payload = self.codec.encode(state.mask)
+            ask.deliver("mask", {c: payload for c in range(self.setup.num_clients)},
+                        label=label)
+
+    def resync(self, state: FixedMaskState, ask: Ask) -> FixedMaskState:
+        self.deliver_mask(state, ask, label="resync_mask")
+        return state
+
+    def setup_record(self, state: FixedMaskState) -> dict[str, Any]:
+        return {"scored_clients": list(state.scored)}
+
+    def configure(self, state: FixedMaskState, round: int, clients: Sequence[int],
+                  attempt: int) -> dict[int, bytes]:
+        # Every client gets the same payload: the active global values.
+        payload = encode_values(state.values, round=round, digest=self.codec.digest(state.mask),
+                                dtype=self.setup.value_dtype)
+        return {c: payload for c in clients}
+
+    def check(self, state: FixedMaskState, round: int, client_id: int,
+              payload: bytes) -> torch.Tensor:
+        """The client's active values: exactly the expected size (nothing larger is decoded),
+        the server's dtype, this round and mask, only finite values."""
+        count = state.values.numel()
+        expected = HEADER.size + count * VALUE_DTYPES[self.setup.value_dtype][1].itemsize
+        if len(payload) > expected:
+            raise PayloadError(f"payload of {len(payload)} bytes is over the limit of "
+                               f"{expected} bytes")
+        return decode_values(payload, expected_count=count,
+                             expected_digest=self.codec.digest(state.mask),
+                             expected_round=round, expected_dtype=self.setup.value_dtype,
+                             require_finite=True)
+
+    def aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply],
+                  sampled: Sequence[int]) -> tuple[FixedMaskState, dict[str, Any]]:
+        """Weighted by sample count; the mean of vectors on one mask stays on the mask."""
+        mean = WeightedMean()
+        for reply in replies:
+            values = reply.update
+            if self.clip_norm > 0:
+                delta = values - state.values
+                norm = float(delta.norm())
+                if norm > self.clip_norm:
+                    values = state.values + delta * (self.clip_norm / norm)
+            mean.add(values, float(reply.num_samples))
+        return replace(state, values=mean.result(), round=round), {}
+
+    def eval_weights(self, state: FixedMaskState,
+                     client: int | None = None) -> dict[str, torch.Tensor]:
+        return self.codec.layout(state.mask).dense_tensors(state.values)
+
+    def global_mask(self, state: FixedMaskState) -> Mask:
+        return state.mask
+
+    def final_values(self, state: FixedMaskState) -> torch.Tensor:
+        return state.values
+
+    def state_dict(self, state: FixedMaskState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {"values": state.values, **{f"mask.{n}": m for n, m in state.mask.items()}}
+        return {"round": state.round, "scored": list(state.scored)}, tensors
+
+    def load_state(self, meta: Mapping[str, Any],
+                   tensors: Mapping[str, torch.Tensor]) -> FixedMaskState:
+        mask = {n: tensors[f"mask.{n}"] for n in self.setup.prunable if f"mask.{n}" in tensors}
+        if mask.keys() != set(self.setup.prunable) or any(
+                m.shape != self.setup.shapes[n] or m.dtype != torch.bool for n, m in mask.items()):
+            raise ValueError("the checkpoint's mask does not fit this model")
+        values = tensors["values"]
+        if values.numel() != self.codec.layout(mask).num_values:
+            raise ValueError("the checkpoint's values do not fit this model and mask")
+        return FixedMaskState(mask, values.clone(), int(meta["round"]),
+                              tuple(int(c) for c in meta.get("scored", ())))
+
+    # ---- client -----------------------------------------------------------------------------
+    def client_setup(self, kind: str, ctx: ClientContext, received: bytes,
+                     state: bytes | None) -> ClientOutput:
+        if kind == "mask":  # keep the bitmap: later rounds carry only values
+            self.codec.decode(received)
+            return ClientOutput(b"", received)
+        return super().client_setup(kind, ctx, received, state)
+
+    def client_mask_of(self, state: bytes | None) -> Mask:
+        """The mask a client holds: the bitmap it was sent, or none (dense)."""
+        return self.codec.decode(state)[0] if state else full_mask(self.setup.prunable_shapes)
+
+    def client_step(self, ctx: ClientContext, received: bytes,
+                    state: bytes | None) -> ClientOutput:
+        mask = self.client_mask_of(state)
+        digest = self.codec.digest(mask)
+        reply, result = train_round(ctx.model, self.codec.layout(mask, digest), mask, digest,
+                                    received, ctx.data, ctx.settings, round=ctx.round, lr=ctx.lr,
+                                    generator=ctx.generator, value_dtype=self.setup.value_dtype,
+                                    timings=ctx.timings)
+        return ClientOutput(reply, state, result)
+
+
+@dataclass(frozen=True)
+class SaliencySettings:
+    """``[algorithm.ssfl]`` (and the SNIP baselines' tables)."""
+
+    # "weighted" by client sample count (the paper), or "uniform" (the authors' code)
+    score_aggregation: str = "weighted"
+    saliency_batches: int = 1  # minibatches per client for the scores
+    saliency_batch_size: int = 0  # their size; 0: train.batch_size
+
+    def __post_init__(self) -> None:
+        if self.score_aggregation not in SCORE_AGGREGATIONS:
+            raise ValueError(f"score_aggregation = {self.score_aggregation!r} is not allowed; "
+                             f"choose one of {list(SCORE_AGGREGATIONS)}")
+        if self.saliency_batches < 1:
+            raise ValueError(f"saliency_batches must be at least 1, got "
+                             f"{self.saliency_batches}")
+        if self.saliency_batch_size < 0:
+            raise ValueError("saliency_batch_size must be >= 0 (0: the training batch size)")
+
+
+class SaliencyMask(FixedMaskFedAvg):
+    """A fixed mask from SNIP saliency scores (the client side of scoring)."""
+
+    Settings = SaliencySettings
+
+    def client_setup(self, kind: str, ctx: ClientContext, received: bytes,
+                     state: bytes | None) -> ClientOutput:
+        if kind not in ("scores", "pooled_scores"):
+            return super().client_setup(kind, ctx, received, state)
+        s = self.settings
+        batches = s.saliency_batches
+        if kind == "pooled_scores":  # as many samples as the federated round, from all data
+            batches *= self.setup.num_clients
+        with torch.no_grad():  # score the seeded initial model, whatever the buffer held
+            for n, p in ctx.model.named_parameters():
+                p.copy_(self.setup.initial[n])
+        scores = compute_scores(ctx.model, ctx.data, num_batches=batches,
+                                batch_size=s.saliency_batch_size or ctx.settings.batch_size,
+                                generator=ctx.generator)
+        return ClientOutput(encode_scores(scores), state)
+
+    def scores_to_mask(self, replies: Sequence[SetupReply], mode: str) -> Mask:
+        scores = aggregate_scores(((r.payload, r.num_samples) for r in replies),
+                                  self.setup.prunable_shapes, mode=mode)
+        return global_topk_mask(scores, self.setup.density)
+
+
+def aggregate_scores(payloads: Iterable[tuple[bytes, int]], shapes: Mapping[str, torch.Size],
+                     *, mode: str) -> dict[str, torch.Tensor]:
+    """Mean of the clients' saliency scores (``(score payload, sample count)`` pairs), weighted
+    by sample count or uniform; a running sum, so memory does not grow with the clients."""
+    if mode not in SCORE_AGGREGATIONS:
+        raise ValueError(f"score aggregation must be one of {SCORE_AGGREGATIONS}, got {mode!r}")
+    names = list(shapes)
+    count = sum(math.prod(s) for s in shapes.values())
+    mean = WeightedMean()
+    for payload, num_samples in payloads:
+        scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
+                               require_finite=True)
+        mean.add(scores, float(num_samples) if mode == "weighted" else 1.0)
+    if mean.count == 0:
+        raise RoundFailed(0, 0, 1)
+    return unflatten(mean.result(), shapes, names)
+
+
+class SSFL(SaliencyMask):
+    """SSFL: federated SNIP scores of all clients, global top-k, sparse FedAvg in that mask."""
+
+    def run_setup(self, state: FixedMaskState, ask: Ask) -> FixedMaskState:
+        if self.setup.density >= 1.0:
+            return state  # nothing to prune: dense FedAvg
+        clients = range(self.setup.num_clients)
+        replies = ask.query("scores", {c: b"" for c in clients}, label="score_upload")
+        mask = self.scores_to_mask(replies, self.settings.score_aggregation)
+        state = self.with_mask(mask, scored=[r.client_id for r in replies])
+        self.deliver_mask(state, ask, label="mask_broadcast")
+        return state
