@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from ssfl.algorithms.base import ClientContext, NoSettings, Reply, Setup
+from ssfl.algorithms.ssfl import FixedMaskFedAvg, FixedMaskState
 from ssfl.checkpoint import prefixed, save_checkpoint
 from ssfl.client import LocalData, TrainSettings, client_generator
+from ssfl.config import load_config
 from ssfl.data import load_dataset, partition
 from ssfl.masks import global_topk_mask, prunable_parameter_names
 from ssfl.models import build_model
-from ssfl.server import SparseFedAvgServer
-from ssfl.strategies import StaticMaskStrategy
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,30 +44,38 @@ def measure(model_name: str, data_root: str | None, repeats: int, clients_per_ro
     params = dict(model.named_parameters())
     initial = {n: p.detach().clone() for n, p in params.items()}
     mask = global_topk_mask({n: params[n].detach().abs() for n in names}, 0.5)
-    strategy = StaticMaskStrategy(SparseFedAvgServer(initial, names, mask))
+    setup = Setup(load_config(None, ["algorithm.density=0.5"]),
+                  {n: t.shape for n, t in initial.items()}, names, initial, len(clients))
+    algorithm = FixedMaskFedAvg(setup, NoSettings())
+    state = algorithm.with_mask(mask)
+    held = algorithm.codec.encode(mask)  # what each client keeps from the mask round
     settings = TrainSettings(local_epochs=1, batch_size=32)
+    sampled = list(range(len(clients)))
 
-    def one_round(rnd: int) -> None:
-        def replies():
-            for cid, data in enumerate(clients):
-                payload = strategy.payload_for(cid, rnd)
-                reply, result = strategy.client_update(
-                    model, payload, data, settings, client_id=cid, round=rnd, lr=0.01,
-                    generator=client_generator(0, rnd, cid))
-                yield cid, reply, result.num_samples
-        strategy.aggregate(rnd, replies())
+    def one_round(state: FixedMaskState, rnd: int) -> FixedMaskState:
+        payloads = algorithm.configure(state, rnd, sampled, 1)
+        replies = []
+        for cid, data in enumerate(clients):
+            ctx = ClientContext(client_id=cid, round=rnd, lr=0.01, model=model, data=data,
+                                settings=settings, generator=client_generator(0, rnd, cid),
+                                setup=setup)
+            out = algorithm.client_step(ctx, payloads[cid], held)
+            assert out.result is not None
+            replies.append(Reply(cid, out.result.num_samples,
+                                 algorithm.check(state, rnd, cid, out.reply)))
+        return algorithm.aggregate(state, rnd, replies, sampled)[0]
 
     round_times, save_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint.pt"
         for rnd in range(1, repeats + 2):
             t = time.perf_counter()
-            one_round(rnd)
+            state = one_round(state, rnd)
             elapsed = time.perf_counter() - t
-            meta, tensors = strategy.state_dict()
+            meta, tensors = algorithm.state_dict(state)
             t = time.perf_counter()
-            save_checkpoint(path, {"round": rnd, "strategy": meta, "metrics": []},
-                            prefixed("strategy", tensors))
+            save_checkpoint(path, {"round": rnd, "algorithm": meta, "metrics": []},
+                            prefixed("algorithm", tensors))
             saved = time.perf_counter() - t
             if rnd > 1:  # the first round warms up
                 round_times.append(elapsed)

@@ -142,11 +142,11 @@ def node_plan(num_clients: int, rounds: int, per_round: int, seed: int) -> tuple
     SuperNode without a partition serves the other clients (the mask round's messages only).
 
     Up to ``MAX_PINNED_NODES`` clients: one SuperNode each. Beyond: one SuperNode for each client
-    that the run samples (the sample is seeded, ``ssfl.engine.sample_clients``), so that a
+    that the run samples (the sample is seeded, ``ssfl.run.experiment.sample_clients``), so that a
     round's clients never share a SuperNode (a SuperNode handles its messages one at a time)."""
     if num_clients <= MAX_PINNED_NODES:
         return list(range(num_clients)), False
-    from ssfl.engine import sample_clients
+    from ssfl.run.experiment import sample_clients
 
     sampled = sorted({c for r in range(1, rounds + 1)
                       for c in sample_clients(seed, r, num_clients, per_round)})

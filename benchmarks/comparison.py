@@ -109,14 +109,14 @@ def split_label(split: str) -> str:
 def sweep_methods(sweep: str, requested: str | None) -> list[str]:
     """The methods a sweep runs: ``requested`` (comma-separated), else the sweep's default.
     An unknown name stops the sweep before any run starts."""
-    from ssfl.server import ALGORITHMS
+    from ssfl import algorithms
 
     methods = requested.split(",") if requested else (
         METHODS if sweep == "main" else NONIID_METHODS)
-    unknown = [m for m in methods if m not in ALGORITHMS]
+    unknown = [m for m in methods if m not in algorithms.names()]
     if unknown:
         raise SystemExit(f"--algorithms: unknown {', '.join(map(repr, unknown))}; "
-                         f"choose from {', '.join(sorted(ALGORITHMS))}")
+                         f"choose from {', '.join(algorithms.names())}")
     return methods
 
 

@@ -35,22 +35,34 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssfl import algorithms
+from ssfl.algorithms.base import NoSettings, Setup
+from ssfl.algorithms.clientwise import client_random_mask
+from ssfl.algorithms.common import WeightedMean
 from ssfl.client import LocalData, client_generator, compute_scores
 from ssfl.config import load_config
-from ssfl.dynamic import erk_counts
-from ssfl.engine import prepare
 from ssfl.masks import (
-    WeightedMean,
+    erk_counts,
     flatten,
     global_topk_mask,
     jaccard,
     unflatten,
 )
-from ssfl.server import build_mask
-from ssfl.strategies import client_random_mask
+from ssfl.run.experiment import prepare
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_cpu.toml"
+
+
+def build_mask(method: str, shapes: dict[str, torch.Size], density: float, *,
+               seed: int) -> dict[str, torch.Tensor]:
+    """The random global mask of ``method`` (``random`` or ``random_erk``) that a run with
+    this density and seed trains in, drawn by the method's own rule."""
+    config = load_config(CONFIG, [f"algorithm.name={method}", f"algorithm.density={density}",
+                                  f"run.seed={seed}"])
+    setup = Setup(config, dict(shapes), list(shapes), {}, config.federation.num_clients)
+    return algorithms.get(method)(setup, NoSettings()).random_mask(  # type: ignore[attr-defined]
+        torch.Generator().manual_seed(seed))
 
 
 def overlaps_for_seed(seed: int, clients: list[int], batches: list[int],
@@ -59,7 +71,8 @@ def overlaps_for_seed(seed: int, clients: list[int], batches: list[int],
     exp = prepare(config, with_test=False)
     names = exp.prunable
     shapes = exp.prunable_shapes
-    batch_size = config.algorithm.saliency_batch_size or config.train.batch_size
+    saliency = algorithms.settings_of(config)  # the config's [algorithm.ssfl] table
+    batch_size = saliency.saliency_batch_size or config.train.batch_size
     num_clients = len(exp.parts)
     t = exp.train_set
     pooled = LocalData(t.images, t.labels, torch.from_numpy(np.concatenate(exp.parts)),
@@ -71,7 +84,7 @@ def overlaps_for_seed(seed: int, clients: list[int], batches: list[int],
     oracle = {d: global_topk_mask(oracle_scores, d) for d in densities}
     # The oracle as the snip_oracle *method* computes it (fewer batches): the noise floor.
     method_oracle_scores = compute_scores(
-        exp.model, pooled, num_batches=config.algorithm.saliency_batches * num_clients,
+        exp.model, pooled, num_batches=saliency.saliency_batches * num_clients,
         batch_size=batch_size, generator=client_generator(seed, 0, num_clients))
     rows: list[dict[str, Any]] = []
     for d in densities:

@@ -100,3 +100,56 @@ def test_a_registered_method_runs_on_flowers_grid_with_client_state(monkeypatch:
                   for ctx in grid.contexts.values() for c in range(3)
                   if client_state_key(c) in ctx.state)
     assert trained == config.run.rounds * config.federation.clients_per_round
+
+
+def _doc_example() -> dict[str, Any]:
+    """Run the worked example of docs/extending.md (the block after its marker)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "extending.md").read_text()
+    block = text.split("<!-- example: method -->", 1)[1].split("```python\n", 1)[1]
+    namespace: dict[str, Any] = {}
+    exec(compile(block.split("```", 1)[0], "docs/extending.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_docs_worked_example_runs_in_the_simulator_and_on_flower(monkeypatch: Any) -> None:
+    from ssfl.algorithms import register
+    from ssfl.masks import global_top_k, mask_density, topk_count
+
+    example = _doc_example()
+    register("initial_magnitude", "again", replace=True)(example["InitialMagnitude"])
+    overrides = [*QUICK, "algorithm.name=initial_magnitude", "algorithm.density=0.2"]
+    result = run_experiment(load_config(None, overrides), write=False)
+    # The mask is the global top-k of the seeded initial weights' magnitudes.
+    from ssfl.sim import prepare
+
+    exp = prepare(load_config(None, overrides))
+    k = topk_count(0.2, sum(exp.initial[n].numel() for n in exp.prunable))
+    assert sum(int(m.sum()) for m in result.mask.values()) == k
+    assert mask_density(result.mask) == pytest.approx(0.2, abs=1e-4)
+    expected = global_top_k({n: exp.initial[n].abs() for n in exp.prunable}, k)
+    assert all(torch.equal(result.mask[n], expected[n]) for n in exp.prunable)
+    assert result.summary["one_time_bytes"]["mask_broadcast"] > 0
+    # Its own setting, checked by its Settings class, and refused when unknown.
+    smallest = run_experiment(load_config(None, [
+        *overrides, "algorithm.initial_magnitude.largest=false"]), write=False)
+    assert not all(torch.equal(smallest.mask[n], expected[n]) for n in exp.prunable)
+    from ssfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="algorithm.initial_magnitude.nope"):
+        load_config(None, [*overrides, "algorithm.initial_magnitude.nope=1"])
+    # On Flower's message path: the same run.
+    pytest.importorskip("flwr")
+    from flower_grid import InMemoryGrid
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ssfl.flower.protocol import FlowerSettings, run_config_from_config
+    from ssfl.flower.server_app import run_on_grid
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    config = load_config(None, overrides)
+    fl = run_on_grid(InMemoryGrid(run_config_from_config(config), [{}]), config,
+                     FlowerSettings(node_wait_seconds=5), write=False)
+    assert torch.equal(fl["values"], result.final_values)

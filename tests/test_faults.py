@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ssfl.algorithms.base import RoundFailed
 from ssfl.config import load_config
-from ssfl.server import RoundFailed
 from ssfl.sim import run_experiment
 
 BASE = ["run.rounds=6", "run.progress=false", "federation.num_clients=8",
@@ -81,16 +81,16 @@ def test_too_few_replies_retry_the_round_then_stop_with_the_checkpoint_intact(
 
 
 def test_a_client_that_raises_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ssfl.strategies import StaticMaskStrategy
+    from ssfl.algorithms.ssfl import FixedMaskFedAvg
 
-    real = StaticMaskStrategy.client_update
+    real = FixedMaskFedAvg.client_step
 
-    def flaky(self, model, payload, data, settings, *, client_id, **kwargs):
-        if client_id == 3:
+    def flaky(self, ctx, received, state):
+        if ctx.client_id == 3:
             raise MemoryError("out of memory on the device")
-        return real(self, model, payload, data, settings, client_id=client_id, **kwargs)
+        return real(self, ctx, received, state)
 
-    monkeypatch.setattr(StaticMaskStrategy, "client_update", flaky)
+    monkeypatch.setattr(FixedMaskFedAvg, "client_step", flaky)
     result = run_experiment(load_config(None, [*BASE, "federation.clients_per_round=8"]),
                             write=False)
     for row in result.metrics:

@@ -242,6 +242,18 @@ def test_in_process_flower_run_matches_simulator(
         p.name for p in (tmp_path / "run").iterdir()}
 
 
+def test_local_deployment_refuses_a_pooled_data_method_before_any_process(
+        tmp_path: Path) -> None:
+    """One line on stderr, exit 2, and no SuperLink was started (no work folder written)."""
+    workdir = tmp_path / "work"
+    done = subprocess.run(
+        [sys.executable, "-m", "ssfl.flower.local", "algorithm.name=snip_oracle",
+         "--workdir", str(workdir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "pooled data" in done.stderr
+    assert "Traceback" not in done.stderr and not workdir.exists()
+
+
 def test_pooled_data_method_is_refused_before_any_work() -> None:
     config = load_config(None, [*QUICK, "algorithm.name=snip_oracle"])
     with pytest.raises(ConfigError, match="pooled data of every client"):
@@ -447,7 +459,7 @@ def run_local_matching_simulator(tmp_path: Path, overrides: list[str], supernode
         leftovers = _stop_leftovers(workdir)
     assert not leftovers, f"processes left running: {leftovers}"
     sim = run_experiment(load_config(None, overrides), write=False)
-    assert json.loads((run_dir / "mask.json").read_text())["digest"] == \
+    assert json.loads((run_dir / "mask.json").read_text())["final"]["digest"] == \
         mask_digest(sim.mask, list(sim.mask)).hex()
     fl = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     _assert_same_metrics(sim.metrics, fl)
@@ -477,6 +489,24 @@ def test_local_deployment_matches_simulator_and_leaves_no_process(tmp_path: Path
             assert 0 < row["client_import_seconds"][i] < row["client_startup_seconds"][i]
     # The nodes cached their partitions (the mask round loaded the data set, then wrote them).
     assert len(list(node_cache.glob("digits-client*.npz"))) == 2
+
+
+@needs_linux
+@pytest.mark.parametrize("method", [
+    ["algorithm.name=feddst", "algorithm.density=0.3", "algorithm.feddst.update_interval=1"],
+    ["algorithm.name=sparsyfed", "algorithm.density=0.2"],
+    ["algorithm.name=dispfl", "algorithm.density=0.3", "algorithm.dispfl.neighbors=1"],
+])
+def test_stateful_methods_on_a_real_deployment_match_the_simulator(
+        tmp_path: Path, node_cache: Path, method: list[str]) -> None:
+    """FedDST (changing global mask, the clients keep theirs), SparsyFed (per-client top-k
+    uploads) and DisPFL (personal models kept by the clients, a relay in the middle) on
+    SuperLink and SuperNode processes with workers: the simulator's metrics, bit for bit."""
+    run_dir, _, sim = run_local_matching_simulator(
+        tmp_path, [*QUICK, "federation.num_clients=2", *method], supernodes=2, worker=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("total_bytes", "final_accuracy", "final_personal_accuracy", "density"):
+        assert summary[key] == sim.summary[key], key
 
 
 @needs_linux
@@ -558,31 +588,45 @@ def test_numpy_uint8_payload_is_one_array() -> None:
     assert record["payload"].numpy().dtype == np.uint8
 
 
+@pytest.mark.parametrize("method", [
+    ["algorithm.name=ssfl"],
+    ["algorithm.name=feddst", "algorithm.density=0.3", "algorithm.feddst.update_interval=2"],
+    ["algorithm.name=dispfl", "algorithm.density=0.3", "algorithm.dispfl.neighbors=1"],
+])
 def test_flower_server_resumes_from_its_checkpoint_bit_identical(
-    task_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    task_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: list[str]
 ) -> None:
+    """A new ServerApp continues a killed one from its checkpoint with fresh nodes, which lost
+    their clients' states: the method re-syncs them (SSFL sends the mask again, DisPFL each
+    client's own model, FedDST forgets which mask each client held) and the run ends with the
+    uninterrupted run's model and accuracy. The re-sync's bytes are reported apart."""
     import ssfl.flower.server_app as server_app
 
-    config = load_config(None, [*QUICK, "run.rounds=4", "run.checkpoint_every=1"])
+    config = load_config(None, [*QUICK, "run.rounds=4", "run.checkpoint_every=1", *method])
     nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
     reference = run_on_grid(InMemoryGrid(run_config_from_config(config), nodes), config,
                             FlowerSettings(node_wait_seconds=5), tmp_path / "ref")
 
-    real_train = server_app.FlowerTransport.train
+    real_exchange = server_app.FlowerTransport.exchange
 
-    def crash_in_round_3(self, round, *args, **kwargs):
-        if round == 3:
+    def crash_in_round_3(self, kind, round, *args, **kwargs):
+        if kind == "train" and round == 3:
             raise KeyboardInterrupt("server killed")
-        return real_train(self, round, *args, **kwargs)
+        return real_exchange(self, kind, round, *args, **kwargs)
 
-    monkeypatch.setattr(server_app.FlowerTransport, "train", crash_in_round_3)
+    monkeypatch.setattr(server_app.FlowerTransport, "exchange", crash_in_round_3)
     with pytest.raises(KeyboardInterrupt):
         run_on_grid(InMemoryGrid(run_config_from_config(config), nodes), config,
                     FlowerSettings(node_wait_seconds=5), tmp_path / "crashed")
-    monkeypatch.setattr(server_app.FlowerTransport, "train", real_train)
-    # A new server process and fresh nodes (the mask is sent again, not counted again).
+    monkeypatch.setattr(server_app.FlowerTransport, "exchange", real_exchange)
     resumed = run_on_grid(InMemoryGrid(run_config_from_config(config), nodes), config,
                           FlowerSettings(node_wait_seconds=5, resume=True), tmp_path / "crashed")
-    _assert_same_metrics(reference["metrics"], resumed["metrics"])
     assert torch.equal(resumed["values"], reference["values"])
-    assert resumed["summary"]["total_bytes"] == reference["summary"]["total_bytes"]
+    assert [m["accuracy"] for m in resumed["metrics"]] == \
+        [m["accuracy"] for m in reference["metrics"]]
+    if config.algorithm.name == "feddst":  # it re-sends masks its clients may have held
+        assert resumed["summary"]["total_bytes"] >= reference["summary"]["total_bytes"]
+    else:
+        _assert_same_metrics(reference["metrics"], resumed["metrics"])
+        assert resumed["summary"]["total_bytes"] == reference["summary"]["total_bytes"]
+        assert resumed["summary"]["resync_bytes"] > 0

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from ssfl.algorithms.common import WeightedMean
 from ssfl.masks import (
-    WeightedMean,
     apply_mask_,
     bits_to_mask,
+    global_top_k,
     global_topk_mask,
     jaccard,
     mask_density,
@@ -18,6 +19,7 @@ from ssfl.masks import (
     prunable_parameter_names,
     random_global_mask,
     saliency_scores,
+    top_k,
     topk_count,
 )
 from ssfl.models import ResNet18, SmallCNN
@@ -28,6 +30,37 @@ def test_global_topk_on_a_2x3_tensor_by_eye() -> None:
     mask = global_topk_mask(scores, density=0.5)  # k = 3: 0.9, 0.8, 0.7
     assert mask["w"].tolist() == [[False, True, False], [True, False, True]]
 
+
+
+def test_top_k_by_hand_with_ties_by_position_and_a_tiebreak() -> None:
+    key = torch.tensor([3.0, 1.0, 3.0, 2.0, 1.0])
+    assert top_k(key, 2).tolist() == [True, False, True, False, False]
+    assert top_k(key, 3).tolist() == [True, False, True, True, False]
+    # A tie at the boundary goes to the earlier position (1 before 4).
+    assert top_k(key, 4).tolist() == [True, True, True, True, False]
+    assert top_k(torch.zeros(4), 2).tolist() == [True, True, False, False]
+    # Among equal keys the larger tiebreak wins, then the earlier position: 2.0 first, then
+    # the 1.0s with tiebreak 5 (positions 2 and 3) before those with 0 (positions 0 and 4).
+    key = torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0])
+    tiebreak = torch.tensor([0.0, 0.0, 5.0, 5.0, 0.0])
+    assert top_k(key, 2, tiebreak).tolist() == [False, True, True, False, False]
+    assert top_k(key, 4, tiebreak).tolist() == [True, True, True, True, False]
+    # The tiebreak never overrides the key: the largest key stays in even with tiebreak 0.
+    assert top_k(key, 1, tiebreak).tolist() == [False, True, False, False, False]
+    # A 2-D key is selected flat (row-major); k = 0 and k = n are allowed, nothing else.
+    assert top_k(torch.tensor([[0.5, 4.0], [4.0, 1.0]]), 2).tolist() == [False, True, True, False]
+    assert not top_k(key, 0).any() and top_k(key, 5).all()
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match="cannot keep"):
+            top_k(key, bad)
+
+
+def test_global_top_k_keeps_exactly_k_and_ties_go_to_the_earlier_tensor() -> None:
+    keys = {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([[5.0, 0.0]])}
+    mask = global_top_k(keys, 2)
+    assert mask["a"].tolist() == [False, True] and mask["b"].tolist() == [[True, False]]
+    mask = global_top_k(keys, 1)  # the tie at 5.0 goes to the earlier tensor
+    assert mask["a"].tolist() == [False, True] and mask["b"].tolist() == [[False, False]]
 
 def test_topk_is_global_across_layers_not_per_layer() -> None:
     scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([10.0, 20.0])}

@@ -1,34 +1,36 @@
 """SparsyFed: Powerprop and top-k rules on hand-sized tensors, the server's aggregation by hand,
-payload forms and their validation, and exact density, honest bytes, determinism and resume in
-short runs on the embedded digits data."""
+payload forms and their validation through the run loop's screening, and exact density, honest
+bytes, determinism and resume (also on a transport that loses client states) in short runs on
+the embedded digits data."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from algo_helpers import (
+    Forgetful,
+    Stop,
+    capture,
+    folder_rows,
+    loop_run,
+    make_ctx,
+    make_setup,
+    play_round,
+    stop_after,
+    timeless,
+)
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ssfl import algorithms
-from ssfl.checkpoint import load_checkpoint
-from ssfl.client import LocalData, TrainSettings
-from ssfl.comm import (
-    PayloadKind,
-    encode_bits,
-    encode_indices,
-    encode_values,
-    read_header,
-)
-from ssfl.config import ConfigError, load_config
-from ssfl.masks import mask_digest, mask_to_bits
-from ssfl.server import RoundFailed
-from ssfl.sim import run_experiment
-from ssfl.sparsyfed import (
-    SparsyFedStrategy,
+from ssfl.algorithms.base import RoundFailed
+from ssfl.algorithms.common import load_weights_
+from ssfl.algorithms.sparsyfed import (
+    SparsyFed,
+    SparsyFedSettings,
     choose_form,
     form_sizes,
     powerprop_forward,
@@ -36,9 +38,28 @@ from ssfl.sparsyfed import (
     to_powerprop,
     topk_magnitude_mask,
 )
-from ssfl.strategies import payload_parts
+from ssfl.checkpoint import load_checkpoint
+from ssfl.client import LocalData, TrainSettings
+from ssfl.comm import (
+    PayloadError,
+    PayloadKind,
+    decode_indices,
+    encode_bits,
+    encode_indices,
+    encode_values,
+    payload_parts,
+    read_header,
+)
+from ssfl.config import ConfigError, load_config
+from ssfl.masks import mask_digest, mask_to_bits
+from ssfl.run.experiment import prepare
+from ssfl.run.loop import run
+from ssfl.sim import run_experiment
 
 T, F_ = True, False
+
+
+# ---------------------------------------------------------------------------- rules by hand
 
 
 def test_powerprop_map_and_its_inverse_by_hand() -> None:
@@ -75,6 +96,20 @@ def test_topk_keeps_exactly_k_with_position_ties() -> None:
         assert sum(int(m.sum()) for m in topk_magnitude_mask(many_ties, k).values()) == k
 
 
+def test_topk_is_a_stable_sort_by_magnitude_over_all_tensors() -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        w = {"x": torch.randint(-4, 5, (11, 7), generator=gen).float() * 0.5,
+             "y": torch.randn(30, generator=gen).double(),
+             "z": torch.randint(-2, 3, (5,), generator=gen).float()}
+        flat = torch.cat([w[n].reshape(-1).abs().to(torch.float32) for n in w])
+        for k in (0, 1, 13, 57, flat.numel()):
+            keep = torch.zeros(flat.numel(), dtype=torch.bool)
+            keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+            got = torch.cat([topk_magnitude_mask(w, k)[n].reshape(-1) for n in w])
+            assert torch.equal(got, keep)
+
+
 def test_payload_form_is_the_smallest_by_hand() -> None:
     # 64 weights, float32, no dense part: dense 28+256; bitmap 28+8 + 28+4k; indices 28+4k +
     # 28+4k.
@@ -88,51 +123,82 @@ def test_payload_form_is_the_smallest_by_hand() -> None:
     assert choose_form(10**6, 32_000, 500, 4) == "bitmap"
 
 
-def _strategy(beta: float = 2.0, density: float = 0.5) -> SparsyFedStrategy:
-    initial = {"w": torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), "b": torch.tensor([0.0])}
-    return SparsyFedStrategy(initial, ["w"], density, beta=beta)
+# ---------------------------------------------------------------------------- server
 
 
-def _reply(s: SparsyFedStrategy, w: list[list[float]], b: float, round: int = 1) -> bytes:
+def _alg(beta: float = 2.0, density: float = 0.5,
+         initial: dict[str, torch.Tensor] | None = None, num_clients: int = 4) -> SparsyFed:
+    initial = initial or {"w": torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]),
+                          "b": torch.tensor([0.0])}
+    return SparsyFed(make_setup(initial, ["w"], density, num_clients), SparsyFedSettings(beta))
+
+
+def _reply(s: SparsyFed, w: list[list[float]], b: float, round: int = 1) -> bytes:
     tensors = {"w": torch.tensor(w), "b": torch.tensor([b])}
     return s.encode(tensors, {"w": tensors["w"] != 0}, round)
 
 
 def test_server_averages_powerprop_parameters_and_reports_the_topk_model_by_hand() -> None:
-    s = _strategy(beta=2.0)
+    s = _alg(beta=2.0)
     assert s.k == 3
     a = _reply(s, [[4.0, 0.0, 1.0], [0.0, 0.0, 9.0]], 1.0)
     b = _reply(s, [[4.0, 0.0, 0.0], [0.0, 16.0, 1.0]], 5.0)
-    update = s.aggregate(1, [(0, a, 1), (1, b, 3)])
-    assert update.num_clients == 2 and update.num_samples == 4
-    assert update.bytes_up == len(a) + len(b)
+    # Through the run loop: all 4 clients sampled, 0 and 1 answer, 2 and 3 drop out.
+    r = loop_run(s, s.init(), [[(0, a, 1), (1, b, 3)]])
+    first = s.configure(s.init(), 1, [0], 1)[0]
+    row = play_round(r, 1)
+    state = r.state
+    assert "rejected" not in row and "diagnostics" not in row
+    assert [f["client"] for f in row["failed"]] == [2, 3] and row["attempts"] == 1
+    assert row["bytes_up"] == len(a) + len(b) and row["bytes_down"] == 4 * len(first)
     # v = sqrt: [[2,0,1],[0,0,3]] (1 sample) and [[2,0,0],[0,4,1]] (3 samples); the weighted
     # mean [[2,0,.25],[0,3,1.5]], squared back. (A mean of w would give [[4,0,.25],[0,12,3]].)
-    assert s.weights["w"].tolist() == [[4.0, 0.0, 0.0625], [0.0, 9.0, 2.25]]
-    assert s.weights["b"].tolist() == [4.0]
+    assert state.weights["w"].tolist() == [[4.0, 0.0, 0.0625], [0.0, 9.0, 2.25]]
+    assert state.weights["b"].tolist() == [4.0]
     # Clients get the aggregate (4 nonzeros, the union); the reported model keeps the top 3.
-    assert s.support_density() == pytest.approx(4 / 6)
-    assert s.global_mask()["w"].tolist() == [[T, F_, F_], [F_, T, T]]
-    assert s.global_values().tolist() == [4.0, 0.0, 0.0, 0.0, 9.0, 2.25, 4.0]
+    assert s.support_density(state) == pytest.approx(4 / 6)
+    assert s.global_mask(state)["w"].tolist() == [[T, F_, F_], [F_, T, T]]
+    assert s.final_values(state).tolist() == [4.0, 0.0, 0.0, 0.0, 9.0, 2.25, 4.0]
     model = nn.Module()
     model.w = nn.Parameter(torch.zeros(2, 3))
     model.b = nn.Parameter(torch.zeros(1))
-    s.load_global_(model)
+    load_weights_(model, s.eval_weights(state))
     assert model.w.tolist() == [[4.0, 0.0, 0.0], [0.0, 9.0, 2.25]]
-    down, _ = s.decode(s.payload_for(7, 2), 2)
-    assert torch.equal(down["w"], s.weights["w"]) and torch.equal(down["b"], s.weights["b"])
+    assert s.eval_weights(state, client=1)["w"].tolist() == model.w.tolist()  # no own models
+    # Every client (and a retry) downloads the same payload: the unpruned aggregate.
+    down = s.configure(state, 2, [7, 8], 1)
+    assert down[7] == down[8] == s.configure(state, 2, [7], 2)[7]
+    got, _ = s.decode(down[7], 2)
+    assert torch.equal(got["w"], state.weights["w"]) and torch.equal(got["b"], state.weights["b"])
     # With beta = 1 the same replies are plain FedAvg.
-    s1 = _strategy(beta=1.0)
-    s1.aggregate(1, [(0, _reply(s1, [[4.0, 0.0, 1.0], [0.0, 0.0, 9.0]], 1.0), 1),
-                     (1, _reply(s1, [[4.0, 0.0, 0.0], [0.0, 16.0, 1.0]], 5.0), 3)])
-    assert s1.weights["w"].tolist() == [[4.0, 0.0, 0.25], [0.0, 12.0, 3.0]]
+    s1 = _alg(beta=1.0)
+    r1 = loop_run(s1, s1.init(), [[(0, _reply(s1, [[4.0, 0.0, 1.0], [0.0, 0.0, 9.0]], 1.0), 1),
+                                   (1, _reply(s1, [[4.0, 0.0, 0.0], [0.0, 16.0, 1.0]], 5.0), 3)]])
+    play_round(r1, 1)
+    assert r1.state.weights["w"].tolist() == [[4.0, 0.0, 0.25], [0.0, 12.0, 3.0]]
+
+
+def test_checkpoint_is_the_aggregate_and_refuses_another_beta_or_density() -> None:
+    s = _alg(beta=2.0)
+    r = loop_run(s, s.init(), [[(0, _reply(s, [[4.0, 0.0, 1.0], [0.0, 0.0, 9.0]], 1.0), 1)]])
+    play_round(r, 1)
+    meta, tensors = s.state_dict(r.state)
+    assert meta == {"beta": 2.0, "k": 3} and sorted(tensors) == ["weights.b", "weights.w"]
+    back = s.load_state(meta, tensors)
+    assert all(torch.equal(back.weights[n], r.state.weights[n]) for n in r.state.weights)
+    assert torch.equal(s.final_values(back), s.final_values(r.state))
+    for other in (_alg(beta=1.5), _alg(beta=2.0, density=0.7)):
+        with pytest.raises(ValueError, match="another beta or density"):
+            other.load_state(meta, tensors)
+    with pytest.raises(ValueError, match="do not fit"):
+        s.load_state(meta, {"weights.w": torch.zeros(3, 2), "weights.b": torch.zeros(1)})
 
 
 def test_positions_travel_as_bitmap_or_indices_and_round_trip() -> None:
     initial = {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0)),
                "b": torch.zeros(3)}
     for density, form in ((0.01, "indices"), (0.1, "bitmap"), (1.0, "dense")):
-        s = SparsyFedStrategy(initial, ["w"], density, beta=1.25)
+        s = _alg(1.25, density, initial)
         keep = topk_magnitude_mask({"w": initial["w"]}, s.k)
         tensors = {"w": initial["w"] * keep["w"], "b": torch.tensor([1.0, 2.0, 3.0])}
         payload = s.encode(tensors, keep, 5)
@@ -148,8 +214,6 @@ def test_positions_travel_as_bitmap_or_indices_and_round_trip() -> None:
 
 
 def test_indices_payload_round_trip_and_refusals() -> None:
-    from ssfl.comm import PayloadError, decode_indices
-
     payload = encode_indices(torch.tensor([0, 5, 4095]), round=2)
     assert len(payload) == 28 + 3 * 4 and read_header(payload).kind == PayloadKind.INDICES
     assert decode_indices(payload, expected_count=3, bound=4096).tolist() == [0, 5, 4095]
@@ -164,7 +228,8 @@ def test_indices_payload_round_trip_and_refusals() -> None:
 
 
 def test_malformed_replies_are_rejected_by_name_and_the_round_goes_on() -> None:
-    s = _strategy(beta=1.25)
+    s = _alg(beta=1.25, num_clients=14)
+    state = s.init()
     good = _reply(s, [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], 1.0)
     mask = {"w": torch.tensor([[T, F_, T], [F_, F_, T]])}
     digest = mask_digest(mask, ["w"])
@@ -190,25 +255,35 @@ def test_malformed_replies_are_rejected_by_name_and_the_round_goes_on() -> None:
         (bits + values([1.0] * 4, round=2), "round 2, expected 1"),
         (encode_bits(mask_to_bits(mask, ["w"]), 6, round=2, digest=digest) + values([1.0] * 4),
          "positions are for round 2"),
-        (values([1.0] * 7, d=s._dense[2]), "dense payload has 6 nonzero weights, at most 3"),
+        (values([1.0] * 7, d=s.dense_digest), "dense payload has 6 nonzero weights, at most 3"),
         (bits + values([1.0] * 4) + values([1.0]), "expected 1 or 2 payloads, got 3"),
         (good[:-2], "bundle ends inside a payload"),
         (b"garbage", "shorter than the header"),
     ]
-    replies = [(10 + i, payload, 2) for i, (payload, _) in enumerate(cases)]
-    replies.append((99, good, 2))
-    update = s.aggregate(1, replies)
-    assert update.num_clients == 1 and update.bytes_up == len(good)
-    assert [r.client_id for r in update.rejected] == [10 + i for i in range(len(cases))]
-    for rejection, (_, expected) in zip(update.rejected, cases):
-        assert expected in rejection.reason, (expected, rejection.reason)
-    assert s.weights["w"].tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    replies = [(i, payload, 2) for i, (payload, _) in enumerate(cases)]
+    replies.append((len(cases), good, 2))
+    r = loop_run(s, state, [replies])
+    row = play_round(r, 1)
+    assert [x["client"] for x in row["rejected"]] == list(range(len(cases)))
+    for rejection, (_, expected) in zip(row["rejected"], cases):
+        assert expected in rejection["reason"], (expected, rejection["reason"])
+    # The round went on with the one valid reply; every byte received is counted, valid or not.
+    assert r.state.weights["w"].tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    assert row["bytes_up"] == sum(len(p) for _, p, _ in replies)
     # A round with no valid reply fails and leaves the model as it was.
-    before = {n: w.clone() for n, w in s.weights.items()}
+    before = r.state
+    nan2 = (encode_bits(mask_to_bits(mask, ["w"]), 6, round=2, digest=digest)
+            + values([math.nan, 1, 1, 1], round=2))
+    r2 = loop_run(s, before, [[(3, nan2, 1)]], "federation.max_round_attempts=2")
     with pytest.raises(RoundFailed, match="client 3: payload has 1 NaN"):
-        s.aggregate(2, [(3, encode_bits(mask_to_bits(mask, ["w"]), 6, round=2, digest=digest)
-                         + values([math.nan, 1, 1, 1], round=2), 1)])
-    assert all(torch.equal(before[n], s.weights[n]) for n in before)
+        play_round(r2, 2)
+    assert r2.state is before and r2.state.weights["w"].tolist() == [[1.0, 0.0, 1.0],
+                                                                   [0.0, 0.0, 1.0]]
+    # A round retried after rejections sends the same payloads again (clients are stateless).
+    assert len(r2.transport.sent) == 2 and r2.transport.sent[0] == r2.transport.sent[1]
+
+
+# ---------------------------------------------------------------------------- client
 
 
 def _tiny_data(n: int = 6) -> LocalData:
@@ -241,11 +316,15 @@ def test_client_trains_in_powerprop_space_then_uploads_its_topk() -> None:
 
     initial = {"1.weight": w0, "1.bias": b0}
     for density in (1.0, 0.5):
-        s = SparsyFedStrategy(initial, ["1.weight"], density, beta=beta)
-        reply, result = s.client_update(model, s.payload_for(0, 1), data, ONE_STEP, client_id=0,
-                                        round=1, lr=lr, generator=torch.Generator())
-        assert result.steps == 1
-        up, _ = s.decode(reply, 1, kept=s.k)
+        setup = make_setup(initial, ["1.weight"], density)
+        s = SparsyFed(setup, SparsyFedSettings(beta))
+        state = s.init()
+        down = s.configure(state, 1, [0], 1)[0]
+        out = s.client_step(make_ctx(setup, model, data, 0, 1, lr, torch.Generator(), ONE_STEP),
+                            down, None)
+        assert out.state is None  # clients are stateless
+        assert out.result is not None and out.result.steps == 1
+        up = s.check(state, 1, 0, out.reply)  # the server accepts it
         kept = topk_magnitude_mask({"w": expected}, s.k)["w"]
         torch.testing.assert_close(up["1.weight"], expected * kept)
         torch.testing.assert_close(up["1.bias"], b0 - lr * gb)
@@ -267,120 +346,113 @@ def test_parametrization_is_removed_after_a_crash() -> None:
     assert not parametrize.is_parametrized(model[0])
 
 
+# ---------------------------------------------------------------------------- config
+
+
 def test_config_key_and_its_checks() -> None:
-    assert load_config(None, ["algorithm.name=sparsyfed"]).algorithm.powerprop_beta == 1.25
+    config = load_config(None, ["algorithm.name=sparsyfed"])
+    assert config.algorithm.options["sparsyfed"] == {"powerprop_beta": 1.25}
+    assert algorithms.settings_of(config) == SparsyFedSettings(1.25)
+    config = load_config(None, ["algorithm.name=sparsyfed", "algorithm.sparsyfed.powerprop_beta=2"])
+    assert algorithms.settings_of(config) == SparsyFedSettings(2.0)
     for bad in ("0.5", "nan", "inf", "-1"):
-        with pytest.raises(ConfigError, match="algorithm.powerprop_beta must be"):
-            load_config(None, ["algorithm.name=sparsyfed", f"algorithm.powerprop_beta={bad}"])
+        with pytest.raises(ConfigError, match="algorithm.sparsyfed: powerprop_beta must be"):
+            load_config(None, ["algorithm.name=sparsyfed",
+                               f"algorithm.sparsyfed.powerprop_beta={bad}"])
+    with pytest.raises(ConfigError, match="unknown config key 'algorithm.sparsyfed.beta'"):
+        load_config(None, ["algorithm.name=sparsyfed", "algorithm.sparsyfed.beta=2"])
     with pytest.raises(ConfigError, match="update_clip_norm applies to the global-mask"):
         load_config(None, ["algorithm.name=sparsyfed", "federation.update_clip_norm=1.0"])
 
 
-COMMON = ["run.rounds=6", "run.progress=false", "federation.num_clients=4",
+# ---------------------------------------------------------------------------- whole runs
+
+COMMON = ["run.rounds=4", "run.progress=false", "federation.num_clients=4",
           "federation.clients_per_round=2", "train.local_epochs=1", "model.width=0.5",
-          "algorithm.name=sparsyfed", "algorithm.density=0.2", "train.lr=0.2"]
+          "algorithm.name=sparsyfed", "algorithm.density=0.2", "train.lr=0.2",
+          "data.dataset=digits", "run.threads=1"]
 
 
-def _checked_run(monkeypatch: pytest.MonkeyPatch, overrides: list[str]):
-    """Run on digits, recording every upload's kept count and length and, after every round,
-    the reported global mask's count."""
-    seen: dict = {"kept": [], "global": [], "sizes": []}
-    build = algorithms.TRAINING_STRATEGIES["sparsyfed"]
+@pytest.mark.slow
+@pytest.mark.parametrize("density,form", [(0.2, "bitmap"), (0.02, "indices")])
+def test_run_keeps_density_exact_and_counts_real_bytes(monkeypatch: pytest.MonkeyPatch,
+                                                       density: float, form: str) -> None:
+    seen = capture(monkeypatch, SparsyFed)
+    kept: list[int] = []
+    check = SparsyFed.check
 
-    def wrapped(ctx):
-        strategy = build(ctx)
-        aggregate = strategy.aggregate
+    def counting_check(self, state, round, client_id, payload):  # type: ignore[no-untyped-def]
+        kept.append(sum(int(m.sum()) for m in self.decode(payload, round)[1].values()))
+        return check(self, state, round, client_id, payload)
 
-        def checked(rnd, replies):
-            replies = list(replies)
-            seen["sizes"].append(sum(len(p) for _, p, _ in replies))
-            for _, payload, _ in replies:
-                _, support = strategy.decode(payload, rnd)
-                seen["kept"].append(sum(int(m.sum()) for m in support.values()))
-            update = aggregate(rnd, replies)
-            seen["global"].append(sum(int(m.sum()) for m in strategy.global_mask().values()))
-            return update
-
-        strategy.aggregate = checked
-        seen["strategy"] = strategy
-        return strategy
-
-    monkeypatch.setitem(algorithms.TRAINING_STRATEGIES, "sparsyfed", wrapped)
-    result = run_experiment(load_config(None, [*COMMON, *overrides]), write=False)
-    return result, seen
-
-
-def _rows(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if "seconds" not in k} for r in metrics]
-
-
-def test_run_keeps_density_exact_counts_real_bytes_and_is_deterministic(monkeypatch) -> None:
-    result, seen = _checked_run(monkeypatch, [])
-    s = seen["strategy"]
-    prunable = s.total
-    assert s.k == round(0.2 * prunable)
-    assert seen["kept"] == [s.k] * 12 and seen["global"] == [s.k] * 6
-    assert result.summary["density"] == pytest.approx(s.k / prunable)
-    upload = form_sizes(prunable, s.k, s.other, 4)["bitmap"]
-    assert choose_form(prunable, s.k, s.other, 4) == "bitmap"
-    for row, size in zip(result.metrics, seen["sizes"]):
-        assert row["bytes_up"] == size == 2 * upload
-    # Round 1 downloads the dense initial model; later downloads are the union aggregate,
-    # never sparser than the target.
-    assert result.metrics[0]["bytes_down"] == 2 * form_sizes(prunable, prunable, s.other,
-                                                              4)["dense"]
-    assert all(row["bytes_down"] >= 2 * upload for row in result.metrics[1:])
-    assert s.support_density() >= s.k / prunable
-    assert result.metrics[-1]["accuracy"] > 0.3  # it learns
-    assert result.summary["one_time_bytes"] == {}
-    again, _ = _checked_run(monkeypatch, [])
-    assert _rows(again.metrics) == _rows(result.metrics)
-    assert torch.equal(again.final_values, result.final_values)
-
-
-def test_low_density_uploads_carry_indices(monkeypatch) -> None:
-    result, seen = _checked_run(monkeypatch, ["algorithm.density=0.02", "run.rounds=2"])
-    s = seen["strategy"]
-    assert choose_form(s.total, s.k, s.other, 4) == "indices"
-    assert seen["kept"] == [s.k] * 4 and seen["global"] == [s.k] * 2
+    monkeypatch.setattr(SparsyFed, "check", counting_check)
+    config = load_config(None, [*COMMON, f"algorithm.density={density}"])
+    result = run_experiment(config, write=False)
+    s = seen["alg"]
+    total, other = s.total, s.other
+    assert s.k == round(density * total)
+    assert choose_form(total, s.k, other, 4) == form
+    # Every upload keeps exactly k positions; every round's reported model has exactly k.
+    assert kept == [s.k] * 8 and [len(x) for x in seen["replies"]] == [2] * 4
+    assert all("rejected" not in row and "failed" not in row for row in result.metrics)
+    assert [sum(int(m.sum()) for m in s.global_mask(st).values()) for st in seen["states"]] \
+        == [s.k] * 4
+    assert sum(int(m.sum()) for m in result.mask.values()) == s.k
+    assert result.summary["density"] == pytest.approx(s.k / total)
+    # Uploads: exactly two payloads of the chosen form a round.
     for row in result.metrics:
-        assert row["bytes_up"] == 2 * form_sizes(s.total, s.k, s.other, 4)["indices"]
+        assert row["bytes_up"] == 2 * form_sizes(total, s.k, other, 4)[form]
+    # Round 1 downloads the dense initial model; later ones the last aggregate, whose support
+    # (the union of the clients' masks) is never sparser than the target: each download is
+    # exactly the smallest form of that support.
+    assert result.metrics[0]["bytes_down"] == 2 * form_sizes(total, total, other, 4)["dense"]
+    for row, previous in zip(result.metrics[1:], seen["states"]):
+        support = round(s.support_density(previous) * total)
+        assert support >= s.k
+        sizes = form_sizes(total, support, other, 4)
+        assert row["bytes_down"] == 2 * sizes[choose_form(total, support, other, 4)]
+        assert row["bytes_down"] >= row["bytes_up"]
+    assert result.summary["one_time_bytes"] == {}
+    if form == "bitmap":
+        assert result.metrics[-1]["accuracy"] > 0.3  # it learns
+        again = run_experiment(load_config(None, [*COMMON, f"algorithm.density={density}"]),
+                               write=False)
+        assert timeless(again.metrics) == timeless(result.metrics)
+        assert torch.equal(again.final_values, result.final_values)
 
 
-def test_resume_after_a_crash_is_bit_identical(tmp_path: Path) -> None:
-    overrides = [*COMMON, "run.checkpoint_every=1", "run.eval_every=2", "run.threads=1"]
-    reference = run_experiment(load_config(None, overrides), tmp_path / "ref")
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_three(row):
-        if row["round"] == 3:
-            raise Crash
-
-    folder = tmp_path / "crashed"
-    with pytest.raises(Crash):
-        run_experiment(load_config(None, overrides), folder, on_round=crash_after_three)
-    assert load_checkpoint(folder / "checkpoint.pt")[0]["round"] == 3
-    resumed = run_experiment(load_config(None, overrides), folder, resume=True)
-
-    def rows(path: Path) -> list[dict]:
-        return _rows([json.loads(line) for line in
-                      (path / "metrics.jsonl").read_text().splitlines()])
-
-    assert rows(folder) == rows(reference.run_dir) and len(rows(folder)) == 6
-    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+@pytest.mark.slow
+def test_resume_after_a_crash_is_bit_identical_even_where_clients_lose_state(
+        tmp_path: Path) -> None:
+    overrides = [*COMMON, "run.rounds=5", "run.checkpoint_every=1", "run.eval_every=2"]
+    config = load_config(None, overrides)
+    reference = run_experiment(config, tmp_path / "ref")
     ref_meta, ref_tensors = load_checkpoint(reference.run_dir / "checkpoint.pt")
-    assert meta["round"] == ref_meta["round"] == 6
-    assert tensors.keys() == ref_tensors.keys()
-    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
-    assert torch.equal(resumed.final_values, reference.final_values)
-    assert resumed.summary["total_bytes"] == reference.summary["total_bytes"]
 
-
-def test_flower_refuses_it_before_any_work() -> None:
-    pytest.importorskip("flwr")
-    from ssfl.flower.server_app import check_supported
-
-    with pytest.raises(ConfigError, match="does not run on Flower"):
-        check_supported(load_config(None, ["algorithm.name=sparsyfed"]))
+    # The simulator (client states saved with the checkpoint), and a transport whose clients
+    # lose theirs (a new Flower run): SparsyFed's clients are stateless, so neither needs a
+    # re-sync and both end bit-identical.
+    for name in ("sim", "forgetful"):
+        folder = tmp_path / name
+        with pytest.raises(Stop):
+            if name == "sim":
+                run_experiment(config, folder, on_round=stop_after(3))
+            else:
+                exp = prepare(config)
+                run(exp, Forgetful(exp), folder, on_round=stop_after(3))
+        meta, _ = load_checkpoint(folder / "checkpoint.pt")
+        assert meta["round"] == 3 and meta["clients"] == []
+        if name == "sim":
+            resumed = run_experiment(config, folder, resume=True)
+        else:
+            exp = prepare(config)
+            resumed = run(exp, Forgetful(exp), folder, resume=True)
+        rows = folder_rows(folder)
+        assert rows == folder_rows(reference.run_dir) and len(rows) == 5
+        meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+        assert meta["round"] == ref_meta["round"] == 5
+        assert tensors.keys() == ref_tensors.keys()
+        assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
+        assert torch.equal(resumed.final_values, reference.final_values)
+        assert resumed.summary["total_bytes"] == reference.summary["total_bytes"]
+        assert "resync_bytes" not in resumed.summary

@@ -1,15 +1,20 @@
-"""Masked local training and the server's sparse FedAvg."""
+"""Masked local training, the server's sparse FedAvg and how the static methods find
+their mask."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from ssfl.algorithms.base import NoSettings, Reply, Setup, SetupFailed, SetupReply
+from ssfl.algorithms.common import aggregate_scores
+from ssfl.algorithms.ssfl import SSFL, FixedMaskFedAvg, SaliencySettings
+from ssfl.algorithms.static import DenseFedAvg, RandomMask
 from ssfl.client import LocalData, TrainSettings, client_generator, local_train, train_round
-from ssfl.comm import ParameterLayout, PayloadError, PayloadKind, encode_values
+from ssfl.comm import ParameterLayout, PayloadError, PayloadKind, decode_values, encode_values
+from ssfl.config import load_config
 from ssfl.masks import full_mask, global_topk_mask, mask_digest, prunable_parameter_names
 from ssfl.models import SmallCNN
-from ssfl.server import SparseFedAvgServer, aggregate_scores, build_mask
 
 
 def _tiny_data(n: int = 24, seed: int = 0) -> LocalData:
@@ -73,18 +78,32 @@ def test_client_generators_differ_across_seed_round_and_client() -> None:
     assert len(draws) == 4
 
 
+def _setup(initial: dict[str, torch.Tensor], prunable: list[str], *overrides: str,
+           num_clients: int = 2) -> Setup:
+    return Setup(load_config(None, list(overrides)), {n: t.shape for n, t in initial.items()},
+                 prunable, initial, num_clients)
+
+
 def test_server_fedavg_is_sample_weighted_by_hand() -> None:
     initial = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.0])}
     mask = {"w": torch.tensor([[True, False], [False, True]])}
-    server = SparseFedAvgServer(initial, ["w"], mask)
-    assert server.values.tolist() == [1.0, 4.0, 0.0]
-    r1 = encode_values(torch.tensor([1.0, 1.0, 1.0]), round=1, digest=server.digest)
-    r2 = encode_values(torch.tensor([4.0, 7.0, 10.0]), round=1, digest=server.digest)
-    update = server.aggregate(1, [(r1, 10), (r2, 20)])
-    assert server.values.tolist() == [3.0, 5.0, 7.0]
-    assert update.num_clients == 2 and update.num_samples == 30
-    assert update.bytes_up == len(r1) + len(r2)
-    dense = server.dense_state()
+    algorithm = FixedMaskFedAvg(_setup(initial, ["w"]), NoSettings())
+    state = algorithm.with_mask(mask)
+    assert state.values.tolist() == [1.0, 4.0, 0.0] and state.round == 0
+    digest = mask_digest(mask, ["w"])
+    # Every sampled client receives the same payload: the active global values, this round.
+    down = algorithm.configure(state, 1, [0, 1], 1)
+    assert down[0] == down[1]
+    assert decode_values(down[0], expected_round=1, expected_digest=digest).tolist() == \
+        [1.0, 4.0, 0.0]
+    r1 = encode_values(torch.tensor([1.0, 1.0, 1.0]), round=1, digest=digest)
+    r2 = encode_values(torch.tensor([4.0, 7.0, 10.0]), round=1, digest=digest)
+    replies = [Reply(0, 10, algorithm.check(state, 1, 0, r1)),
+               Reply(1, 20, algorithm.check(state, 1, 1, r2))]
+    new, _ = algorithm.aggregate(state, 1, replies, [0, 1])
+    assert new.values.tolist() == [3.0, 5.0, 7.0] and new.round == 1
+    assert state.values.tolist() == [1.0, 4.0, 0.0]  # the old state is left as it was
+    dense = algorithm.eval_weights(new)
     assert dense["w"].tolist() == [[3.0, 0.0], [0.0, 5.0]] and dense["b"].tolist() == [7.0]
 
 
@@ -105,17 +124,79 @@ def test_score_aggregation_weighted_and_uniform_by_hand() -> None:
         aggregate_scores(payloads, shapes, mode="median")
 
 
-def test_build_mask_per_algorithm() -> None:
+class _Ask:
+    """The set-up phase's messages, recorded; every client asked for scores answers with
+    ``scores`` (none answers when it is None)."""
+
+    def __init__(self, scores: torch.Tensor | None = None) -> None:
+        self.scores = scores
+        self.asked: list[tuple[str, list[int]]] = []
+        self.delivered: list[tuple[str, dict[int, bytes]]] = []
+
+    def query(self, kind, payloads, *, label, all_required=False):
+        self.asked.append((kind, list(payloads)))
+        if self.scores is None:
+            return []
+        body = encode_values(self.scores, kind=PayloadKind.SCORES)
+        return [SetupReply(c, body, 5) for c in payloads]
+
+    def deliver(self, kind, payloads, *, label):
+        self.delivered.append((kind, dict(payloads)))
+
+    def pooled(self, kind):
+        raise NotImplementedError
+
+
+def test_each_static_method_finds_its_mask_in_the_set_up_phase() -> None:
+    initial = {"w": torch.ones(4, 5)}
     shapes = {"w": torch.Size([4, 5])}
-    assert torch.equal(build_mask("fedavg", shapes, 1.0)["w"], full_mask(shapes)["w"])
-    rnd = build_mask("random", shapes, 0.25, seed=1)
-    assert int(rnd["w"].sum()) == 5
-    assert torch.equal(rnd["w"], build_mask("random", shapes, 0.25, seed=1)["w"])
-    scores = {"w": torch.arange(20.0).reshape(4, 5)}
-    top = build_mask("ssfl", shapes, 0.25, scores=scores)
-    assert top["w"].reshape(-1).nonzero().squeeze(1).tolist() == [15, 16, 17, 18, 19]
-    with pytest.raises(ValueError, match="saliency"):
-        build_mask("ssfl", shapes, 0.25)
+    dense = DenseFedAvg(_setup(initial, ["w"], "algorithm.name=fedavg", "algorithm.density=1.0"),
+                        NoSettings())
+    ask = _Ask()
+    state = dense.run_setup(dense.init(), ask)
+    assert torch.equal(state.mask["w"], full_mask(shapes)["w"])
+    assert ask.asked == [] and ask.delivered == []  # a dense model needs no message
+
+    def random_mask(seed: int) -> torch.Tensor:
+        method = RandomMask(_setup(initial, ["w"], "algorithm.name=random",
+                                   "algorithm.density=0.25", f"run.seed={seed}"), NoSettings())
+        ask = _Ask()
+        state = method.run_setup(method.init(), ask)
+        # No scores; the bitmap goes to every client once.
+        assert ask.asked == [] and [k for k, _ in ask.delivered] == ["mask"]
+        sent = ask.delivered[0][1]
+        assert sorted(sent) == [0, 1]
+        assert all(torch.equal(method.codec.decode(p)[0]["w"], state.mask["w"])
+                   for p in sent.values())
+        return state.mask["w"]
+
+    rnd = random_mask(1)
+    assert int(rnd.sum()) == 5
+    assert torch.equal(rnd, random_mask(1)) and not torch.equal(rnd, random_mask(2))
+
+    ssfl = SSFL(_setup(initial, ["w"], "algorithm.density=0.25", num_clients=3),
+                SaliencySettings())
+    ask = _Ask(torch.arange(20.0))
+    state = ssfl.run_setup(ssfl.init(), ask)
+    assert ask.asked == [("scores", [0, 1, 2])]
+    assert state.mask["w"].reshape(-1).nonzero().squeeze(1).tolist() == [15, 16, 17, 18, 19]
+    assert ssfl.setup_record(state) == {"scored_clients": [0, 1, 2]}
+    # A malformed score payload (here: NaN) is left out, by name; the rest build the mask.
+    bad = _Ask(torch.arange(20.0))
+    good_query = bad.query
+
+    def one_nan(kind, payloads, **kw):
+        replies = good_query(kind, payloads, **kw)
+        nan = encode_values(torch.full((20,), float("nan")), kind=PayloadKind.SCORES)
+        return [replies[0], SetupReply(1, nan, 5), replies[2]]
+
+    bad.query = one_nan  # type: ignore[method-assign]
+    state = ssfl.run_setup(ssfl.init(), bad)
+    assert ssfl.setup_record(state) == {"scored_clients": [0, 2]}
+    assert state.mask["w"].reshape(-1).nonzero().squeeze(1).tolist() == [15, 16, 17, 18, 19]
+    # Without any client's scores there is no mask to build.
+    with pytest.raises(SetupFailed, match="no client sent valid saliency scores"):
+        ssfl.run_setup(ssfl.init(), _Ask(None))
 
 
 def test_train_round_replies_on_the_mask_and_rejects_a_stale_round() -> None:

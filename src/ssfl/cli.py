@@ -11,10 +11,9 @@ from ssfl.config import ConfigError, load_config
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ssfl.algorithms.base import RoundFailed, SetupFailed
     from ssfl.checkpoint import CheckpointError
     from ssfl.data.datasets import CorruptDatasetError, DatasetNotFoundError
-    from ssfl.algorithms.base import RoundFailed
-    from ssfl.run.loop import SetupFailed
     from ssfl.sim import run_experiment
 
     # Words with "=" are overrides; at most one other word, the config file. One positional

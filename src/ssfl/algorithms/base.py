@@ -159,6 +159,10 @@ class RoundFailed(RuntimeError):
         self.run_dir: object = None  # set by the loop: where the last checkpoint is
 
 
+class SetupFailed(RuntimeError):
+    """The set-up phase could not get what it needs from the clients."""
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A client reply the server refused, and why (logged and recorded in the metrics)."""

@@ -2,7 +2,8 @@
 and dense models in server state.
 
 Server side: ``WeightedMean`` (FedAvg's running sum), ``average_over_holders`` (each weight
-averaged over the clients whose mask holds it: per-client masks, FedDST, DisPFL).
+averaged over the clients whose mask holds it: per-client masks, FedDST, DisPFL), and the mean
+of the clients' saliency scores (``mean_scores``, ``aggregate_scores``: SSFL and SNIP).
 Both sides: ``MaskCodec`` turns a mask into its bitmap payload and back (checking the digest)
 and caches the value layout of each mask it has seen.
 """
@@ -15,14 +16,21 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ssfl.algorithms.base import SetupFailed
 from ssfl.comm import (
     ParameterLayout,
     PayloadError,
+    PayloadKind,
     decode_bits,
+    decode_values,
     encode_bits,
     read_header,
 )
-from ssfl.masks import Mask, bits_to_mask, mask_digest, mask_to_bits
+from ssfl.masks import Mask, bits_to_mask, mask_digest, mask_to_bits, unflatten
+
+#: how the server weighs the clients' saliency scores: by sample count (the paper) or equally
+#: (the authors' code)
+SCORE_AGGREGATIONS = ("weighted", "uniform")
 
 
 class WeightedMean:
@@ -84,6 +92,38 @@ def average_over_holders(
         else:
             averages[n] = (sums[n] / total).to(torch.float32)
     return averages, held
+
+
+def check_mode(mode: str) -> None:
+    if mode not in SCORE_AGGREGATIONS:
+        raise ValueError(f"score aggregation must be one of {SCORE_AGGREGATIONS}, got {mode!r}")
+
+
+def decode_scores(payload: bytes, count: int) -> torch.Tensor:
+    return decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
+                         require_finite=True)
+
+
+def mean_scores(scores: Iterable[tuple[torch.Tensor, float]],
+                shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Weighted mean of flat score vectors as a running sum (memory does not grow with the
+    number of clients), per layer."""
+    mean = WeightedMean()
+    for flat, weight in scores:
+        mean.add(flat, weight)
+    if mean.count == 0:
+        raise SetupFailed("no client sent valid saliency scores: no mask can be built")
+    return unflatten(mean.result(), shapes, list(shapes))
+
+
+def aggregate_scores(payloads: Iterable[tuple[bytes, int]], shapes: Mapping[str, torch.Size],
+                     *, mode: str) -> dict[str, torch.Tensor]:
+    """Mean of the clients' saliency scores (``(score payload, sample count)`` pairs), weighted
+    by sample count or uniform (the authors' code)."""
+    check_mode(mode)
+    count = sum(math.prod(s) for s in shapes.values())
+    return mean_scores(((decode_scores(p, count), float(n) if mode == "weighted" else 1.0)
+                        for p, n in payloads), shapes)
 
 
 class MaskCodec:

@@ -7,7 +7,7 @@ Read top to bottom, this file is the whole method:
    ``saliency_batches`` minibatches (``client_setup("scores")``, ``ssfl.client.compute_scores``:
    unaugmented batches, the model in eval mode as in the authors' code); the server averages the
    scores, weighted by sample count or uniformly as the authors' code does
-   (``aggregate_scores``), and keeps the global top-k for the target density
+   (``ssfl.algorithms.common.mean_scores``), and keeps the global top-k for the target density
    (``ssfl.masks.global_topk_mask``, exact k, ties by position). The mask bitmap goes to every
    client once (``client_setup("mask")`` keeps it as the client's state).
 2. **Sparse FedAvg in the fixed mask** (``FixedMaskFedAvg``): each round the sampled clients
@@ -23,7 +23,7 @@ or on pooled data) differ only in how the mask is found: ``ssfl.algorithms.stati
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,16 +36,23 @@ from ssfl.algorithms.base import (
     ClientContext,
     ClientOutput,
     Reply,
-    RoundFailed,
     Setup,
     SetupReply,
 )
-from ssfl.algorithms.common import MaskCodec, WeightedMean
+from ssfl.algorithms.common import (
+    SCORE_AGGREGATIONS,
+    MaskCodec,
+    WeightedMean,
+    check_mode,
+    decode_scores,
+    load_weights_,
+    mean_scores,
+)
 from ssfl.client import compute_scores, encode_scores, train_round
-from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, PayloadKind, decode_values, encode_values
-from ssfl.masks import Mask, full_mask, global_topk_mask, mask_density, unflatten
+from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, decode_values, encode_values
+from ssfl.masks import Mask, full_mask, global_topk_mask, mask_density
 
-SCORE_AGGREGATIONS = ("weighted", "uniform")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         return state
 
     def setup_record(self, state: FixedMaskState) -> dict[str, Any]:
-        return {"scored_clients": list(state.scored)}
+        return {"scored_clients": list(state.scored)}  # for mask.json
 
     def configure(self, state: FixedMaskState, round: int, clients: Sequence[int],
                   attempt: int) -> dict[int, bytes]:
@@ -128,8 +135,7 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
             mean.add(values, float(reply.num_samples))
         return replace(state, values=mean.result(), round=round), {}
 
-    def eval_weights(self, state: FixedMaskState,
-                     client: int | None = None) -> dict[str, torch.Tensor]:
+    def eval_weights(self, state: FixedMaskState, client: int | None = None) -> dict[str, Any]:
         return self.codec.layout(state.mask).dense_tensors(state.values)
 
     def global_mask(self, state: FixedMaskState) -> Mask:
@@ -148,27 +154,23 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         if mask.keys() != set(self.setup.prunable) or any(
                 m.shape != self.setup.shapes[n] or m.dtype != torch.bool for n, m in mask.items()):
             raise ValueError("the checkpoint's mask does not fit this model")
-        values = tensors["values"]
-        if values.numel() != self.codec.layout(mask).num_values:
+        if tensors["values"].numel() != self.codec.layout(mask).num_values:
             raise ValueError("the checkpoint's values do not fit this model and mask")
-        return FixedMaskState(mask, values.clone(), int(meta["round"]),
+        return FixedMaskState(mask, tensors["values"].clone(), int(meta["round"]),
                               tuple(int(c) for c in meta.get("scored", ())))
 
     # ---- client -----------------------------------------------------------------------------
     def client_setup(self, kind: str, ctx: ClientContext, received: bytes,
                      state: bytes | None) -> ClientOutput:
-        if kind == "mask":  # keep the bitmap: later rounds carry only values
-            self.codec.decode(received)
-            return ClientOutput(b"", received)
-        return super().client_setup(kind, ctx, received, state)
-
-    def client_mask_of(self, state: bytes | None) -> Mask:
-        """The mask a client holds: the bitmap it was sent, or none (dense)."""
-        return self.codec.decode(state)[0] if state else full_mask(self.setup.prunable_shapes)
+        if kind != "mask":
+            return super().client_setup(kind, ctx, received, state)
+        self.codec.decode(received)  # checked, then kept: later rounds carry only values
+        return ClientOutput(b"", received)
 
     def client_step(self, ctx: ClientContext, received: bytes,
                     state: bytes | None) -> ClientOutput:
-        mask = self.client_mask_of(state)
+        # The mask the client holds: the bitmap it was sent, or none (dense FedAvg).
+        mask = self.codec.decode(state)[0] if state else full_mask(self.setup.prunable_shapes)
         digest = self.codec.digest(mask)
         reply, result = train_round(ctx.model, self.codec.layout(mask, digest), mask, digest,
                                     received, ctx.data, ctx.settings, round=ctx.round, lr=ctx.lr,
@@ -191,8 +193,7 @@ class SaliencySettings:
             raise ValueError(f"score_aggregation = {self.score_aggregation!r} is not allowed; "
                              f"choose one of {list(SCORE_AGGREGATIONS)}")
         if self.saliency_batches < 1:
-            raise ValueError(f"saliency_batches must be at least 1, got "
-                             f"{self.saliency_batches}")
+            raise ValueError(f"saliency_batches must be at least 1, not {self.saliency_batches}")
         if self.saliency_batch_size < 0:
             raise ValueError("saliency_batch_size must be >= 0 (0: the training batch size)")
 
@@ -210,36 +211,31 @@ class SaliencyMask(FixedMaskFedAvg):
         batches = s.saliency_batches
         if kind == "pooled_scores":  # as many samples as the federated round, from all data
             batches *= self.setup.num_clients
-        with torch.no_grad():  # score the seeded initial model, whatever the buffer held
-            for n, p in ctx.model.named_parameters():
-                p.copy_(self.setup.initial[n])
+        load_weights_(ctx.model, self.setup.initial)  # the seeded model, whatever it held
         scores = compute_scores(ctx.model, ctx.data, num_batches=batches,
                                 batch_size=s.saliency_batch_size or ctx.settings.batch_size,
                                 generator=ctx.generator)
         return ClientOutput(encode_scores(scores), state)
 
-    def scores_to_mask(self, replies: Sequence[SetupReply], mode: str) -> Mask:
-        scores = aggregate_scores(((r.payload, r.num_samples) for r in replies),
-                                  self.setup.prunable_shapes, mode=mode)
-        return global_topk_mask(scores, self.setup.density)
+    def scores_to_mask(self, replies: Sequence[SetupReply], mode: str) -> tuple[Mask, list[int]]:
+        """The global top-k of the aggregated scores, and the clients whose scores it used (a
+        malformed score payload is logged and left out, as a bad update in a round is)."""
+        check_mode(mode)
+        count, used = self.setup.prunable_count, []
 
+        def decoded() -> Iterable[tuple[torch.Tensor, float]]:
+            for r in replies:
+                try:
+                    scores = decode_scores(r.payload, count)
+                except PayloadError as exc:
+                    logger.warning("mask round: rejected the scores of client %d: %s",
+                                   r.client_id, exc)
+                    continue
+                used.append(r.client_id)
+                yield scores, float(r.num_samples) if mode == "weighted" else 1.0
 
-def aggregate_scores(payloads: Iterable[tuple[bytes, int]], shapes: Mapping[str, torch.Size],
-                     *, mode: str) -> dict[str, torch.Tensor]:
-    """Mean of the clients' saliency scores (``(score payload, sample count)`` pairs), weighted
-    by sample count or uniform; a running sum, so memory does not grow with the clients."""
-    if mode not in SCORE_AGGREGATIONS:
-        raise ValueError(f"score aggregation must be one of {SCORE_AGGREGATIONS}, got {mode!r}")
-    names = list(shapes)
-    count = sum(math.prod(s) for s in shapes.values())
-    mean = WeightedMean()
-    for payload, num_samples in payloads:
-        scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
-                               require_finite=True)
-        mean.add(scores, float(num_samples) if mode == "weighted" else 1.0)
-    if mean.count == 0:
-        raise RoundFailed(0, 0, 1)
-    return unflatten(mean.result(), shapes, names)
+        scores = mean_scores(decoded(), self.setup.prunable_shapes)
+        return global_topk_mask(scores, self.setup.density), used
 
 
 class SSFL(SaliencyMask):
@@ -250,7 +246,7 @@ class SSFL(SaliencyMask):
             return state  # nothing to prune: dense FedAvg
         clients = range(self.setup.num_clients)
         replies = ask.query("scores", {c: b"" for c in clients}, label="score_upload")
-        mask = self.scores_to_mask(replies, self.settings.score_aggregation)
-        state = self.with_mask(mask, scored=[r.client_id for r in replies])
+        mask, scored = self.scores_to_mask(replies, self.settings.score_aggregation)
+        state = self.with_mask(mask, scored=scored)
         self.deliver_mask(state, ask, label="mask_broadcast")
         return state

@@ -70,8 +70,8 @@ class SNIPSingle(SaliencyMask):
         if self.setup.density >= 1.0:
             return state
         replies = ask.query("scores", {0: b""}, label="score_upload")
-        state = self.with_mask(self.scores_to_mask(replies, self.settings.score_aggregation),
-                               scored=[r.client_id for r in replies])
+        mask, scored = self.scores_to_mask(replies, self.settings.score_aggregation)
+        state = self.with_mask(mask, scored=scored)
         self.deliver_mask(state, ask, label="mask_broadcast")
         return state
 
@@ -86,6 +86,6 @@ class SNIPOracle(SaliencyMask):
             return state
         # Computed where the data lies, so nothing travels (no score bytes).
         pooled = SetupReply(self.setup.num_clients, ask.pooled("pooled_scores"), 1)
-        state = self.with_mask(self.scores_to_mask([pooled], "uniform"))
+        state = self.with_mask(self.scores_to_mask([pooled], "uniform")[0])
         self.deliver_mask(state, ask, label="mask_broadcast")
         return state

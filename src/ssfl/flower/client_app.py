@@ -2,7 +2,8 @@
 
 Every method runs through two messages, ``query.setup`` (the method's set-up messages, such
 as SSFL's scores and mask) and ``train``; :mod:`ssfl.flower.node` hands both to the method's
-own client code (``Algorithm.handle``), the code the simulator runs. It runs in this process, or, with node config ``worker=true``, in the node's persistent worker
+own client code (``Algorithm.handle``), the code the simulator runs. It runs in this process,
+or, with node config ``worker=true``, in the node's persistent worker
 (:mod:`ssfl.flower.worker`): Flower 1.42's deployment engine starts a new ClientApp process
 for every message, and the worker spares each of them importing torch and building the data
 and the model. This module imports no torch (checked by a test), so that with the worker a

@@ -435,6 +435,10 @@ def run_local(
         overrides = [*APP_DEFAULTS, *overrides]
     config = load_config(config_path, overrides)
     config.run.progress = False
+    # A method Flower cannot run is refused here, before any process starts.
+    from ssfl.flower.server_app import check_supported
+
+    check_supported(config)
     if supernodes is None:
         supernodes = config.federation.num_clients if simulation else 3
     if supernodes < 1:

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from ssfl import algorithms
-from ssfl.algorithms.base import TRAIN, Algorithm, Rejection, Reply, RoundFailed, SetupReply
+from ssfl.algorithms.base import (
+    TRAIN,
+    Algorithm,
+    Rejection,
+    Reply,
+    RoundFailed,
+    SetupFailed,
+    SetupReply,
+)
 from ssfl.algorithms.common import load_weights_
 from ssfl.checkpoint import FILENAME as CHECKPOINT, CheckpointError, load_checkpoint
 from ssfl.client import evaluate_samples
@@ -102,10 +110,6 @@ class RunResult:
     mask: dict[str, torch.Tensor]
 
 
-class SetupFailed(RuntimeError):
-    """The set-up phase could not reach the clients it needs."""
-
-
 # ---- the set-up phase's messages, counted in the ledger ------------------------------------
 class LedgerAsk:
     """``Ask`` over a transport: set-up messages, every payload counted under its label."""
@@ -131,9 +135,13 @@ class LedgerAsk:
         pending = dict(payloads)
         for attempt in range(1, (self.attempts if all_required else 1) + 1):
             for r in self._send(kind, pending, label, attempt, ack=False):
-                if not r.error:
-                    answered[r.client_id] = SetupReply(r.client_id, r.payload,
+                if r.error or r.client_id not in pending or r.client_id in answered:
+                    continue
+                try:
+                    answered[r.client_id] = SetupReply(r.client_id, bytes(r.payload),
                                                        check_sample_count(r.num_samples))
+                except (PayloadError, TypeError) as exc:
+                    logger.warning("%s: rejected reply of client %d: %s", kind, r.client_id, exc)
             pending = {c: p for c, p in pending.items() if c not in answered}
             if not pending:
                 break
