@@ -20,7 +20,8 @@ from ssfl.config import load_config
 from ssfl.run.loop import ClientReply, Run, Transport, play_round, screen
 from ssfl.sim import InProcessTransport
 
-#: (client, payload, claimed sample count): a reply as a transport hands it to the loop
+#: (client, payload, claimed sample count): a reply as a transport hands it to the loop (a
+#: payload of None: the reply was lost, see ``CannedTransport``)
 Canned = tuple[int, bytes | None, int]
 
 
@@ -47,8 +48,9 @@ def screen_replies(alg: Algorithm[Any], state: Any, round: int,
     """The run loop's own screening (``ssfl.run.loop.screen``: duplicate senders, sample
     counts, then ``alg.check``) of canned replies."""
     run = SimpleNamespace(algorithm=alg, state=state)
+    replies = list(replies)
     return screen(run, round, [ClientReply(c, b"", p, n, 1.0)  # type: ignore[arg-type]
-                               for c, p, n in replies])
+                               for c, p, n in replies], [c for c, _, _ in replies])
 
 
 class CannedTransport(Transport):
@@ -98,7 +100,7 @@ class Forgetful(InProcessTransport):
     def client_states(self) -> dict[int, bytes]:
         return {}
 
-    def load_client_states(self, states: Mapping[str, bytes] | Mapping[int, bytes]) -> None:
+    def load_client_states(self, states: Mapping[int, bytes]) -> None:
         self.states = {}
 
 

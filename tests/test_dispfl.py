@@ -592,8 +592,12 @@ def test_resume_from_a_checkpoint_is_bit_identical_even_where_clients_lose_state
             resumed = run(exp, Forgetful(exp), folder, resume=True)
         assert folder_rows(folder) == folder_rows(reference.run_dir)
         _, tensors = load_checkpoint(folder / "checkpoint.pt")
-        assert tensors.keys() == ref_tensors.keys()
-        assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
+        # The relay's store (and, in the simulator, every client's own model) as in the
+        # uninterrupted run; a forgetful transport saves no client states.
+        expected = {k: t for k, t in ref_tensors.items()
+                    if name == "sim" or k.startswith("algorithm.")}
+        assert tensors.keys() == expected.keys()
+        assert all(torch.equal(tensors[k], expected[k]) for k in tensors)
         assert torch.equal(resumed.final_values, reference.final_values)
         summary = json.loads((folder / "summary.json").read_text())
         for key in ("final_accuracy", "final_personal_accuracy", "total_bytes"):
@@ -612,8 +616,7 @@ def test_resume_where_clients_lose_state_with_resends_owed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = capture(monkeypatch, DisPFL)
     config = load_config(None, [*FAILING, "run.checkpoint_every=1"])
-    exp = prepare(config)
-    reference = run(exp, Forgetful(exp), tmp_path / "ref")
+    reference = run_experiment(config, tmp_path / "ref")
     ref_configured = [c for c in seen["configured"] if c[0] > 3]
     owed_at_cut = seen["states"][2].resend
     assert owed_at_cut  # the scenario: some client is owed its model at the checkpoint

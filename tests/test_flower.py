@@ -27,7 +27,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from ssfl.client import client_generator  # noqa: E402
-from ssfl.comm import HEADER, encode_values  # noqa: E402
+from ssfl.comm import encode_values  # noqa: E402
 from ssfl.config import Config, ConfigError, load_config  # noqa: E402
 from ssfl.flower import client_app as client_module, node as node_module  # noqa: E402
 from ssfl.flower.local import (  # noqa: E402

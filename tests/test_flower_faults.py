@@ -30,8 +30,8 @@ pytest.importorskip("flwr")
 
 from test_flower import QUICK, _stop_leftovers, needs_linux, node_cache  # noqa: E402, F401
 
-from ssfl.run.experiment import sample_clients  # noqa: E402
 from ssfl.flower.local import processes_of  # noqa: E402
+from ssfl.run.experiment import sample_clients  # noqa: E402
 
 TIMEOUT_S = 30  # flower.round-timeout-seconds: how long the server waits for a node's reply
 KILLED = 1  # the client (= partition id = SuperNode index) whose SuperNode is killed

@@ -84,8 +84,9 @@ def test_a_bad_sample_count_is_rejected_by_name(claim: object) -> None:
     r = make_run(Scripted({(1, 1): (9.0, claim)}))
     row = play_round(r, 1)
     assert r.state == 1.0  # client 0 alone
-    assert row["rejected"] == [{"client": 1, "reason": f"sample count must be a positive "
-                                                       f"integer, got {claim!r}"}]
+    assert row["rejected"] == [{"client": 1, "attempt": 1, "reason": f"sample count must be a "
+                                                                     f"positive integer, got "
+                                                                     f"{claim!r}"}]
 
 
 def test_min_replies_counts_valid_replies_and_retries_the_round() -> None:
@@ -94,6 +95,8 @@ def test_min_replies_counts_valid_replies_and_retries_the_round() -> None:
     r = make_run(transport, "federation.min_replies=2")
     row = play_round(r, 1)
     assert transport.calls == 2 and r.state == pytest.approx(1.5)
+    # The retry shows in the row: both attempts, and the rejection with its attempt.
+    assert row["attempts"] == 2 and [x["attempt"] for x in row["rejected"]] == [1]
     # Both attempts' bytes count: 2 payloads down and 2 up in each.
     payload = len(encode_values(torch.tensor([0.0])))
     assert row["bytes_down"] == 4 * payload and row["bytes_up"] == 3 * payload + len(b"bad")
@@ -124,6 +127,20 @@ def test_a_second_reply_from_one_client_is_rejected() -> None:
     row = play_round(r, 1)
     assert [x["client"] for x in row["rejected"]] == [0]
     assert "a second reply" in row["rejected"][0]["reason"]
+
+
+def test_a_reply_from_a_client_not_asked_is_rejected() -> None:
+    class Stranger(Scripted):
+        def exchange(self, *args: Any, **kwargs: Any) -> list[ClientReply]:
+            replies = super().exchange(*args, **kwargs)
+            stranger = ClientReply(7, b"", encode_values(torch.tensor([99.0])), 10, 1.0)
+            return [*replies, stranger]
+
+    r = make_run(Stranger({}))
+    row = play_round(r, 1)
+    assert r.state == pytest.approx(1.5)  # clients 0 and 1 alone
+    assert row["rejected"] == [{"client": 7, "attempt": 1,
+                                "reason": "a reply from client 7, which was not asked"}]
 
 
 def test_ledger_counts_each_payload_once_by_phase_label_and_direction() -> None:

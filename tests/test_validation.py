@@ -46,7 +46,8 @@ def _screen(algorithm: FixedMaskFedAvg, state: FixedMaskState,
             replies: list[tuple[int, object, object]]):
     """The loop's screening of round 1's ``(client, payload, sample count)`` replies."""
     run = SimpleNamespace(algorithm=algorithm, state=state)
-    return screen(run, 1, [ClientReply(c, b"", p, n, 0.0) for c, p, n in replies])
+    return screen(run, 1, [ClientReply(c, b"", p, n, 0.0) for c, p, n in replies],
+                  [c for c, _, _ in replies])
 
 
 def test_each_kind_of_bad_update_is_rejected_with_its_reason_and_the_round_goes_on() -> None:

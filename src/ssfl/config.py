@@ -7,6 +7,7 @@ loaded, with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -372,25 +373,27 @@ def augmentation_enabled(config: Config) -> bool:
 
 def to_toml(config: Config) -> str:
     """Write the resolved config back as TOML (flat tables of scalars only)."""
-    lines: list[str] = []
+    tables: dict[str, dict[str, Any]] = {}
     for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
-        for key, value in values.items():
-            if key not in tables:
-                lines.append(f"{key} = {_toml_value(value)}")
+        tables[section] = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        tables.update({f"{section}.{k}": v for k, v in values.items() if isinstance(v, dict)})
+    return toml_tables(tables)
+
+
+def toml_tables(tables: Mapping[str, Mapping[str, Any]]) -> str:
+    """TOML text of tables of scalars (``{"train": {"lr": 0.1}}`` -> ``[train] lr = 0.1``)."""
+    lines: list[str] = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         lines.append("")
-        for name, table in tables.items():
-            lines.append(f"[{section}.{name}]")
-            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
-            lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+        return repr(value)  # a float's repr always reads back as a float (1.0, 1e-05, inf)
+    # JSON string escapes are valid TOML basic-string escapes (a newline stays on one line).
+    return json.dumps(str(value))

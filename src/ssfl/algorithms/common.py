@@ -138,7 +138,7 @@ class MaskCodec:
         self.prunable_shapes = {n: self.shapes[n] for n in self.prunable}
         self.count = sum(math.prod(s) for s in self.prunable_shapes.values())
         self.cache_size = cache_size
-        self._cache: dict[bytes, tuple[Mask, ParameterLayout]] = {}
+        self._cache: dict[bytes, ParameterLayout] = {}
 
     def digest(self, mask: Mask) -> bytes:
         return mask_digest(mask, self.prunable)
@@ -162,10 +162,11 @@ class MaskCodec:
     def layout(self, mask: Mask, digest: bytes | None = None) -> ParameterLayout:
         """The value layout of ``mask`` (from the cache when this mask was seen)."""
         digest = digest if digest is not None else self.digest(mask)
-        return self._remember(digest, mask)[1]
+        return self._remember(digest, mask)
 
-    def _remember(self, digest: bytes, mask: Mask) -> tuple[Mask, ParameterLayout]:
-        entry = self._cache.pop(digest, None) or (mask, ParameterLayout(self.shapes, mask))
+    def _remember(self, digest: bytes, mask: Mask) -> ParameterLayout:
+        # A layout holds index tensors computed from the mask, never the mask itself.
+        entry = self._cache.pop(digest, None) or ParameterLayout(self.shapes, mask)
         self._cache[digest] = entry  # most recent last
         while len(self._cache) > self.cache_size:
             self._cache.pop(next(iter(self._cache)))

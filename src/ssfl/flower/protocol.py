@@ -31,7 +31,6 @@ defaults in ``[tool.flwr.app.config]`` with ``flwr run --run-config`` overrides)
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -44,7 +43,7 @@ import numpy as np
 # This module must import without torch: the ClientApp process (started per message by Flower's
 # deployment engine) imports it, and forwards to the node's worker, which has torch loaded.
 # ssfl.config is torch-free; its registry checks import torch only when they run.
-from ssfl.config import Config, ConfigError, from_dict, validate
+from ssfl.config import Config, ConfigError, from_dict, toml_tables, validate
 
 MSG_HELLO = "query.hello"
 MSG_SETUP = "query.setup"
@@ -181,24 +180,7 @@ def run_config_toml(flat: Mapping[str, Any]) -> str:
     for dotted, value in flat.items():
         section, key = dotted.rsplit(".", 1)  # algorithm.<method>.<key>: table algorithm.<m>
         sections.setdefault(section, {})[key] = value
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_scalar(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        text = repr(value)
-        return text if any(c in text for c in ".eEn") else text + ".0"
-    # JSON string escapes are valid TOML basic-string escapes.
-    return json.dumps(str(value))
+    return toml_tables(sections)
 
 
 # ---- payloads in Flower records -----------------------------------------------------------

@@ -294,11 +294,14 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
     chosen = sample_clients(config.run.seed, rnd, config.federation.num_clients,
                             config.federation.clients_per_round)
     failed: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
     attempts = config.federation.max_round_attempts
     for attempt in range(1, attempts + 1):
         replies = send_and_collect(r, rnd, lr, chosen, attempt, failed)
         screened_at = time.perf_counter()
-        valid, rejected = screen(r, rnd, replies)
+        valid, rejected = screen(r, rnd, replies, chosen)
+        rejections += [{"client": x.client_id, "attempt": attempt, "reason": x.reason}
+                       for x in rejected]
         if len(valid) >= config.federation.min_replies:
             break
         failure = RoundFailed(rnd, len(valid), config.federation.min_replies, rejected)
@@ -318,9 +321,11 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
         "aggregation_seconds": aggregation_seconds, **r.transport.round_info(),
     }
     if failed:
-        row["failed"], row["attempts"] = failed, attempt
-    if rejected:
-        row["rejected"] = [{"client": x.client_id, "reason": x.reason} for x in rejected]
+        row["failed"] = failed
+    if failed or attempt > 1:
+        row["attempts"] = attempt
+    if rejections:
+        row["rejected"] = rejections
     if diagnostics:
         row["diagnostics"] = diagnostics
     return row
@@ -339,13 +344,13 @@ def send_and_collect(r: Run, rnd: int, lr: float, chosen: Sequence[int], attempt
             logger.warning("round %d attempt %d: client %d dropped: %s", rnd, attempt,
                            x.client_id, x.error)
             failed.append({"client": x.client_id, "attempt": attempt, "reason": x.error})
-        else:
+        elif x.down:
             # The values are the last part (a mask bitmap may come first).
             r.values_per_payload = read_header(payload_parts(x.down)[-1]).count
     return replies
 
 
-def screen(r: Run, rnd: int, replies: Sequence[ClientReply]
+def screen(r: Run, rnd: int, replies: Sequence[ClientReply], asked: Sequence[int]
            ) -> tuple[list[Reply], list[Rejection]]:
     """Each answered reply checked (sender, sample count, then the method's own decoding); a
     bad one is logged and recorded with its reason, and the round goes on without it."""
@@ -356,6 +361,8 @@ def screen(r: Run, rnd: int, replies: Sequence[ClientReply]
         if x.error:
             continue
         try:
+            if x.client_id not in asked:
+                raise PayloadError(f"a reply from client {x.client_id}, which was not asked")
             if x.client_id in seen:
                 raise PayloadError(f"a second reply from client {x.client_id} in round {rnd}")
             seen.add(x.client_id)
