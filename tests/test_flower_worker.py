@@ -145,7 +145,8 @@ def test_worker_answers_as_the_process_does_reports_errors_and_idles_out(
     train = Message(RecordDict({CONFIG: ConfigRecord({"client-id": 1, "round": 1, "lr": 0.1}),
                                 "payload": first.content["payload"]}),
                     metadata=_metadata("train"))
-    with pytest.raises(worker.WorkerError, match="no mask on this node"):
+    # a train message carrying no model values (a score payload): refused by the method
+    with pytest.raises(worker.WorkerError, match="expected a VALUES payload, got SCORES"):
         client_module.app(train, context)
     again = client_module.app(_scores_message(1), context)
     assert again.content[METRICS]["worker-started"] == 0

@@ -70,10 +70,14 @@ clientapp = "ssfl.flower.client_app:app"
 def render_pyproject(overrides: Sequence[str] = APP_DEFAULTS) -> str:
     config = load_config(None, overrides)
     # Flower accepts an override only for a declared key: declare every method's table (the
-    # chosen method's as configured, the others with their defaults).
+    # chosen method's as configured, the others with their defaults) that every process of the
+    # run knows: the built-in ones and those of the modules in run.plugins (a method registered
+    # by this process alone would be unknown to the ServerApp and the nodes).
+    plugins = {p.strip() for p in config.run.plugins.split(",") if p.strip()}
     for name in algorithms.names():
-        config.algorithm.options.setdefault(
-            name, dataclasses.asdict(algorithms.get(name).Settings()))
+        cls = algorithms.get(name)
+        if cls.__module__.startswith("ssfl.") or cls.__module__ in plugins:
+            config.algorithm.options.setdefault(name, dataclasses.asdict(cls.Settings()))
     flat = run_config_from_config(config, FlowerSettings())
     body = run_config_toml(flat)
     # Nest the tables under [tool.flwr.app.config].
