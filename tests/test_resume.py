@@ -3,8 +3,11 @@ uninterrupted run; checkpoints are atomic and never unpickle arbitrary objects."
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ssfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seal
 from ssfl.cli import main
 from ssfl.config import load_config
+from ssfl.run import checkpoints, experiment, loop
+from ssfl.run.checkpoints import code_version, verify
+from ssfl.run.experiment import prepare
 from ssfl.sim import run_experiment
 
 RUN = ["run.rounds=8", "run.progress=false", "run.checkpoint_every=1", "run.eval_every=2",
@@ -84,7 +90,7 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default(tmp_pat
     meta, tensors = load_checkpoint(folder / "checkpoint.pt")
     assert 'device = "auto"\n' in meta["config"]
     meta["config"] = meta["config"].replace('device = "auto"\n', "")
-    save_checkpoint(folder / "checkpoint.pt", meta, tensors)
+    save_checkpoint(folder / "checkpoint.pt", seal(meta, tensors), tensors)  # as then written
     (folder / "config.toml").write_text(meta["config"])
     assert main(["run", "--resume", str(folder), "--no-progress"]) == 0
     summary = json.loads((folder / "summary.json").read_text())
@@ -129,3 +135,296 @@ def test_truncated_corrupt_and_hostile_checkpoints_give_clear_errors(tmp_path: P
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---- hostile and broken checkpoints: a clear CheckpointError for every defect ---------------
+TINY = ["run.rounds=3", "run.progress=false", "run.checkpoint_every=1", "run.eval_every=2",
+        "federation.num_clients=4", "federation.clients_per_round=2", "train.local_epochs=1",
+        "model.width=0.25", "run.threads=1"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(rnd: int):
+    def on_round(row: dict) -> None:
+        if row["round"] == rnd:
+            raise _Stop
+
+    return on_round
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny digits run to its end, and the same run stopped after its checkpoint of round 2
+    (both read-only here: tests copy them)."""
+    base = tmp_path_factory.mktemp("tiny")
+    config = load_config(None, TINY)
+    run_experiment(config, base / "ref")
+    with pytest.raises(_Stop):
+        run_experiment(config, base / "stopped", on_round=_stop_after(2))
+    return {"ref": base / "ref", "stopped": base / "stopped"}
+
+
+def _copy(tiny_runs: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_runs[name], folder)
+    return folder
+
+
+def _resume(folder: Path, *, force: bool = False):
+    config = load_config(None, TINY)
+    if "force" in inspect.signature(run_experiment).parameters:
+        return run_experiment(config, folder, resume=True, force=force)
+    # Until the loop passes ``--force`` on (``run(..., force=)``), restore gets it directly.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "restore", functools.partial(checkpoints.restore, force=force))
+        return run_experiment(config, folder, resume=True)
+
+
+def _summary(folder: Path) -> dict:
+    summary = json.loads((folder / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if "second" not in k}  # all but the times
+
+
+def test_a_flipped_tensor_bit_or_edited_metadata_is_refused_as_corrupt(
+        tiny_runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(tiny_runs, "stopped", tmp_path)
+    path = folder / "checkpoint.pt"
+    meta, tensors = load_checkpoint(path)
+    flipped = {**tensors, "algorithm.values": tensors["algorithm.values"].clone()}
+    flipped["algorithm.values"].view(torch.int32)[7] ^= 1 << 4
+    save_checkpoint(path, meta, flipped)  # re-saved as is: the checksum is the old one
+    with pytest.raises(CheckpointError, match="corrupt: a tensor or the metadata changed"):
+        _resume(folder)
+    save_checkpoint(path, {**meta, "wall_seconds": 0.5}, tensors)
+    with pytest.raises(CheckpointError, match="corrupt: a tensor or the metadata changed"):
+        _resume(folder)
+    save_checkpoint(path, meta, tensors)  # as it was: resumes
+    _resume(folder)
+    assert _summary(folder) == _summary(tiny_runs["ref"])
+
+
+def _without(key: str):
+    def edit(meta: dict, tensors: dict) -> None:
+        del meta[key]
+
+    return edit
+
+
+def _set(key: str, value):
+    def edit(meta: dict, tensors: dict) -> None:
+        meta[key] = value
+
+    return edit
+
+
+def _edit_row(key: str, value):
+    def edit(meta: dict, tensors: dict) -> None:
+        meta["metrics"][1][key] = value
+
+    return edit
+
+
+def _truncate(meta: dict, tensors: dict) -> None:
+    tensors["algorithm.values"] = tensors["algorithm.values"][:-5].clone()
+
+
+def _drop_client_state(meta: dict, tensors: dict) -> None:
+    del tensors[f"clients.{meta['clients'][0]}"]
+
+
+def _float_client_state(meta: dict, tensors: dict) -> None:
+    tensors[f"clients.{meta['clients'][0]}"] = torch.zeros(3)
+
+
+def _extra_tensor(meta: dict, tensors: dict) -> None:
+    tensors["payload.evil"] = torch.zeros(3)
+
+
+def _drop_row(meta: dict, tensors: dict) -> None:
+    meta["metrics"].pop()
+
+
+def _bad_ledger_row(meta: dict, tensors: dict) -> None:
+    meta["ledger"][0] = meta["ledger"][0][:4]
+
+
+def _negative_ledger_bytes(meta: dict, tensors: dict) -> None:
+    meta["ledger"][0][4] = -100
+
+
+def _algorithm_key(meta: dict, tensors: dict) -> None:
+    meta["algorithm"].clear()
+
+
+DEFECTS = {
+    "no metrics": (_without("metrics"), "lacks metrics"),
+    "no ledger": (_without("ledger"), "lacks ledger"),
+    "no code version": (_without("code"), "lacks code"),
+    "no data fingerprint": (_without("data"), "lacks data"),
+    "no values per payload": (_without("values_per_payload"), "lacks values_per_payload"),
+    "no checksum": (_without("checksum"), "lacks checksum"),
+    "round 999": (_set("round", 999), "round 999 is not a whole number from 0 to run.rounds"),
+    "round -5": (_set("round", -5), "round -5 is not"),
+    "round as text": (_set("round", "2"), "round '2' is not"),
+    "round as bool": (_set("round", True), "round True is not"),
+    "metrics not a list": (_set("metrics", {"1": {}}), "metrics is a dict, not a list"),
+    "a metrics row missing": (_drop_row, "1 metrics rows for 2 rounds"),
+    "a metrics row of another round": (_edit_row("round", 5), "row 2 is not the row of round 2"),
+    "a metrics row without clients": (_edit_row("clients", "all"), "clients is not a list"),
+    "a client beyond the federation": (_edit_row("clients", [0, 99]), "client ids"),
+    "bytes as text": (_edit_row("bytes_down", "many"), "bytes_down is not a byte count"),
+    "ledger not a list": (_set("ledger", {"setup": 5}), "the ledger is a dict, not a list"),
+    "a ledger row too short": (_bad_ledger_row, "ledger entry"),
+    "negative ledger bytes": (_negative_ledger_bytes, "ledger entry"),
+    "mask_info not a table": (_set("mask_info", [1, 2]), "mask_info is not a table"),
+    "negative wall time": (_set("wall_seconds", -1.0), "wall_seconds -1.0 is not a time"),
+    "wall time as text": (_set("wall_seconds", "long"), "wall_seconds 'long'"),
+    "algorithm state not a table": (_set("algorithm", [3]), "algorithm's state is not a table"),
+    "algorithm state lacks a key": (_algorithm_key, "server state does not fit this run"),
+    "wrong-length values": (_truncate, "server state does not fit this run"),
+    "clients not a list": (_set("clients", "0,1"), "clients is not a list of distinct"),
+    "a client state missing": (_drop_client_state, "client states stored are not the clients"),
+    "a client state not bytes": (_float_client_state, "is not a byte string"),
+    "an unknown tensor": (_extra_tensor, "unknown tensors payload.evil"),
+    "values per payload negative": (_set("values_per_payload", -1), "values_per_payload -1"),
+    "an earlier layout": (_set("layout", 2), "written by an earlier version of ssfl"),
+    "config not text": (_set("config", 5), "config is not TOML text"),
+}
+
+
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_every_structural_defect_is_a_checkpoint_error(
+        tiny_runs: dict[str, Path], tmp_path: Path, defect: str) -> None:
+    """Each defect re-sealed (a valid checksum), so it reaches the structural checks."""
+    edit, message = DEFECTS[defect]
+    folder = _copy(tiny_runs, "stopped", tmp_path)
+    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+    edit(meta, tensors)
+    # "no checksum": removed after sealing (a checkpoint with none is not checked on loading)
+    save_checkpoint(folder / "checkpoint.pt",
+                    meta if defect == "no checksum" else seal(meta, tensors), tensors)
+    if defect == "config not text":  # read by the loop before restore: see ``verify`` below
+        with pytest.raises(CheckpointError, match=message):
+            verify(meta, tensors, prepare(load_config(None, TINY)))
+        return
+    with pytest.raises(CheckpointError, match=message):
+        _resume(folder)
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2  # nothing played
+
+
+def test_a_missing_config_is_a_checkpoint_error(tiny_runs: dict[str, Path]) -> None:
+    meta, tensors = load_checkpoint(tiny_runs["stopped"] / "checkpoint.pt")
+    exp = prepare(load_config(None, TINY))
+    del meta["config"]
+    with pytest.raises(CheckpointError, match="lacks config"):
+        verify(meta, tensors, exp)
+    meta["config"] = "[run\nrounds = "
+    with pytest.raises(CheckpointError, match="config does not read"):
+        verify(meta, tensors, exp)
+    meta["config"] = "[nosuchsection]\nx = 1\n"
+    with pytest.raises(CheckpointError, match="config does not read"):
+        verify(meta, tensors, exp)
+    with pytest.raises(CheckpointError, match="metadata is not a table"):
+        verify([meta], tensors, exp)
+
+
+def test_the_cli_reports_a_defect_without_a_traceback(
+        tiny_runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = _copy(tiny_runs, "stopped", tmp_path)
+    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+    meta["round"] = 999
+    save_checkpoint(folder / "checkpoint.pt", seal(meta, tensors), tensors)
+    assert main(["run", "--resume", str(folder), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "round 999" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_other_code_is_refused_unless_forced(
+        tiny_runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(tiny_runs, "stopped", tmp_path)
+    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+    now = code_version()
+    assert meta["code"] == now and now["version"]
+    edits = [{"version": "0.0.1", "commit": None}]
+    if now["commit"] is not None:  # where ssfl runs from a git checkout
+        edits.append({**now, "commit": "0123456789ab" + "0" * 28})
+    for code in edits:
+        save_checkpoint(folder / "checkpoint.pt", seal({**meta, "code": code}, tensors), tensors)
+        with pytest.raises(CheckpointError) as err:
+            _resume(folder)
+        message = str(err.value)
+        assert message.startswith(f"the checkpoint was written by ssfl {code['version']} (")
+        assert f"this is {now['version']} (" in message
+        assert "resuming would mix versions; pass --force to resume anyway" in message
+    if now["commit"] is not None:
+        assert "(0123456789ab)" in message and f"({now['commit'][:12]})" in message
+    _resume(folder, force=True)  # ssfl run --resume DIR --force
+    assert _summary(folder) == _summary(tiny_runs["ref"])
+
+
+def test_other_data_or_partition_is_refused_even_when_forced(
+        tiny_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _copy(tiny_runs, "stopped", tmp_path)
+    real = experiment.partition
+
+    def swapped(*args, **kwargs):  # the same sizes and data, two clients' samples swapped
+        parts = list(real(*args, **kwargs))
+        parts[0], parts[1] = parts[1], parts[0]
+        return parts
+
+    monkeypatch.setattr(experiment, "partition", swapped)
+    with pytest.raises(CheckpointError, match="data or its partition differs.*cannot be "
+                                              "overridden"):
+        _resume(folder, force=True)
+    monkeypatch.setattr(experiment, "partition", real)
+    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+    meta["data"]["digest"] = "0" * 32
+    save_checkpoint(folder / "checkpoint.pt", seal(meta, tensors), tensors)
+    with pytest.raises(CheckpointError, match=r"then: dataset digits, train 1438, test 359, "
+                                              r"clients 4; now: dataset digits"):
+        _resume(folder, force=True)
+
+
+def test_stale_temporaries_are_removed_at_the_next_save_and_on_resume(
+        tiny_runs: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    stale = [tmp_path / ".checkpoint.pt.k1ll3d.tmp", tmp_path / ".checkpoint.pt.x_9.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    (tmp_path / ".other.pt.k1ll3d.tmp").write_bytes(b"not ours")
+    save_checkpoint(path, {"round": 1}, {"w": torch.ones(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.k1ll3d.tmp",
+                                                          "checkpoint.pt"]
+
+    folder = _copy(tiny_runs, "ref", tmp_path)  # resumed after its last round: no save
+    (folder / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    _resume(folder)
+    assert not list(folder.glob(".checkpoint.pt.*.tmp"))
+
+
+def test_a_resume_after_the_last_round_writes_the_same_summary(
+        tiny_runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(tiny_runs, "ref", tmp_path)
+    (folder / "summary.json").unlink()
+    result = _resume(folder)
+    assert result.summary["num_values"] > 0
+    assert _summary(folder) == _summary(tiny_runs["ref"])
+    assert _rows(folder) == _rows(tiny_runs["ref"])
+
+
+def test_a_resume_mid_run_ends_as_the_uninterrupted_run(tiny_runs: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    folder = _copy(tiny_runs, "stopped", tmp_path)
+    _resume(folder)
+    assert _rows(folder) == _rows(tiny_runs["ref"])
+    assert _summary(folder) == _summary(tiny_runs["ref"])
+    meta, _ = load_checkpoint(folder / "checkpoint.pt")
+    ref, _ = load_checkpoint(tiny_runs["ref"] / "checkpoint.pt")
+    assert meta["checksum"] != ref["checksum"]  # the times differ; everything else is equal
+    assert {k: v for k, v in meta.items() if k not in ("checksum", "wall_seconds", "metrics",
+                                                      "mask_info")} == \
+        {k: v for k, v in ref.items() if k not in ("checksum", "wall_seconds", "metrics",
+                                                  "mask_info")}

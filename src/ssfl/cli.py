@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssfl.config import ConfigError, load_config
+from ssfl.config import Config, ConfigError, check_writable, load_config
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -31,10 +31,14 @@ def _run(args: argparse.Namespace) -> int:
                                   "the config it was started with")
             run_dir = Path(args.resume)
             config = load_config(run_dir / "config.toml")
+            check_writable(config, run_dir, "--resume")
         else:
             config = load_config(config_path, overrides)
             run_dir = Path(args.out) if args.out else None
-        result = run_experiment(config, run_dir, resume=bool(args.resume),
+            check_writable(config, run_dir, "--out" if run_dir is not None else "run.out_dir")
+        if args.force and not args.resume:
+            raise ConfigError("--force goes with --resume only")
+        result = run_experiment(config, run_dir, resume=bool(args.resume), force=args.force,
                                 progress=False if args.no_progress else None)
     except (ConfigError, DatasetNotFoundError, CorruptDatasetError, CheckpointError) as exc:
         print(f"ssfl run: {exc}", file=sys.stderr)
@@ -43,8 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ssfl run: the set-up phase failed: {exc}", file=sys.stderr)
         return 3
     except RoundFailed as exc:
-        where = f"; continue it with: ssfl run --resume {exc.run_dir}" if exc.run_dir else ""
-        print(f"ssfl run: the run stopped: {exc}{where}", file=sys.stderr)
+        print(f"ssfl run: the run stopped: {exc}{_resume_hint(config, exc.run_dir)}",
+              file=sys.stderr)
         return 3
     s = result.summary
     acc = s["final_accuracy"]
@@ -55,6 +59,25 @@ def _run(args: argparse.Namespace) -> int:
         f"per round; run folder {result.run_dir}"
     )
     return 0
+
+
+def _resume_hint(config: Config, run_dir: object) -> str:
+    """How to go on after a failed round: ``--resume`` only where a checkpoint exists to
+    resume from, else why there is none and what to change."""
+    from ssfl.checkpoint import FILENAME
+
+    if run_dir is None:
+        return ""
+    if (Path(str(run_dir)) / FILENAME).exists():
+        return (f"; its last checkpoint is in {run_dir}: once the cause is gone, continue it "
+                f"with: ssfl run --resume {run_dir} (the failed round replays the same "
+                f"clients with the same seeds)")
+    every = config.run.checkpoint_every
+    why = ("run.checkpoint_every = 0 writes none" if every == 0 else
+           f"the first is written after round {min(every, config.run.rounds)}")
+    return (f"; it cannot be resumed: no checkpoint was written to {run_dir} ({why}); start "
+            f"it again (set run.checkpoint_every to a small number, e.g. 1, to make it "
+            f"resumable from the last good round)")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -85,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: continue even a checkpoint written by another ssfl "
+                     "version or commit (never one of other data or another partition)")
     run.set_defaults(func=_run)
     rep = sub.add_parser("report", help="tables and plots for one or several run folders")
     rep.add_argument("runs", nargs="+", help="run folders")

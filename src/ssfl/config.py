@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -39,6 +41,31 @@ LEGACY_ALGORITHM_KEYS: dict[str, list[tuple[str, str]]] = {
     "neighbors": [("dispfl", "neighbors")],
     "dispfl_anneal": [("dispfl", "anneal")],
 }
+
+
+#: ``run.seed`` feeds numpy's ``default_rng`` and ``torch.Generator.manual_seed``; both take
+#: every seed in [0, 2**63) (torch refuses 2**64 and more, numpy any negative seed).
+SEED_LIMIT = 2**63
+#: ``run.name`` names the run folder (``<run.out_dir>/<run.name>-<time>``): no path separators,
+#: no whitespace or control characters, not hidden.
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+#: Upper bounds of the counts: generous, they only stop a typo (a few extra zeros) from holding
+#: the machine for days or exhausting its memory before the first round ends.
+COUNT_LIMITS: dict[str, tuple[int, str]] = {
+    "run.rounds": (1_000_000, ""),
+    "federation.num_clients": (1_000_000, ""),
+    "federation.clients_per_round": (10_000, "the replies of a round are held in memory "
+                                             "together"),
+    "federation.max_round_attempts": (100, "each attempt trains every sampled client again"),
+    "train.local_epochs": (10_000, ""),
+    "train.batch_size": (65_536, "a batch is held in memory at once"),
+}
+#: ``model.width`` scales every layer's channels; 16 already makes ResNet-18 ~250 times larger.
+MAX_WIDTH = 16.0
+#: ``train.lr``: larger steps diverge in the first rounds, whatever the model.
+MAX_LR = 10.0
+#: ``data.alpha``: a Dirichlet concentration above this is an IID split anyway.
+MAX_ALPHA = 1e6
 
 
 class ConfigError(ValueError):
@@ -97,6 +124,14 @@ class FederationSection:
     # Robust aggregation: clip each client's change to the global model to this L2 norm before
     # averaging (0: off). Invalid updates are always rejected, whatever this is.
     update_clip_norm: float = 0.0
+    # ... or to this multiple of the round's median change norm (0: off; both: the smaller)
+    adaptive_clip: float = 0.0
+    # How the updates are combined (ssfl.algorithms.robust): "mean" (FedAvg, the paper's),
+    # "median", "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum" (byzantine
+    # = the number of hostile clients per round it tolerates)
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1
+    byzantine: int = 1
     # A round needs at least this many valid client updates; with fewer it is retried (the
     # same clients, a new attempt) up to `max_round_attempts` times, then the run stops with
     # its last checkpoint intact. Never silently skipped.
@@ -231,7 +266,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8 by definition
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (TOML must be): "
+                              f"{exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
     for text in overrides:
@@ -257,7 +297,18 @@ def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or not math.isfinite(value):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'} and finite, got "
+                          f"{value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, *, low_open: bool = False,
+              high_open: bool = False, why: str = "") -> None:
+    """``value`` finite and within ``[low, high]`` (``(`` / ``)`` where open); NaN fails."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below and math.isfinite(value)):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be in {interval}{why}, got {value!r}")
 
 
 def check_device(key: str, value: str) -> None:
@@ -276,14 +327,27 @@ def validate(config: Config) -> None:
     if not (0.0 < density <= 1.0) or not math.isfinite(density):
         raise ConfigError(f"algorithm.density must be in (0, 1], got {density}")
     _positive("data.alpha", config.data.alpha)
+    _in_range("data.alpha", config.data.alpha, 0.0, MAX_ALPHA, low_open=True,
+              why=" (larger is an IID split already)")
     _positive("model.width", config.model.width)
+    _in_range("model.width", config.model.width, 0.0, MAX_WIDTH, low_open=True,
+              why=" (it multiplies every layer's channels; 1.0 is the standard model)")
     _positive("train.lr", config.train.lr)
-    _positive("train.lr_decay", config.train.lr_decay)
-    _positive("train.momentum", config.train.momentum, allow_zero=True)
-    _positive("train.weight_decay", config.train.weight_decay, allow_zero=True)
+    _in_range("train.lr", config.train.lr, 0.0, MAX_LR, low_open=True,
+              why=" (larger steps diverge in the first rounds)")
+    _in_range("train.lr_decay", config.train.lr_decay, 0.0, 1.0, low_open=True,
+              why=" (the learning rate's factor per round; 1: constant)")
+    _in_range("train.momentum", config.train.momentum, 0.0, 1.0, high_open=True,
+              why=" (momentum >= 1 makes SGD diverge)")
+    _in_range("train.weight_decay", config.train.weight_decay, 0.0, 1.0, high_open=True,
+              why=" (decay >= 1 wipes the weights)")
     _positive("train.clip_grad_norm", config.train.clip_grad_norm, allow_zero=True)
     _positive("federation.update_clip_norm", config.federation.update_clip_norm,
               allow_zero=True)
+    _check_run_name(config.run.name)
+    if not 0 <= config.run.seed < SEED_LIMIT:
+        raise ConfigError(f"run.seed must be in [0, 2**63) (the seeds numpy's and torch's "
+                          f"random generators take), got {config.run.seed}")
     if config.run.eval_every < 0:
         raise ConfigError(f"run.eval_every must be >= 0 (0: no evaluation), got "
                           f"{config.run.eval_every}")
@@ -299,10 +363,20 @@ def validate(config: Config) -> None:
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+        limit, why = COUNT_LIMITS.get(key, (None, ""))
+        if limit is not None and value > limit:
+            raise ConfigError(f"{key} must be at most {limit:_}, got {value:_} (a generous "
+                              f"limit that keeps a typo from running for days"
+                              f"{'; ' + why if why else ''})")
     if config.run.checkpoint_every < 0:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
         raise ConfigError("run.threads must be >= 0 (0: PyTorch's default)")
+    cores = os.cpu_count() or 1
+    if config.run.threads > cores:
+        raise ConfigError(f"run.threads must be at most the {cores} CPU cores of this machine "
+                          f"(os.cpu_count()), got {config.run.threads}; 0 leaves PyTorch's "
+                          f"default")
     check_device("run.device", config.run.device)
     if not 0.0 <= config.federation.failure_rate < 1.0:
         raise ConfigError(f"federation.failure_rate must be in [0, 1), got "
@@ -317,6 +391,46 @@ def validate(config: Config) -> None:
             f"federation.num_clients ({config.federation.num_clients})"
         )
     check_registered(config)
+
+
+def _check_run_name(name: str) -> None:
+    if not RUN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"run.name = {name!r} is not allowed: it names the run folder, so use 1 to 100 "
+            f"letters, digits, '-', '_' and '.', not starting with '.'")
+
+
+def check_writable(config: Config, run_dir: str | Path | None = None,
+                   key: str = "run.out_dir") -> None:
+    """That the run can write its folder, checked before any work: ``run_dir`` where given
+    (``--out``, ``--resume``; ``key`` names it), else ``run.out_dir``, in which the run folder
+    is made. Leaves nothing behind: an existing folder is probed with a temporary file, a
+    missing one through its nearest existing parent, which must let it be created."""
+    folder = Path(run_dir if run_dir is not None else config.run.out_dir)
+    shown = f"{key} = {str(folder)!r}"
+    if "\0" in str(folder):  # Path.exists() is False for it, and every later use fails
+        raise ConfigError(f"{shown} cannot be written: a path cannot hold a NUL character")
+    try:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{shown} is not a folder")
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            return
+        parent = folder.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"{shown} cannot be created: {str(parent)!r} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{shown} cannot be created: {str(parent)!r} is not writable; "
+                              f"choose a folder you can write to")
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        if isinstance(exc, ConfigError):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"{shown} cannot be written: {reason}; choose a folder you can "
+                          f"write to") from exc
 
 
 def check_registered(config: Config) -> None:
@@ -347,8 +461,31 @@ def check_registered(config: Config) -> None:
             f"federation.update_clip_norm applies to the global-mask methods "
             f"{[n for n in sorted(known) if algorithms.get(n).supports_update_clipping]}, not "
             f"{config.algorithm.name!r}; set it to 0")
+    check_robust_aggregation(config, cls.supports_update_clipping)
     cls.check_config(config, settings)
     config.algorithm.options = {config.algorithm.name: dataclasses.asdict(settings)}
+
+
+def check_robust_aggregation(config: Config, supported: bool) -> None:
+    """``federation.aggregator`` and its parameters (``ssfl.algorithms.robust``)."""
+    fed = config.federation
+    _choice("federation.aggregator", fed.aggregator,
+            ("mean", "median", "trimmed_mean", "krum", "multi_krum"))
+    _positive("federation.adaptive_clip", fed.adaptive_clip, allow_zero=True)
+    if not 0.0 <= fed.trim_fraction < 0.5:
+        raise ConfigError(f"federation.trim_fraction must be in [0, 0.5) (trimmed from each "
+                          f"end), got {fed.trim_fraction}")
+    if fed.byzantine < 0:
+        raise ConfigError(f"federation.byzantine must be >= 0, got {fed.byzantine}")
+    if fed.aggregator in ("krum", "multi_krum") and fed.min_replies <= fed.byzantine + 2:
+        raise ConfigError(
+            f"federation.aggregator = {fed.aggregator!r} with federation.byzantine = "
+            f"{fed.byzantine} needs more than {fed.byzantine + 2} valid replies per round: set "
+            f"federation.min_replies to at least {fed.byzantine + 3}")
+    if (fed.aggregator != "mean" or fed.adaptive_clip > 0) and not supported:
+        raise ConfigError(
+            f"federation.aggregator and federation.adaptive_clip apply to the global-mask "
+            f"methods, not {config.algorithm.name!r}; keep 'mean' and 0")
 
 
 def check_against_data(config: Config, num_train: int, num_classes: int) -> None:

@@ -111,6 +111,7 @@ def run_experiment(
     write: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = False,
+    force: bool = False,
     progress: bool | None = None,
 ) -> RunResult:
     """Run one federated experiment as ``config`` says and (if ``write``) save it to a folder.
@@ -119,5 +120,5 @@ def run_experiment(
     checkpoint's round and ends exactly as an uninterrupted run would.
     """
     exp = prepare(config)
-    return run(exp, InProcessTransport(exp), run_dir, write=write, resume=resume,
+    return run(exp, InProcessTransport(exp), run_dir, write=write, resume=resume, force=force,
                progress=progress, on_round=on_round)

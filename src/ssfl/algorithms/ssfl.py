@@ -42,12 +42,12 @@ from ssfl.algorithms.base import (
 from ssfl.algorithms.common import (
     SCORE_AGGREGATIONS,
     MaskCodec,
-    WeightedMean,
     check_mode,
     decode_scores,
     load_weights_,
     mean_scores,
 )
+from ssfl.algorithms.robust import combine
 from ssfl.client import compute_scores, encode_scores, train_round
 from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, decode_values, encode_values
 from ssfl.masks import Mask, full_mask, global_topk_mask, mask_density
@@ -75,7 +75,7 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
     def __init__(self, setup: Setup, settings: Any) -> None:
         super().__init__(setup, settings)
         self.codec = MaskCodec(setup.shapes, setup.prunable)
-        self.clip_norm = float(setup.config.federation.update_clip_norm)  # 0: off
+        self.robust = setup.config.federation  # clipping and the aggregation rule
 
     # ---- server -----------------------------------------------------------------------------
     def init(self) -> FixedMaskState:
@@ -123,17 +123,11 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
 
     def aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply],
                   sampled: Sequence[int]) -> tuple[FixedMaskState, dict[str, Any]]:
-        """Weighted by sample count; the mean of vectors on one mask stays on the mask."""
-        mean = WeightedMean()
-        for reply in replies:
-            values = reply.update
-            if self.clip_norm > 0:
-                delta = values - state.values
-                norm = float(delta.norm())
-                if norm > self.clip_norm:
-                    values = state.values + delta * (self.clip_norm / norm)
-            mean.add(values, float(reply.num_samples))
-        return replace(state, values=mean.result(), round=round), {}
+        """Weighted by sample count, or by the robust rule of ``federation.aggregator``; any
+        mean of vectors on one mask stays on the mask."""
+        values = combine([r.update for r in replies], [r.num_samples for r in replies],
+                         state.values, self.robust)
+        return replace(state, values=values, round=round), {}
 
     def eval_weights(self, state: FixedMaskState, client: int | None = None) -> dict[str, Any]:
         return self.codec.layout(state.mask).dense_tensors(state.values)

@@ -5,9 +5,12 @@ authors); files already on disk are never rejected for their checksum, because
 re-packed copies (e.g. re-ordered CIFAR batches) are legitimate.
 
 Extraction refuses archive members with absolute paths, ``..`` components, links that
-point outside the target or special files, so a hostile archive cannot write outside
-``root``.  Everything is extracted into a temporary folder inside ``root`` first and only
-moved into place once the whole archive extracted cleanly.
+lead outside the target (each member resolved through the links extracted before it, so a
+chain of links that each look harmless is caught too, whatever Python's own ``tarfile``
+filters do), symbolic links in zip files or special files, and clears setuid, setgid and
+sticky bits, so a hostile archive cannot write outside ``root``.  Everything is extracted
+into a temporary folder inside ``root`` first and only moved into place once the whole
+archive extracted cleanly.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import urllib.error
@@ -114,36 +118,117 @@ def _check_member_name(name: str, archive: Path) -> PurePosixPath:
     return p
 
 
-def _check_tar(tf: tarfile.TarFile, archive: Path) -> None:
-    for m in tf.getmembers():
-        p = _check_member_name(m.name, archive)
-        if m.issym() or m.islnk():
-            target = PurePosixPath(m.linkname)
-            # Hard-link names are relative to the archive root, symlinks to the member.
-            resolved = target if m.islnk() else p.parent / target
-            if target.is_absolute() or ".." in PurePosixPath(os.path.normpath(resolved)).parts:
+#: how many symbolic links one path may pass through (as Linux's ELOOP limit)
+_MAX_HOPS = 40
+
+
+def _resolve(parts: tuple[str, ...], links: dict[tuple[str, ...], str], archive: Path,
+             name: str, *, follow_last: bool = True) -> tuple[str, ...]:
+    """Where ``parts`` (a path inside the extraction folder) lands once the symbolic links in
+    ``links`` (location -> target, as extracted so far) exist: what the OS would resolve, or
+    a ``CorruptDatasetError`` where that leaves the folder. Names not in ``links`` count as
+    folders (what ``tarfile`` creates on the way)."""
+    todo, done, hops = list(parts), [], 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not done:
                 raise CorruptDatasetError(
-                    f"{archive}: refusing link {m.name!r} -> {m.linkname!r} outside the archive")
-        elif not (m.isfile() or m.isdir()):
+                    f"{archive}: refusing member {name!r}: through links it resolves to a "
+                    f"path outside the extraction folder")
+            done.pop()
+            continue
+        here = (*done, part)
+        if here in links and (todo or follow_last):
+            hops += 1
+            if hops > _MAX_HOPS:
+                raise CorruptDatasetError(f"{archive}: refusing member {name!r}: a loop of "
+                                          f"symbolic links")
+            todo = [*links[here].split("/"), *todo]  # relative to the link's folder: done
+            continue
+        done.append(part)
+    return tuple(done)
+
+
+def _check_tar(tf: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """The members to extract, each checked where it would land after all members before it
+    (links included) are extracted, with setuid/setgid/sticky bits and owners cleared.
+
+    This does not rely on Python's ``data`` filter (missing before 3.11.4 and 3.12): a chain
+    of links that each look harmless (``a/b -> ..``, then ``a/b/c -> ..``) is resolved as the
+    OS would resolve it, and refused once it leaves the folder."""
+    links: dict[tuple[str, ...], str] = {}  # where a symlink is (resolved) -> its target
+    files: set[tuple[str, ...]] = set()  # the plain files so far (hard links' targets)
+    members = tf.getmembers()
+    for m in members:
+        p = _check_member_name(m.name, archive)
+        if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
             raise CorruptDatasetError(f"{archive}: refusing special member {m.name!r}")
+        if not p.parts:
+            if m.isdir():
+                continue
+            raise CorruptDatasetError(f"{archive}: refusing member {m.name!r} with no name")
+        where = (*_resolve(p.parts[:-1], links, archive, m.name), p.parts[-1])
+        if where in links:
+            raise CorruptDatasetError(f"{archive}: refusing member {m.name!r}: it would "
+                                      f"replace or write through the link extracted before it")
+        if m.issym() or m.islnk():
+            target = PurePosixPath(m.linkname.replace("\\", "/"))
+            if not m.linkname or target.is_absolute() or m.linkname.startswith(("/", "\\")):
+                raise CorruptDatasetError(f"{archive}: refusing link {m.name!r} -> "
+                                          f"{m.linkname!r} outside the archive")
+        if m.issym():
+            # Relative to the link's own folder; refused if it leads outside the folder now.
+            _resolve((*where[:-1], *target.parts), links, archive, m.name)
+            links[where] = "/".join(target.parts)
+        elif m.islnk():
+            # A hard link names a member by its path from the root; tarfile follows links to
+            # it (and copies a symlink member where linking fails): only a plain path to a
+            # file extracted before it, through no link, is safe.
+            named = _check_member_name(m.linkname, archive).parts
+            if named not in files or _resolve(named, links, archive, m.name) != named:
+                raise CorruptDatasetError(f"{archive}: refusing hard link {m.name!r} -> "
+                                          f"{m.linkname!r}: not to a plain file before it")
+        elif m.isfile() and where == p.parts:
+            files.add(where)
+        # No setuid, setgid or sticky bit; the extracting user owns what it extracts.
+        m.mode &= 0o777
+        if hasattr(os, "getuid"):
+            m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
+    # A link added later can move where an earlier one leads (``x -> d/..`` once ``d`` is a
+    # link): every link must still lead inside the folder once all exist.
+    for where, target in links.items():
+        _resolve((*where[:-1], *target.split("/")), links, archive, "/".join(where))
+    return members
+
+
+def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
 
 
 def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a .tar.gz/.tar/.zip into ``dest`` after checking every member name."""
+    """Extract a .tar.gz/.tar/.zip into ``dest`` (a new, empty folder) after checking every
+    member: its name, where it lands through the links before it, and its mode."""
     dest.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 _check_member_name(info.filename, archive)
+                if _is_zip_symlink(info):
+                    raise CorruptDatasetError(
+                        f"{archive}: refusing symbolic link member {info.filename!r}")
             zf.extractall(dest)
         return
     try:
         with tarfile.open(archive, "r:*") as tf:
-            _check_tar(tf, archive)
+            members = _check_tar(tf, archive)
             if hasattr(tarfile, "data_filter"):
-                tf.extractall(dest, filter="data")  # second line of defence (Python ≥3.12)
+                # second line of defence (Python >= 3.11.4)
+                tf.extractall(dest, members=members, filter="data")
             else:  # pragma: no cover - depends on Python version
-                tf.extractall(dest)
+                tf.extractall(dest, members=members)
     except tarfile.TarError as exc:
         raise CorruptDatasetError(f"{archive}: not a readable tar/zip archive ({exc})") from exc
 

@@ -139,6 +139,9 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
         else:
             raw.setdefault(section, {})[_snake(key)] = value
     config = from_dict(raw)
+    # Each process runs on its own machine: more torch threads than its cores are capped there
+    # (run.threads is bounded by the cores of the machine that reads the config).
+    config.run.threads = min(config.run.threads, os.cpu_count() or 1)
     validate(config)
     return config, _flower_settings(flower)
 

@@ -62,7 +62,20 @@ def prepare(config: Config, *, data_root: str = "", with_test: bool = True) -> E
         alpha=config.data.alpha, classes_per_client=config.data.classes_per_client,
         seed=config.run.seed,
     )
-    return Experiment(config, train_set, test_set, list(parts), seeded_model(config, train_set))
+    exp = Experiment(config, train_set, test_set, list(parts), seeded_model(config, train_set))
+    check_density_keeps_a_weight(config, exp)
+    return exp
+
+
+def check_density_keeps_a_weight(config: Config, exp: Experiment) -> None:
+    """Refuse, before any client works, a density whose top-k keeps no weight of this model
+    (k = round(density * prunable), as ``ssfl.masks.topk_count``)."""
+    total = sum(math.prod(exp.initial[n].shape) for n in exp.prunable)
+    if round(config.algorithm.density * total) < 1:
+        raise ConfigError(
+            f"algorithm.density = {config.algorithm.density} keeps no weight: "
+            f"{config.model.name} (width {config.model.width}) has {total} prunable weights; "
+            f"use a density of at least {1 / total:.3g}")
 
 
 def resolve_device(spec: str) -> torch.device:

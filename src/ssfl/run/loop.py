@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,12 +31,12 @@ from ssfl.algorithms.base import (
     SetupReply,
 )
 from ssfl.algorithms.common import load_weights_
-from ssfl.checkpoint import FILENAME as CHECKPOINT, CheckpointError, load_checkpoint
+from ssfl.checkpoint import FILENAME as CHECKPOINT, load_checkpoint
 from ssfl.client import evaluate_samples
 from ssfl.comm import PayloadError, encode_values, payload_parts, read_header
-from ssfl.config import Config, from_dict
+from ssfl.config import Config
 from ssfl.masks import layer_densities, mask_density, mask_digest
-from ssfl.run.checkpoints import restore, save
+from ssfl.run.checkpoints import restore, save, verify
 from ssfl.run.experiment import (
     Experiment,
     device_name,
@@ -195,23 +194,25 @@ def run(
     *,
     write: bool = True,
     resume: bool = False,
+    force: bool = False,
     progress: bool | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
-    """Run ``exp`` to the end (or, with ``resume``, on from the checkpoint in ``run_dir``)."""
+    """Run ``exp`` to the end (or, with ``resume``, on from the checkpoint in ``run_dir``;
+    ``force``: even from one written by another ssfl version or commit)."""
     algorithm = algorithms.build(exp.config, make_setup(exp))
     transport.check_supported(type(algorithm))
     transport.bind(algorithm)
     if exp.test_set is None:
         raise ValueError("the server needs the test set")
-    checkpoint = load_for_resume(exp, run_dir) if resume else None
+    checkpoint = load_for_resume(exp, run_dir, force=force) if resume else None
     folder = RunFolder.open(exp, make_run_dir(exp.config, run_dir) if write else None,
                             fresh=checkpoint is None)
     r = Run(exp, transport, algorithm, folder)
     if checkpoint is None:
         set_up(r)
     else:
-        restore(r, checkpoint)
+        restore(r, checkpoint, force=force)
         if not transport.keeps_client_state:
             ask = LedgerAsk(transport, algorithm, r.ledger, 1, phase=RESYNC)
             r.state = algorithm.resync(r.state, ask)
@@ -221,13 +222,13 @@ def run(
     return finish(r)
 
 
-def load_for_resume(exp: Experiment, run_dir: Path | None) -> tuple[dict[str, Any], Any]:
+def load_for_resume(exp: Experiment, run_dir: Path | None, *, force: bool = False
+                    ) -> tuple[dict[str, Any], Any]:
     if run_dir is None:
         raise ValueError("resume needs the run folder")
     meta, tensors = load_checkpoint(Path(run_dir) / CHECKPOINT)
-    # Parsed, so that a key added after the checkpoint was written counts as its default.
-    if from_dict(tomllib.loads(meta["config"])) != exp.config:
-        raise CheckpointError(f"the config differs from the one {run_dir} was started with")
+    # Code version, data fingerprint, config and structure, before anything reads the metadata
+    verify(meta, tensors, exp, force=force)
     before, now = meta.get("device"), device_name(exp.model)
     if before is not None and before != now:
         logger.warning("%s was checkpointed on %s and resumes on %s: the rest of the run "
