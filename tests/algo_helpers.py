@@ -47,7 +47,7 @@ def screen_replies(alg: Algorithm[Any], state: Any, round: int,
                    replies: Iterable[Canned]) -> tuple[list[Reply], list[Rejection]]:
     """The run loop's own screening (``ssfl.run.loop.screen``: duplicate senders, sample
     counts, then ``alg.check``) of canned replies."""
-    run = SimpleNamespace(algorithm=alg, state=state)
+    run = SimpleNamespace(algorithm=alg, state=state, client_sizes=())
     replies = list(replies)
     return screen(run, round, [ClientReply(c, b"", p, n, 1.0)  # type: ignore[arg-type]
                                for c, p, n in replies], [c for c, _, _ in replies])

@@ -129,6 +129,21 @@ def test_a_second_reply_from_one_client_is_rejected() -> None:
     assert "a second reply" in row["rejected"][0]["reason"]
 
 
+def test_a_sample_count_above_the_clients_partition_is_rejected() -> None:
+    # The server's own split gives client 1 twenty samples; it claims 10**9.
+    r = make_run(Scripted({(1, 1): (9.0, 10**9)}))
+    r.client_sizes = (10, 20)
+    row = play_round(r, 1)
+    assert r.state == 1.0  # client 0 alone: 10**9 samples bought no weight
+    assert row["rejected"] == [{"client": 1, "attempt": 1,
+                                "reason": "claims 1000000000 samples; its partition holds 20"}]
+    # A claim up to the partition's size is fine (a client may train on fewer samples).
+    r = make_run(Scripted({(1, 1): (4.0, 20)}))
+    r.client_sizes = (10, 20)
+    play_round(r, 1)
+    assert r.state == pytest.approx((1.0 * 10 + 4.0 * 20) / 30)
+
+
 def test_a_reply_from_a_client_not_asked_is_rejected() -> None:
     class Stranger(Scripted):
         def exchange(self, *args: Any, **kwargs: Any) -> list[ClientReply]:

@@ -194,6 +194,20 @@ def test_each_static_method_finds_its_mask_in_the_set_up_phase() -> None:
     state = ssfl.run_setup(ssfl.init(), bad)
     assert ssfl.setup_record(state) == {"scored_clients": [0, 2]}
     assert state.mask["w"].reshape(-1).nonzero().squeeze(1).tolist() == [15, 16, 17, 18, 19]
+    # Negative scores cannot be |dL/dw * w|: one hostile client's -3e38 on a whole layer is
+    # left out instead of emptying that layer.
+    hostile = _Ask(torch.arange(20.0))
+    honest_query = hostile.query
+
+    def one_negative(kind, payloads, **kw):
+        replies = honest_query(kind, payloads, **kw)
+        scores = encode_values(torch.full((20,), -3e38), kind=PayloadKind.SCORES)
+        return [replies[0], replies[1], SetupReply(2, scores, 5)]
+
+    hostile.query = one_negative  # type: ignore[method-assign]
+    state = ssfl.run_setup(ssfl.init(), hostile)
+    assert ssfl.setup_record(state) == {"scored_clients": [0, 1]}
+    assert state.mask["w"].reshape(-1).nonzero().squeeze(1).tolist() == [15, 16, 17, 18, 19]
     # Without any client's scores there is no mask to build.
     with pytest.raises(SetupFailed, match="no client sent valid saliency scores"):
         ssfl.run_setup(ssfl.init(), _Ask(None))

@@ -45,7 +45,7 @@ def _good(values: list[float], round: int = 1) -> bytes:
 def _screen(algorithm: FixedMaskFedAvg, state: FixedMaskState,
             replies: list[tuple[int, object, object]]):
     """The loop's screening of round 1's ``(client, payload, sample count)`` replies."""
-    run = SimpleNamespace(algorithm=algorithm, state=state)
+    run = SimpleNamespace(algorithm=algorithm, state=state, client_sizes=())
     return screen(run, 1, [ClientReply(c, b"", p, n, 0.0) for c, p, n in replies],
                   [c for c, _, _ in replies])
 

@@ -100,8 +100,14 @@ def check_mode(mode: str) -> None:
 
 
 def decode_scores(payload: bytes, count: int) -> torch.Tensor:
-    return decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
-                         require_finite=True)
+    """A client's saliency scores: ``count`` finite values, none negative (they are
+    ``|dL/dw * w|``); ``PayloadError`` otherwise."""
+    scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
+                           require_finite=True)
+    negative = int((scores < 0).sum())
+    if negative:
+        raise PayloadError(f"saliency scores are |dL/dw * w| >= 0, but {negative} are negative")
+    return scores
 
 
 def mean_scores(scores: Iterable[tuple[torch.Tensor, float]],

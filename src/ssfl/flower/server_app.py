@@ -173,7 +173,7 @@ def round_timeline(times: ExchangeTimes, metrics: Sequence[Any | None]) -> dict[
             continue
 
         def get(key: str) -> float | None:
-            return float(m[key]) if key in m else None
+            return _float(m, key)
 
         started, entered, handler = get("process-started"), get("handler-started"), \
             get("handler-seconds")
@@ -212,8 +212,7 @@ def assign_clients(grid: Grid, num_clients: int, settings: FlowerSettings) -> di
                 for n in new
             ]
             for message, reply in zip(hello, _exchange(grid, hello, settings, "hello")):
-                metrics = reply.content[METRICS]
-                pid, num = int(metrics["partition-id"]), int(metrics["num-partitions"])
+                pid, num = _hello_partition(message.metadata.dst_node_id, reply)
                 if pid >= 0 and (num != num_clients or pid >= num_clients):
                     raise FlowerRunError(
                         f"node {message.metadata.dst_node_id} has partition-id={pid} "
@@ -229,6 +228,23 @@ def assign_clients(grid: Grid, num_clients: int, settings: FlowerSettings) -> di
         if time.monotonic() > deadline:
             raise FlowerRunError(f"gave up waiting for SuperNodes: {problem}")
         time.sleep(1.0)
+
+
+def _hello_partition(node: int, reply: Message) -> tuple[int, int]:
+    """The ``partition-id`` and ``num-partitions`` of a node's hello reply; a reply without
+    them, or with values that are not integers, is a :class:`FlowerRunError` naming the node."""
+    try:
+        metrics = reply.content[METRICS] if METRICS in reply.content else None
+        values = {k: metrics[k] if metrics is not None and k in metrics else None
+                  for k in ("partition-id", "num-partitions")}
+    except Exception as exc:  # noqa: BLE001 - any unreadable content is the node's fault
+        raise FlowerRunError(f"node {node}: unreadable hello reply: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FlowerRunError(
+                f"node {node}: hello reply has no integer {key!r} (got {_short(value)})")
+    return values["partition-id"], values["num-partitions"]
 
 
 def _map_clients(known: dict[int, int], num_clients: int) -> tuple[dict[int, int] | None, str]:
@@ -261,8 +277,70 @@ def refuse_unsupported(cls: type[Algorithm[Any]]) -> None:
             "place, which only the simulator has: run it with `ssfl run`")
 
 
-def _payload_and_metrics(reply: Message) -> tuple[bytes, Any]:
-    return payload_bytes(reply.content[PAYLOAD]), reply.content[METRICS]
+#: The numbers a reply must carry (per message kind); a missing one is logged, then treated as
+#: unknown (``num-samples``: the loop rejects the reply; ``train-loss``: NaN; seconds: skipped).
+_REQUIRED = {TRAIN: ("num-samples", "train-loss", "compute-seconds", "setup-seconds")}
+_REQUIRED_SETUP = ("num-samples", "compute-seconds")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _float(metrics: Mapping[str, Any], key: str) -> float | None:
+    """``metrics[key]`` as a float; None where it is missing or not a number."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+@dataclass
+class Unpacked:
+    """What was read from one reply: its payload (None: missing or not a 1-D uint8 array, with
+    ``payload_problem`` saying why) and its metrics, every value but ``num-samples`` (passed on
+    as the node sent it, for the loop to screen) a number."""
+
+    payload: bytes | None
+    metrics: dict[str, Any]
+    payload_problem: str = ""
+
+
+def unpack_reply(reply: Message, node: int, kind: str = TRAIN) -> Unpacked | str:
+    """Read one reply without trusting it: never an exception, whatever the node sent. Each
+    malformed field is logged once with the node id; a reply whose content cannot be read at
+    all gives the reason as a string."""
+    try:
+        content = reply.content
+        record = content[METRICS] if METRICS in content else {}
+        raw = {str(k): record[k] for k in record}
+        has_payload = PAYLOAD in content
+        payload_record_ = content[PAYLOAD] if has_payload else None
+    except Exception as exc:  # noqa: BLE001 - whatever arrived, the round goes on
+        return f"node {node}: unreadable reply: {type(exc).__name__}: {_short(str(exc), 200)}"
+    metrics: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "num-samples" or (not isinstance(value, bool)
+                                    and isinstance(value, (int, float))):
+            metrics[key] = value
+        else:
+            logger.warning("node %s: reply metric %r is not a number: %s", node, key,
+                           _short(value))
+    for key in _REQUIRED.get(kind, _REQUIRED_SETUP):
+        if key not in raw:
+            logger.warning("node %s: reply has no %r", node, key)
+    payload, problem = None, ""
+    if not has_payload:
+        problem = "reply has no payload"
+    else:
+        try:
+            payload = payload_bytes(payload_record_)
+        except Exception as exc:  # noqa: BLE001 - a wrong record, array, dtype or shape
+            problem = f"unreadable payload: {type(exc).__name__}: {_short(str(exc), 200)}"
+    if problem:
+        logger.warning("node %s: %s", node, problem)
+    return Unpacked(payload, metrics, problem)
 
 
 class FlowerTransport(Transport):
@@ -307,29 +385,39 @@ class FlowerTransport(Transport):
         if kind == TRAIN and not self.message_bytes and arrived:
             self.message_bytes = {"down": message_wire_bytes(out[0]),
                                   "up": message_wire_bytes(arrived[0])}
-        unpacked = [r if isinstance(r, str) else _payload_and_metrics(r) for r in replies]
+        nodes = [m.metadata.dst_node_id for m in out]
+        unpacked = [r if isinstance(r, str) else unpack_reply(r, node, kind)
+                    for r, node in zip(replies, nodes)]
         del replies, arrived, out
-        ok = [u for u in unpacked if not isinstance(u, str)]
+        ok = [u.metrics for u in unpacked if not isinstance(u, str)]
         if kind == TRAIN:
             self._round = {
-                "client_compute_seconds": [float(m["compute-seconds"]) for _, m in ok],
-                "client_setup_seconds": [float(m["setup-seconds"]) for _, m in ok],
-                "client_worker_seconds": [float(m["worker-seconds"]) if "worker-seconds" in m
-                                          else None for _, m in ok],
+                "client_compute_seconds": [s for m in ok
+                                           if (s := _float(m, "compute-seconds")) is not None],
+                "client_setup_seconds": [s for m in ok
+                                         if (s := _float(m, "setup-seconds")) is not None],
+                "client_worker_seconds": [_float(m, "worker-seconds") for m in ok],
                 "exchange_seconds": exchange.seconds,
-                **round_timeline(times, [None if isinstance(u, str) else u[1]
+                **round_timeline(times, [None if isinstance(u, str) else u.metrics
                                          for u in unpacked]),
             }
         result = []
-        for (cid, down), got in zip(payloads.items(), unpacked):
+        for (cid, down), got, node in zip(payloads.items(), unpacked, nodes):
             if isinstance(got, str):
                 result.append(ClientReply(cid, down, b"", 0, float("nan"), error=got))
                 continue
-            payload, metrics = got
-            if kind != TRAIN:
-                self.setup_compute.setdefault(kind, {})[cid] = float(metrics["compute-seconds"])
-            result.append(ClientReply(cid, down, payload, int(metrics["num-samples"]),
-                                      float(metrics["train-loss"])))
+            if got.payload is None:
+                # The loop's byte ledger counts every answered reply's payload with len(), so a
+                # reply without readable payload bytes is recorded as failed, with the reason.
+                result.append(ClientReply(cid, down, b"", 0, float("nan"),
+                                          error=f"node {node}: {got.payload_problem}"))
+                continue
+            metrics = got.metrics
+            if kind != TRAIN and (seconds := _float(metrics, "compute-seconds")) is not None:
+                self.setup_compute.setdefault(kind, {})[cid] = seconds
+            loss = _float(metrics, "train-loss")
+            result.append(ClientReply(cid, down, got.payload, metrics.get("num-samples"),
+                                      float("nan") if loss is None else loss))
         return result
 
     def round_info(self) -> dict[str, Any]:

@@ -114,9 +114,9 @@ class LedgerAsk:
     """``Ask`` over a transport: set-up messages, every payload counted under its label."""
 
     def __init__(self, transport: Transport, algorithm: Algorithm[Any], ledger: Ledger,
-                 attempts: int, phase: str = SETUP) -> None:
+                 attempts: int, phase: str = SETUP, sizes: Sequence[int] = ()) -> None:
         self.transport, self.algorithm, self.ledger = transport, algorithm, ledger
-        self.attempts, self.phase = attempts, phase
+        self.attempts, self.phase, self.sizes = attempts, phase, sizes
 
     def _send(self, kind: str, payloads: Mapping[int, bytes], label: str, attempt: int,
               ack: bool) -> list[ClientReply]:
@@ -137,8 +137,9 @@ class LedgerAsk:
                 if r.error or r.client_id not in pending or r.client_id in answered:
                     continue
                 try:
-                    answered[r.client_id] = SetupReply(r.client_id, bytes(r.payload),
-                                                       check_sample_count(r.num_samples))
+                    answered[r.client_id] = SetupReply(
+                        r.client_id, bytes(r.payload),
+                        check_sample_count(r.num_samples, r.client_id, self.sizes))
                 except (PayloadError, TypeError) as exc:
                     logger.warning("%s: rejected reply of client %d: %s", kind, r.client_id, exc)
             pending = {c: p for c, p in pending.items() if c not in answered}
@@ -159,9 +160,15 @@ class LedgerAsk:
         return self.transport.pooled(self.algorithm, kind)
 
 
-def check_sample_count(num_samples: object) -> int:
+def check_sample_count(num_samples: object, client_id: int = -1,
+                       sizes: Sequence[int] = ()) -> int:
+    """A claimed sample count: a positive integer, and at most what the server's own split
+    gives that client (where it knows)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise PayloadError(f"sample count must be a positive integer, got {num_samples!r}")
+    if 0 <= client_id < len(sizes) and num_samples > sizes[client_id]:
+        raise PayloadError(f"claims {num_samples} samples; its partition holds "
+                           f"{sizes[client_id]}")
     return num_samples
 
 
@@ -179,6 +186,9 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     mask_info: dict[str, Any] = field(default_factory=dict)
     first_round: int = 1
+    #: each client's sample count as the server's own split says (empty: unknown): a claim
+    #: above it is rejected, so no client can buy weight in the average by inflating it
+    client_sizes: tuple[int, ...] = ()
     started: float = 0.0  # perf_counter at the (virtual) start, earlier sessions included
     values_per_payload: int = 0
 
@@ -208,7 +218,7 @@ def run(
     checkpoint = load_for_resume(exp, run_dir, force=force) if resume else None
     folder = RunFolder.open(exp, make_run_dir(exp.config, run_dir) if write else None,
                             fresh=checkpoint is None)
-    r = Run(exp, transport, algorithm, folder)
+    r = Run(exp, transport, algorithm, folder, client_sizes=tuple(len(p) for p in exp.parts))
     if checkpoint is None:
         set_up(r)
     else:
@@ -241,7 +251,7 @@ def set_up(r: Run) -> None:
     """The set-up phase (mask round), timed, and the mask it left."""
     started = time.perf_counter()
     ask = LedgerAsk(r.transport, r.algorithm, r.ledger,
-                    r.config.federation.max_round_attempts)
+                    r.config.federation.max_round_attempts, sizes=r.client_sizes)
     r.state = r.algorithm.run_setup(r.algorithm.init(), ask)
     r.mask_info = {**mask_stats(r.algorithm.global_mask(r.state), r.exp.prunable),
                    **r.algorithm.setup_record(r.state),
@@ -369,7 +379,7 @@ def screen(r: Run, rnd: int, replies: Sequence[ClientReply], asked: Sequence[int
             seen.add(x.client_id)
             if not isinstance(x.payload, (bytes, bytearray)):
                 raise PayloadError(f"payload must be bytes, got {type(x.payload).__name__}")
-            num_samples = check_sample_count(x.num_samples)
+            num_samples = check_sample_count(x.num_samples, x.client_id, r.client_sizes)
             update = r.algorithm.check(r.state, rnd, x.client_id, bytes(x.payload))
         except PayloadError as exc:
             rejected.append(Rejection(x.client_id, str(exc)))
