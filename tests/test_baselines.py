@@ -107,6 +107,7 @@ def test_mask_round_scores_one_client_for_snip_single_and_none_for_random() -> N
         _set_up("snip_oracle", initial, 0.5)
 
 
+@pytest.mark.slow
 def test_oracle_and_single_run_end_to_end_with_honest_costs() -> None:
     common = ["run.rounds=1", "run.progress=false", "federation.num_clients=6",
               "federation.clients_per_round=2", "train.local_epochs=1",

@@ -177,6 +177,7 @@ def test_main_refuses_without_root(comm_time, monkeypatch, capsys, tmp_path: Pat
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
 def test_loopback_mode_runs_a_tiny_deployment(comm_time, tmp_path: Path) -> None:
     """The CI version: 2 SuperNodes on 127.0.0.1, one round of SSFL at density 0.1 (one run:
@@ -184,7 +185,7 @@ def test_loopback_mode_runs_a_tiny_deployment(comm_time, tmp_path: Path) -> None
     pytest.importorskip("flwr")
     out = tmp_path / "comm.json"
     code = comm_time.main([
-        "--loopback", "--rounds", "1", "--densities", "0.1", "--timeout", "240",
+        "--loopback", "--rounds", "1", "--densities", "0.1", "--timeout", "600",
         "--out", str(out), "--set", "federation.num_clients=2", "federation.clients_per_round=2",
         "model.width=1.0"])
     assert code == 0

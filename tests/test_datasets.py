@@ -48,6 +48,7 @@ def cifar10_train(shared_data_dir: Path) -> ImageDataset:
     return load_dataset("cifar10", shared_data_dir, "train")
 
 
+@pytest.mark.slow
 def test_cifar10_train_real(cifar10_train: ImageDataset) -> None:
     ds = cifar10_train
     assert ds.name == "cifar10" and len(ds) == 50000

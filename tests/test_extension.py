@@ -113,6 +113,7 @@ def _doc_example() -> dict[str, Any]:
     return namespace
 
 
+@pytest.mark.slow
 def test_the_docs_worked_example_runs_in_the_simulator_and_on_flower(monkeypatch: Any) -> None:
     from ssfl.algorithms import register
     from ssfl.masks import global_top_k, mask_density, topk_count

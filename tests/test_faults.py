@@ -52,6 +52,7 @@ def test_crashed_clients_are_dropped_logged_and_the_rest_aggregated(
     assert [r["accuracy"] for r in again.metrics] == [r["accuracy"] for r in rows]
 
 
+@pytest.mark.slow
 def test_too_few_replies_retry_the_round_then_stop_with_the_checkpoint_intact(
     tmp_path: Path,
 ) -> None:

@@ -31,7 +31,7 @@ from ssfl.flower import client_app as client_module, worker  # noqa: E402
 from ssfl.flower.protocol import CONFIG, METRICS, payload_bytes, run_config_from_config  # noqa: E402
 
 
-def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+def _wait_gone(pid: int, seconds: float = 60.0) -> bool:  # generous: a busy machine
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -120,6 +120,7 @@ def _context(node_config: dict, run_config: dict) -> Context:
                    run_config=dict(run_config))
 
 
+@pytest.mark.slow
 def test_worker_answers_as_the_process_does_reports_errors_and_idles_out(
     task_identity: None, worker_dir: Path  # noqa: F811
 ) -> None:
@@ -152,12 +153,13 @@ def test_worker_answers_as_the_process_does_reports_errors_and_idles_out(
     assert again.content[METRICS]["worker-started"] == 0
     assert again.content[METRICS]["setup-seconds"] == 0  # data and config kept in the worker
     assert payload_bytes(again.content["payload"]) == payload_bytes(local.content["payload"])
-    assert _wait_gone(pid, 15), "the worker did not exit after its idle limit"
+    assert _wait_gone(pid, 60), "the worker did not exit after its idle limit"
     assert not list(worker_dir.glob("*.sock")) and not list(worker_dir.glob("*.pid"))
     log = next(worker_dir.glob("*.log")).read_text()
     assert "not client 2" in log and "stopped" in log
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_mid_run(
     task_identity: None, worker_dir: Path  # noqa: F811
 ) -> None:
@@ -177,6 +179,7 @@ def test_a_killed_worker_is_replaced_mid_run(
     assert payload_bytes(again.content["payload"]) == payload_bytes(first.content["payload"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "node_configs"),
     [
@@ -197,6 +200,7 @@ def test_flower_run_through_workers_matches_simulator(
     assert len(list(worker_dir.glob("*.pid"))) == len(node_configs)  # one worker per node
 
 
+@pytest.mark.slow
 @needs_linux
 def test_local_deployment_with_workers_matches_simulator_and_stops_them(
     tmp_path: Path, node_cache: Path  # noqa: F811

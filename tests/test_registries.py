@@ -230,6 +230,7 @@ def test_data_modules_import_each_other_without_a_cycle() -> None:
         visit(module, ())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [("download", "datasets"), ("datasets", "download")])
 def test_data_modules_import_in_any_order(first: str, second: str) -> None:
     code = (f"import ssfl.data.{first}, ssfl.data.{second}\n"

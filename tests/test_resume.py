@@ -35,6 +35,7 @@ def _rows(folder: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ssfl", "feddst"])
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path: Path, algorithm: str) -> None:
     overrides = [*RUN, f"algorithm.name={algorithm}", "algorithm.update_interval=2"]

@@ -65,6 +65,7 @@ def test_rules_through_one_entry_point() -> None:
         aggregate_vectors(ROWS, weights, "mode")
 
 
+@pytest.mark.slow
 def test_a_hostile_client_moves_the_mean_but_not_the_median_in_a_run() -> None:
     """Whole runs (digits, 5 clients per round): client 0 scales its update by 1e4 every
     round. Plain FedAvg's model blows up until every honest update is NaN and the run stops;

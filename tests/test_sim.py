@@ -167,6 +167,7 @@ def test_cli_reports_config_and_data_errors_before_any_work(
     assert not (tmp_path / "y").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_real_cifar10_round(shared_data_dir: Path) -> None:
     config = load_config(None, [
         f"data.root={json.dumps(str(shared_data_dir))}", "data.dataset=cifar10",

@@ -131,6 +131,7 @@ _TEMPLATE = _good([1.0, 1.0, 1.0, 1.0])
 _SERVER = _server()
 
 
+@pytest.mark.slow
 @settings(max_examples=3000, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(_mutations(_TEMPLATE))
