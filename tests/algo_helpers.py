@@ -116,6 +116,19 @@ def stop_after(round: int) -> Callable[[dict[str, Any]], None]:
     return on_round
 
 
+def run_on(transport: str, config: Any, folder: Path, **options: Any) -> Any:
+    """One run in ``folder`` on the simulator (``"sim"``: client states saved with its
+    checkpoints) or on a transport whose clients lose their state on resume (``"forgetful"``,
+    as a new Flower run); ``options`` go to the run (``resume``, ``on_round``)."""
+    from ssfl.run.loop import run
+    from ssfl.sim import prepare, run_experiment
+
+    if transport == "sim":
+        return run_experiment(config, folder, **options)
+    exp = prepare(config)
+    return run(exp, Forgetful(exp), folder, **options)
+
+
 def timeless(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Metrics rows without their timings (which differ between runs)."""
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]

@@ -20,6 +20,7 @@ from algo_helpers import (
     make_ctx,
     make_setup,
     play_round,
+    run_on,
     screen_replies,
     stop_after,
     timeless,
@@ -575,21 +576,13 @@ def test_resume_from_a_checkpoint_is_bit_identical_even_where_clients_lose_state
     for name in ("sim", "forgetful"):
         folder = tmp_path / name
         with pytest.raises(Stop):
-            if name == "sim":
-                run_experiment(config, folder, on_round=stop_after(3))
-            else:
-                exp = prepare(config)
-                run(exp, Forgetful(exp), folder, on_round=stop_after(3))
+            run_on(name, config, folder, on_round=stop_after(3))
         meta, tensors = load_checkpoint(folder / "checkpoint.pt")
         assert meta["round"] == 3
         assert set(meta["algorithm"]["rounds"]) == {str(c) for c in trained}
         assert meta["clients"] == (sorted(str(c) for c in trained) if name == "sim" else [])
         published = [tensors[f"algorithm.values.{c}"].numel() for c in trained]
-        if name == "sim":
-            resumed = run_experiment(config, folder, resume=True)
-        else:
-            exp = prepare(config)
-            resumed = run(exp, Forgetful(exp), folder, resume=True)
+        resumed = run_on(name, config, folder, resume=True)
         assert folder_rows(folder) == folder_rows(reference.run_dir)
         _, tensors = load_checkpoint(folder / "checkpoint.pt")
         # The relay's store (and, in the simulator, every client's own model) as in the

@@ -24,7 +24,6 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
@@ -272,23 +271,13 @@ def _record(payload: Any) -> Any:
     return payload
 
 
-class FuzzGrid(Grid):
+class FuzzGrid(InMemoryGrid):
     """One pinned-free node; answers hello, and each train message with ``self.content()``,
     through Flower's own serialisation."""
 
     def __init__(self) -> None:
-        self.replies: dict[str, Message] = {}
+        super().__init__({}, [])
         self.content = lambda: RecordDict()
-
-    def set_run(self, run):  # pragma: no cover - unused
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - unused
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, group_id=group_id)  # pragma: no cover
 
     def get_node_ids(self):
         return [7]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from algo_helpers import (
-    Forgetful,
     Stop,
     capture,
     folder_rows,
@@ -19,6 +18,7 @@ from algo_helpers import (
     make_ctx,
     make_setup,
     play_round,
+    run_on,
     stop_after,
     timeless,
 )
@@ -52,8 +52,6 @@ from ssfl.comm import (
 )
 from ssfl.config import ConfigError, load_config
 from ssfl.masks import mask_digest, mask_to_bits
-from ssfl.run.experiment import prepare
-from ssfl.run.loop import run
 from ssfl.sim import run_experiment
 
 T, F_ = True, False
@@ -435,18 +433,10 @@ def test_resume_after_a_crash_is_bit_identical_even_where_clients_lose_state(
     for name in ("sim", "forgetful"):
         folder = tmp_path / name
         with pytest.raises(Stop):
-            if name == "sim":
-                run_experiment(config, folder, on_round=stop_after(3))
-            else:
-                exp = prepare(config)
-                run(exp, Forgetful(exp), folder, on_round=stop_after(3))
+            run_on(name, config, folder, on_round=stop_after(3))
         meta, _ = load_checkpoint(folder / "checkpoint.pt")
         assert meta["round"] == 3 and meta["clients"] == []
-        if name == "sim":
-            resumed = run_experiment(config, folder, resume=True)
-        else:
-            exp = prepare(config)
-            resumed = run(exp, Forgetful(exp), folder, resume=True)
+        resumed = run_on(name, config, folder, resume=True)
         rows = folder_rows(folder)
         assert rows == folder_rows(reference.run_dir) and len(rows) == 5
         meta, tensors = load_checkpoint(folder / "checkpoint.pt")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -302,5 +302,3 @@ class Algorithm(ABC, Generic[S]):
 
 #: the message kind of a training round (set-up kinds are the algorithm's own names)
 TRAIN = "train"
-
-AlgorithmFactory = Callable[[Setup, Any], Algorithm[Any]]

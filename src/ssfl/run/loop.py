@@ -323,10 +323,10 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
     r.state, diagnostics = r.algorithm.aggregate(r.state, rnd, valid, chosen)
     aggregation_seconds = time.perf_counter() - screened_at
     down, up = r.ledger.round_bytes(rnd)
+    losses = valid_losses(replies, valid)
     row: dict[str, Any] = {
         "round": rnd, "accuracy": None, "test_loss": None,
-        "train_loss": sum(loss * n for loss, n in valid_losses(replies, valid))
-        / sum(n for _, n in valid_losses(replies, valid)),
+        "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses),
         "bytes_down": down, "bytes_up": up, "bytes_cumulative": r.ledger.total(),
         "seconds": time.perf_counter() - started, "lr": lr, "clients": chosen,
         "aggregation_seconds": aggregation_seconds, **r.transport.round_info(),
