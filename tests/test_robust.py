@@ -11,6 +11,7 @@ from ssfl.algorithms.robust import (
     coordinate_median,
     krum_scores,
     krum_select,
+    trim_count,
     trimmed_mean,
 )
 
@@ -25,8 +26,12 @@ def test_coordinate_median_ignores_one_outlier_per_coordinate() -> None:
 def test_trimmed_mean_drops_the_extremes_of_each_coordinate() -> None:
     # fraction 0.25 of 4 clients: drop one from each end -> mean of the middle two.
     assert trimmed_mean(ROWS, 0.25).tolist() == [2.5, 15.0]
+    # Any positive fraction drops at least one (ceil), but a middle always stays.
+    assert trimmed_mean(ROWS, 0.01).tolist() == [2.5, 15.0]
+    assert [trim_count(0.1, n) for n in (1, 2, 3, 5, 10, 11, 20, 21)] == [0, 0, 1, 1, 1, 2, 2, 3]
+    assert trimmed_mean(ROWS[:2], 0.4).tolist() == [1.5, 15.0]  # two values: their mean
     assert trimmed_mean(ROWS, 0.0).tolist() == pytest.approx(ROWS.double().mean(0).tolist())
-    with pytest.raises(ValueError, match="leaves none"):
+    with pytest.raises(ValueError, match="trim fraction"):
         trimmed_mean(ROWS, 0.5)
 
 

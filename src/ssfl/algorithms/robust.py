@@ -11,7 +11,8 @@ new global vector; all arithmetic is float64 and deterministic (ties by client o
 - ``median``: coordinate-wise median (Yin et al., ICML 2018), unweighted; with an even count
   the mean of the two middle values.
 - ``trimmed_mean``: per coordinate, drop the ``trim`` largest and smallest values
-  (``trim = floor(fraction * clients)``), average the rest unweighted (Yin et al.).
+  (``trim = ceil(fraction * clients)``, so any positive fraction drops at least one from each
+  end, but never so many that nothing is left), average the rest unweighted (Yin et al.).
 - ``krum`` / ``multi_krum``: score each update by the summed squared distance to its
   ``n - f - 2`` nearest other updates, keep the best one (Krum) or the best ``m = n - f``
   (multi-Krum) and average those weighted by sample count (Blanchard et al., NeurIPS 2017).
@@ -65,11 +66,18 @@ def coordinate_median(values: torch.Tensor) -> torch.Tensor:
     return (sorted_values[n // 2 - 1] + sorted_values[n // 2]) / 2
 
 
+def trim_count(fraction: float, n: int) -> int:
+    """How many values a trimmed mean drops from each end of ``n``: ``ceil(fraction * n)``,
+    at most ``(n - 1) // 2`` (a round with few valid replies still has a middle; with one or
+    two replies the trimmed mean is their plain mean)."""
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"trim fraction must be in [0, 0.5), got {fraction}")
+    return min(math.ceil(fraction * n - 1e-9), (n - 1) // 2)
+
+
 def trimmed_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
     n = values.shape[0]
-    trim = math.floor(fraction * n)
-    if 2 * trim >= n:
-        raise ValueError(f"trimming {trim} from each end of {n} values leaves none")
+    trim = trim_count(fraction, n)
     kept = values.to(torch.float64).sort(dim=0).values[trim:n - trim]
     return kept.mean(0)
 

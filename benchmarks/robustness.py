@@ -1,0 +1,250 @@
+"""Hostile clients against aggregation rules on the CPU reference setting (docs/reliability.md).
+
+    python benchmarks/robustness.py clean     # honest runs: each candidate rule x 3 seeds,
+                                              # 10 clients per round (choosing the default)
+    python benchmarks/robustness.py attacks   # attacks x rules x (1 hostile of 5, 2 of 10)
+    python benchmarks/robustness.py report    # tables from the finished runs only
+
+Setting: configs/cifar10_cpu.toml (CIFAR-10, 100 clients, the small CNN, SSFL at density 0.1,
+60 rounds). The attack table's "1 of 5" column samples 5 clients per round; the "2 of 10" one
+the reference's 10. Every attack comes from the simulator's ``[attack]`` section
+(``ssfl/attacks.py``): in every round the first ``hostile_per_round`` sampled clients are
+hostile, so exactly that many hostile replies reach the server each round.
+
+Options: --seeds 0,1,2  --rules plain,clip,...  --attacks huge,...  --jobs 2
+--runs-dir runs/robustness  --out benchmarks/results  --rounds N (a shorter trial; its rows are
+labelled and never mixed with the 60-round ones).
+
+Each run is an ``ssfl run`` process with one thread, under ``nice``; a run whose summary.json
+exists is reused, so an interrupted sweep goes on where it stopped. A run that stops (the server
+refuses to go on, for example because every update turned NaN) is a result, not a failure: it is
+recorded with the round it stopped at and the accuracy of its last evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from comparison import CONFIG, run_jobs  # noqa: E402  (a sibling script, not a package)
+
+#: aggregation rules as config overrides; "plain" is the paper's FedAvg
+RULES: dict[str, list[str]] = {
+    "plain": ["federation.aggregator=mean", "federation.adaptive_clip=0"],
+    "clip": ["federation.aggregator=mean", "federation.adaptive_clip=2"],
+    "trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=0"],
+    "clip_trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=2"],
+    "median": ["federation.aggregator=median", "federation.adaptive_clip=0"],
+    "krum": ["federation.aggregator=krum", "federation.adaptive_clip=0"],
+    "multi_krum": ["federation.aggregator=multi_krum", "federation.adaptive_clip=0"],
+}
+#: what each rule's label means, for the tables
+RULE_TEXT = {
+    "plain": "FedAvg (mean, no clipping: the paper's)",
+    "clip": "mean after adaptive clipping (2 x the round's median change norm)",
+    "trimmed": "trimmed mean (10% from each end, at least one)",
+    "clip_trimmed": "trimmed mean after adaptive clipping",
+    "median": "coordinate-wise median",
+    "krum": "Krum (f = hostile per round)",
+    "multi_krum": "multi-Krum (f = hostile per round)",
+}
+ATTACKS = ["huge", "boost", "sign_flip", "zeros", "inflate_samples", "poison_scores", "replay"]
+#: (clients per round, hostile clients per round)
+SETTINGS = {"5x1": (5, 1), "10x2": (10, 2)}
+CLEAN_SETTING = "10x0"
+
+
+@dataclass(frozen=True)
+class Job:
+    rule: str
+    attack: str  # "none": an honest run
+    setting: str  # "<clients per round>x<hostile per round>"
+    seed: int
+    rounds: int | None = None  # None: the config's
+
+    @property
+    def name(self) -> str:
+        rounds = "" if self.rounds is None else f"-r{self.rounds}"
+        return f"{self.rule}-{self.attack}-{self.setting}-s{self.seed}{rounds}"
+
+    @property
+    def per_round(self) -> tuple[int, int]:
+        clients, hostile = self.setting.split("x")
+        return int(clients), int(hostile)
+
+    def overrides(self) -> list[str]:
+        clients, hostile = self.per_round
+        out = [*RULES[self.rule], f"federation.clients_per_round={clients}",
+               f"run.seed={self.seed}", f'run.name="{self.name}"']
+        if self.rule in ("krum", "multi_krum"):
+            # Krum needs more than f + 2 replies; f is the number of hostile clients per round
+            f = max(hostile, 1)
+            out += [f"federation.byzantine={f}", f"federation.min_replies={f + 3}"]
+        if self.attack != "none":
+            out += [f"attack.kind={self.attack}", f"attack.hostile_per_round={hostile}"]
+        if self.rounds is not None:
+            out.append(f"run.rounds={self.rounds}")
+        return out
+
+
+def clean_jobs(rules: Sequence[str], seeds: Sequence[int], rounds: int | None) -> list[Job]:
+    return [Job(rule, "none", CLEAN_SETTING, seed, rounds) for seed in seeds for rule in rules]
+
+
+def attack_jobs(rules: Sequence[str], attacks: Sequence[str], seed: int,
+                rounds: int | None) -> list[Job]:
+    """Honest baselines of each setting first, then every attack; cheap settings first."""
+    jobs = []
+    for setting in SETTINGS:
+        clients = SETTINGS[setting][0]
+        jobs += [Job(rule, "none", f"{clients}x0", seed, rounds) for rule in rules]
+        jobs += [Job(rule, attack, setting, seed, rounds) for attack in attacks for rule in rules]
+    return jobs
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def run_row(job: Job, folder: Path) -> dict[str, Any] | None:
+    """One run's outcome from its folder: completed (summary.json) or stopped (its log and
+    metrics); None while it has not run."""
+    metrics_path = folder / "metrics.jsonl"
+    summary_path = folder / "summary.json"
+    row: dict[str, Any] = {"name": job.name, "rule": job.rule, "attack": job.attack,
+                           "setting": job.setting, "seed": job.seed, "rounds": job.rounds}
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        return {**row, "completed": True, "final_accuracy": summary["final_accuracy"],
+                "stopped_at": None}
+    if not metrics_path.exists() or not (folder.parent / f"{job.name}.log").exists():
+        return None
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    log = (folder.parent / f"{job.name}.log").read_text(errors="replace")
+    if "Traceback" in log:
+        raise SystemExit(f"{job.name} crashed with a traceback: see its log")
+    evaluated = [m["accuracy"] for m in metrics if m.get("accuracy") is not None]
+    return {**row, "completed": False, "final_accuracy": evaluated[-1] if evaluated else None,
+            "stopped_at": len(metrics) + 1,
+            "reason": log.strip().splitlines()[-1][:300] if log.strip() else ""}
+
+
+def collect(jobs: Sequence[Job], runs_dir: Path,
+            recorded: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for job in jobs:
+        row = run_row(job, runs_dir / job.name) or recorded.get(job.name)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def cell(row: dict[str, Any] | None, clean: float | None) -> str:
+    if row is None:
+        return "..."
+    acc = row["final_accuracy"]
+    text = "-" if acc is None else f"{acc * 100:.1f}"
+    if clean is not None and acc is not None:
+        text += f" ({(acc - clean) * 100:+.1f})"
+    if not row["completed"]:
+        text += f" stopped r{row['stopped_at']}"
+    return text
+
+
+def clean_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
+    lines = ["| rule | final accuracy % (mean +- std over seeds) | seeds |", "|---|---|---|"]
+    for rule in rules:
+        accs = [r["final_accuracy"] * 100 for r in rows
+                if r["rule"] == rule and r["attack"] == "none" and r["setting"] == CLEAN_SETTING]
+        if accs:
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            lines.append(f"| {rule}: {RULE_TEXT[rule]} | {statistics.mean(accs):.1f} +- "
+                         f"{std:.1f} | {len(accs)} |")
+    return "\n".join(lines)
+
+
+def attack_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: str,
+                 attacks: Sequence[str]) -> str:
+    clients, hostile = SETTINGS[setting]
+    by = {(r["rule"], r["attack"], r["setting"]): r for r in rows}
+    lines = [f"| attack ({hostile} hostile of {clients} per round) | "
+             + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+    clean = {rule: by.get((rule, "none", f"{clients}x0")) for rule in rules}
+    lines.append("| none (honest run) | " + " | ".join(
+        cell(clean[rule], None) for rule in rules) + " |")
+    for attack in attacks:
+        cells = []
+        for rule in rules:
+            base = clean[rule]["final_accuracy"] if clean[rule] else None
+            cells.append(cell(by.get((rule, attack, setting)), base))
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: Sequence[dict[str, Any]], rules: Sequence[str], attacks: Sequence[str],
+           out: Path, label: str) -> None:
+    text = [f"# Robustness on the CPU reference setting{label}", "",
+            "Written by `python benchmarks/robustness.py`; final global accuracy in %, the "
+            "change against the same rule's honest run in brackets; 'stopped rN': the server "
+            "stopped the run in round N (every remaining update was rejected).", "",
+            "## Honest runs, 10 clients per round", "", clean_table(rows, rules), ""]
+    for setting in SETTINGS:
+        text += [f"## Attacks, setting {setting}", "",
+                 attack_table(rows, rules, setting, attacks), ""]
+    text += ["Rules:", ""] + [f"- `{r}`: {RULE_TEXT[r]}" for r in rules]
+    stem = "robustness" + label.replace(" ", "_").replace(",", "").replace("(", "").replace(
+        ")", "")
+    (out / f"{stem}.md").write_text("\n".join(text) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"runs": list(rows)}, indent=1) + "\n")
+    print("\n".join(text))
+    print(f"wrote {out / stem}.md and .json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", choices=["clean", "attacks", "report"])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/robustness"))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    args = parser.parse_args()
+    rules = args.rules.split(",")
+    attacks = args.attacks.split(",")
+    for name, known, given in (("rule", RULES, rules), ("attack", ATTACKS, attacks)):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            raise SystemExit(f"unknown {name} {unknown}; choose from {list(known)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    label = "" if args.rounds is None else f" ({args.rounds} rounds)"
+    stem = "robustness" + ("" if args.rounds is None else f"_{args.rounds}_rounds")
+    recorded_path = args.out / f"{stem}.json"
+    recorded = ({r["name"]: r for r in json.loads(recorded_path.read_text())["runs"]}
+                if recorded_path.exists() else {})
+    jobs = clean_jobs(rules, seeds, args.rounds)
+    if args.sweep == "attacks":
+        jobs = attack_jobs(rules, attacks, seeds[0], args.rounds)
+    if args.sweep != "report":
+        # A stopped run is an outcome (it has metrics and a log), not work left to do.
+        done = {j.name for j in jobs if run_row(j, args.runs_dir / j.name) is not None}
+        run_jobs(jobs, args.runs_dir, args.jobs, [], {**recorded, **dict.fromkeys(done)},
+                 args.config)
+    all_jobs = clean_jobs(list(RULES), seeds, args.rounds) + attack_jobs(
+        list(RULES), ATTACKS, seeds[0], args.rounds)
+    rows = collect(all_jobs, args.runs_dir, recorded)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report(rows, rules, attacks, args.out, label)
+
+
+if __name__ == "__main__":
+    main()
