@@ -2,18 +2,21 @@
 
     python benchmarks/robustness.py clean     # honest runs: each candidate rule x 3 seeds,
                                               # 10 clients per round (choosing the default)
-    python benchmarks/robustness.py attacks   # attacks x rules x (1 hostile of 5, 2 of 10)
-    python benchmarks/robustness.py report    # tables from the finished runs only
+    python benchmarks/robustness.py attacks --rounds 30
+                                              # attacks x rules x (1 hostile of 5, 2 of 10)
+    python benchmarks/robustness.py report --rounds 30   # tables from the finished runs only
 
 Setting: configs/cifar10_cpu.toml (CIFAR-10, 100 clients, the small CNN, SSFL at density 0.1,
-60 rounds). The attack table's "1 of 5" column samples 5 clients per round; the "2 of 10" one
-the reference's 10. Every attack comes from the simulator's ``[attack]`` section
-(``ssfl/attacks.py``): in every round the first ``hostile_per_round`` sampled clients are
-hostile, so exactly that many hostile replies reach the server each round.
+60 rounds); the attack table's runs are shortened to --rounds (30 in the committed results:
+the whole table is ~110 runs) and compared with honest runs of the same length. Its "1 of 5"
+setting samples 5 clients per round; "2 of 10" the reference's 10. Every attack comes from
+the simulator's ``[attack]`` section (``ssfl/attacks.py``): in every round the first
+``hostile_per_round`` sampled clients are hostile, so exactly that many hostile replies
+reach the server each round.
 
-Options: --seeds 0,1,2  --rules plain,clip,...  --attacks huge,...  --jobs 2
---runs-dir runs/robustness  --out benchmarks/results  --rounds N (a shorter trial; its rows are
-labelled and never mixed with the 60-round ones).
+Options: --seeds 0,1,2 (the attack table uses the first)  --rules plain,clip,...
+--attacks huge,...  --settings 5x1,10x2  --jobs 2  --runs-dir runs/robustness
+--out benchmarks/results  --rounds N (the attack runs' length; run names carry it).
 
 Each run is an ``ssfl run`` process with one thread, under ``nice``; a run whose summary.json
 exists is reused, so an interrupted sweep goes on where it stopped. A run that stops (the server
@@ -60,6 +63,8 @@ ATTACKS = ["huge", "boost", "sign_flip", "zeros", "inflate_samples", "poison_sco
 #: (clients per round, hostile clients per round)
 SETTINGS = {"5x1": (5, 1), "10x2": (10, 2)}
 CLEAN_SETTING = "10x0"
+#: what ``ssfl run`` prints when the server stops a run (ssfl/cli.py)
+STOPPED = "ssfl run: the run stopped:"
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,10 @@ def clean_jobs(rules: Sequence[str], seeds: Sequence[int], rounds: int | None) -
 
 
 def attack_jobs(rules: Sequence[str], attacks: Sequence[str], seed: int,
-                rounds: int | None) -> list[Job]:
+                rounds: int | None, settings: Sequence[str] = tuple(SETTINGS)) -> list[Job]:
     """Honest baselines of each setting first, then every attack; cheap settings first."""
     jobs = []
-    for setting in SETTINGS:
+    for setting in settings:
         clients = SETTINGS[setting][0]
         jobs += [Job(rule, "none", f"{clients}x0", seed, rounds) for rule in rules]
         jobs += [Job(rule, attack, setting, seed, rounds) for attack in attacks for rule in rules]
@@ -124,12 +129,13 @@ def run_row(job: Job, folder: Path) -> dict[str, Any] | None:
         summary = json.loads(summary_path.read_text())
         return {**row, "completed": True, "final_accuracy": summary["final_accuracy"],
                 "stopped_at": None}
-    if not metrics_path.exists() or not (folder.parent / f"{job.name}.log").exists():
-        return None
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    log = (folder.parent / f"{job.name}.log").read_text(errors="replace")
+    log_path = folder.parent / f"{job.name}.log"
+    log = log_path.read_text(errors="replace") if log_path.exists() else ""
     if "Traceback" in log:
-        raise SystemExit(f"{job.name} crashed with a traceback: see its log")
+        raise SystemExit(f"{job.name} crashed with a traceback: see {log_path}")
+    if STOPPED not in log or not metrics_path.exists():
+        return None  # not run yet, or interrupted (it resumes from its checkpoint)
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     evaluated = [m["accuracy"] for m in metrics if m.get("accuracy") is not None]
     return {**row, "completed": False, "final_accuracy": evaluated[-1] if evaluated else None,
             "stopped_at": len(metrics) + 1,
@@ -188,23 +194,25 @@ def attack_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: 
     return "\n".join(lines)
 
 
-def report(rows: Sequence[dict[str, Any]], rules: Sequence[str], attacks: Sequence[str],
-           out: Path, label: str) -> None:
-    text = [f"# Robustness on the CPU reference setting{label}", "",
-            "Written by `python benchmarks/robustness.py`; final global accuracy in %, the "
-            "change against the same rule's honest run in brackets; 'stopped rN': the server "
-            "stopped the run in round N (every remaining update was rejected).", "",
-            "## Honest runs, 10 clients per round", "", clean_table(rows, rules), ""]
+def report(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]],
+           rules: Sequence[str], attacks: Sequence[str], out: Path, rounds: int | None) -> None:
+    length = "the config's rounds" if rounds is None else f"{rounds} rounds"
+    text = ["# Robustness on the CPU reference setting", "",
+            "Written by `python benchmarks/robustness.py`; final global accuracy in %.", "",
+            "## Honest runs (60 rounds, 10 clients per round)", "", clean_table(clean, rules),
+            ""]
     for setting in SETTINGS:
-        text += [f"## Attacks, setting {setting}", "",
-                 attack_table(rows, rules, setting, attacks), ""]
+        text += [f"## Attacks, setting {setting} ({length}, seed {attacked[0]['seed']})"
+                 if attacked else f"## Attacks, setting {setting}", "",
+                 "In brackets: the change against the same rule's honest run of the same "
+                 "length; 'stopped rN': the server stopped the run in round N (no valid update "
+                 "was left).", "", attack_table(attacked, rules, setting, attacks), ""]
     text += ["Rules:", ""] + [f"- `{r}`: {RULE_TEXT[r]}" for r in rules]
-    stem = "robustness" + label.replace(" ", "_").replace(",", "").replace("(", "").replace(
-        ")", "")
-    (out / f"{stem}.md").write_text("\n".join(text) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"runs": list(rows)}, indent=1) + "\n")
+    (out / "robustness.md").write_text("\n".join(text) + "\n")
+    (out / "robustness.json").write_text(json.dumps(
+        {"attack_rounds": rounds, "runs": [*clean, *attacked]}, indent=1) + "\n")
     print("\n".join(text))
-    print(f"wrote {out / stem}.md and .json")
+    print(f"wrote {out / 'robustness.md'} and .json")
 
 
 def main() -> None:
@@ -213,6 +221,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/robustness"))
@@ -225,25 +234,26 @@ def main() -> None:
         unknown = [g for g in given if g not in known]
         if unknown:
             raise SystemExit(f"unknown {name} {unknown}; choose from {list(known)}")
+    settings = args.settings.split(",")
+    if not set(settings) <= set(SETTINGS):
+        raise SystemExit(f"unknown setting in {settings}; choose from {list(SETTINGS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    label = "" if args.rounds is None else f" ({args.rounds} rounds)"
-    stem = "robustness" + ("" if args.rounds is None else f"_{args.rounds}_rounds")
-    recorded_path = args.out / f"{stem}.json"
+    recorded_path = args.out / "robustness.json"
     recorded = ({r["name"]: r for r in json.loads(recorded_path.read_text())["runs"]}
                 if recorded_path.exists() else {})
-    jobs = clean_jobs(rules, seeds, args.rounds)
+    jobs = clean_jobs(rules, seeds, None)
     if args.sweep == "attacks":
-        jobs = attack_jobs(rules, attacks, seeds[0], args.rounds)
+        jobs = attack_jobs(rules, attacks, seeds[0], args.rounds, settings)
     if args.sweep != "report":
         # A stopped run is an outcome (it has metrics and a log), not work left to do.
         done = {j.name for j in jobs if run_row(j, args.runs_dir / j.name) is not None}
         run_jobs(jobs, args.runs_dir, args.jobs, [], {**recorded, **dict.fromkeys(done)},
                  args.config)
-    all_jobs = clean_jobs(list(RULES), seeds, args.rounds) + attack_jobs(
-        list(RULES), ATTACKS, seeds[0], args.rounds)
-    rows = collect(all_jobs, args.runs_dir, recorded)
+    clean = collect(clean_jobs(list(RULES), [0, 1, 2], None), args.runs_dir, recorded)
+    attacked = collect(attack_jobs(list(RULES), ATTACKS, seeds[0], args.rounds), args.runs_dir,
+                       recorded)
     args.out.mkdir(parents=True, exist_ok=True)
-    report(rows, rules, attacks, args.out, label)
+    report(clean, attacked, rules, attacks, args.out, args.rounds)
 
 
 if __name__ == "__main__":

@@ -442,10 +442,12 @@ def test_config_keys_and_refusals() -> None:
         ("algorithm.dispfl.anneal=1.5", "algorithm.dispfl: anneal must be in"),
         ("algorithm.dispfl.anneal=nan", "algorithm.dispfl: anneal must be in"),
         ("algorithm.dispfl.prune_fraction=0.3", "unknown config key"),
-        ("federation.update_clip_norm=1.0", "update_clip_norm applies to the global-mask"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["algorithm.name=dispfl", bad])
+    # Robust aggregation applies to the neighbour averages (test_robust.py checks the rules).
+    load_config(None, ["algorithm.name=dispfl", "federation.update_clip_norm=1.0",
+                       "federation.aggregator=median"])
     with pytest.raises(ConfigError, match="num_clients >= 2"):
         load_config(None, ["algorithm.name=dispfl", "federation.num_clients=1",
                            "federation.clients_per_round=1"])

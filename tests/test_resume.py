@@ -13,9 +13,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ssfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seal
 from ssfl.cli import main
@@ -429,3 +431,85 @@ def test_a_resume_mid_run_ends_as_the_uninterrupted_run(tiny_runs: dict[str, Pat
                                                       "mask_info")} == \
         {k: v for k, v in ref.items() if k not in ("checksum", "wall_seconds", "metrics",
                                                   "mask_info")}
+
+
+# ---- fuzzed checkpoints: a CheckpointError or a correct resume, never a traceback -------------
+
+_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=6)
+
+
+def _edit_at(meta: Any, path: list[int], value: Any) -> None:
+    """Replace the value reached by walking ``path`` (indices into keys or items) with
+    ``value``, or drop it when ``value`` is the marker ``...``."""
+    node, parent, key = meta, None, None
+    for step in path:
+        if isinstance(node, dict) and node:
+            key = sorted(node)[step % len(node)]
+        elif isinstance(node, list) and node:
+            key = step % len(node)
+        else:
+            break
+        parent, node = node, node[key]
+    if parent is None:
+        return
+    if value is ...:
+        del parent[key]
+    else:
+        parent[key] = value
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(path=st.lists(st.integers(0, 50), min_size=1, max_size=4),
+       value=st.one_of(st.just(...), _JSON))
+def test_fuzzed_checkpoint_metadata_is_refused_or_resumes(
+        tiny_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, path: list[int],
+        value: Any) -> None:
+    """150 random edits anywhere in the metadata (a value replaced by random JSON, or
+    removed), re-sealed so they pass the checksum: each resume either raises CheckpointError
+    or trains exactly as the uninterrupted run (the figure in docs/reliability.md). An edit
+    of recorded history that is still well-formed (a past accuracy, a timing) cannot be told
+    from the truth without a key, so the summary may differ; the model may not."""
+    folder = _copy(tiny_runs, "stopped", tmp_path_factory.mktemp("fuzz"))
+    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
+    _edit_at(meta, path, value)
+    save_checkpoint(folder / "checkpoint.pt", seal(meta, tensors), tensors)
+    try:
+        _resume(folder)
+    except CheckpointError:
+        return
+    final = load_checkpoint(folder / "checkpoint.pt")[1]
+    reference = load_checkpoint(tiny_runs["ref"] / "checkpoint.pt")[1]
+    assert torch.equal(final["algorithm.values"], reference["algorithm.values"])
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
+                      min_size=1, max_size=3), cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_fuzzed_checkpoint_bytes_are_refused_or_unchanged(
+        tiny_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
+        flips: list[tuple[float, int]], cut: float | None) -> None:
+    """150 checkpoint files with random bits flipped (and some truncated): loading and
+    verifying either raises CheckpointError or yields exactly the original checkpoint."""
+    original = (tiny_runs["stopped"] / "checkpoint.pt").read_bytes()
+    data = bytearray(original)
+    for where, bit in flips:
+        data[int(where * len(data))] ^= 1 << bit
+    if cut is not None:
+        data = data[:int(cut * len(data))]
+    path = tmp_path_factory.mktemp("bytes") / "checkpoint.pt"
+    path.write_bytes(bytes(data))
+    try:
+        meta, tensors = load_checkpoint(path)
+        verify(meta, tensors, prepare(load_config(None, TINY)))
+    except CheckpointError:
+        return
+    ref_meta, ref_tensors = load_checkpoint(tiny_runs["stopped"] / "checkpoint.pt")
+    assert meta == ref_meta and tensors.keys() == ref_tensors.keys()
+    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)

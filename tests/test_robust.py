@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 import torch
+from algo_helpers import make_setup
 
+from ssfl import algorithms
+from ssfl.algorithms.base import Reply
+from ssfl.algorithms.dispfl import neighbour_average
+from ssfl.algorithms.feddst import FedDST
 from ssfl.algorithms.robust import (
     aggregate_vectors,
     clip_updates,
+    combine,
+    combine_held,
     coordinate_median,
     krum_scores,
     krum_select,
     trim_count,
     trimmed_mean,
 )
+from ssfl.algorithms.sparsyfed import topk_magnitude_mask
+from ssfl.config import ConfigError, load_config
 
 ROWS = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [100.0, -1000.0]])
 
@@ -72,42 +85,285 @@ def test_rules_through_one_entry_point() -> None:
 
 @pytest.mark.slow
 def test_a_hostile_client_moves_the_mean_but_not_the_median_in_a_run() -> None:
-    """Whole runs (digits, 5 clients per round): client 0 scales its update by 1e4 every
-    round. Plain FedAvg's model blows up until every honest update is NaN and the run stops;
-    with the coordinate median the run completes and learns."""
-    from ssfl.algorithms.base import RoundFailed
-    from ssfl.algorithms.ssfl import FixedMaskFedAvg
+    """Whole runs (digits, 5 clients per round): one client per round boosts its change by
+    1e4 (``[attack]``). Plain FedAvg's weights grow to thousands and it stays at chance; with
+    the coordinate median the run learns."""
     from ssfl.config import ConfigError, load_config
     from ssfl.sim import run_experiment
 
-    real = FixedMaskFedAvg.client_step
-
-    def hostile(self, ctx, received, state):  # type: ignore[no-untyped-def]
-        out = real(self, ctx, received, state)
-        if ctx.client_id != 0:
-            return out
-        from ssfl.algorithms.base import ClientOutput
-        from ssfl.comm import decode_values, encode_values, read_header
-
-        header = read_header(out.reply)
-        values = decode_values(out.reply) * 1e4
-        return ClientOutput(encode_values(values, round=header.round, digest=header.digest),
-                            out.state, out.result)
-
     base = ["run.rounds=4", "run.threads=1", "run.progress=false", "federation.num_clients=5",
-            "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5"]
-    FixedMaskFedAvg.client_step = hostile  # type: ignore[method-assign]
-    try:
-        with pytest.raises(RoundFailed, match="NaN or infinite"):
-            run_experiment(load_config(None, base), write=False)
-        median = run_experiment(load_config(None, [*base, "federation.aggregator=median"]),
-                                write=False)
-    finally:
-        FixedMaskFedAvg.client_step = real  # type: ignore[method-assign]
+            "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5",
+            "attack.kind=boost", "attack.boost=1e4"]
+    plain = run_experiment(load_config(None, base), write=False)
+    assert float(plain.final_values.abs().max()) > 1000.0
+    assert plain.summary["final_accuracy"] < 0.15
+    median = run_experiment(load_config(None, [*base, "federation.aggregator=median"]),
+                            write=False)
     assert float(median.final_values.abs().max()) < 10.0
     assert median.summary["final_accuracy"] > 0.5
-    # Rules that need enough replies are refused up front, and only where they apply.
+    # Rules that need enough replies are refused up front.
     with pytest.raises(ConfigError, match="min_replies to at least 4"):
         load_config(None, [*base, "federation.aggregator=krum"])
-    with pytest.raises(ConfigError, match="global-mask methods"):
-        load_config(None, [*base, "algorithm.name=feddst", "federation.aggregator=median"])
+
+
+# ---------------------------------------------------------------------------- held coordinates
+
+
+def _rule(aggregator: str = "mean", *, clip: float = 0.0, adaptive: float = 0.0,
+          trim: float = 0.25, byzantine: int = 1) -> SimpleNamespace:
+    """The ``[federation]`` fields the robust rules read."""
+    return SimpleNamespace(aggregator=aggregator, update_clip_norm=clip, adaptive_clip=adaptive,
+                           trim_fraction=trim, byzantine=byzantine)
+
+
+X = -999.0  # a value at a coordinate its client does not hold: must never count
+# Coordinates held by 1 (c0), 2 (c0, c1), 3 (c1, c2, c3: c3 hostile), 4 and 0 clients.
+HELD_ROWS = torch.tensor([[5.0, 1.0, X, 1.0, X],
+                          [X, 3.0, 2.0, 2.0, X],
+                          [X, X, 4.0, 3.0, X],
+                          [X, X, 1e30, 100.0, X]])
+HELD = HELD_ROWS != X
+SAMPLES = [1, 1, 2, 4]
+REFERENCE = torch.tensor([0.0, 0.0, 0.0, 0.0, 7.0])
+
+
+def test_combine_held_rules_by_hand() -> None:
+    def run(rule: str) -> tuple[list[float], list[float]]:
+        values, weight = combine_held(HELD_ROWS, HELD, SAMPLES, REFERENCE, _rule(rule))
+        assert values.dtype == torch.float32 and weight.dtype == torch.float64
+        return values.tolist(), weight.tolist()
+
+    mean, weight = run("mean")
+    assert weight == [1.0, 2.0, 7.0, 8.0, 0.0]  # summed samples of each coordinate's holders
+    assert mean[:2] == [5.0, 2.0] and mean[2] > 1e29  # the mean takes the hostile 1e30
+    assert mean[3:] == [409 / 8, 7.0]  # (1 + 2 + 6 + 400) / 8; nobody holds the last: reference
+    # Median over each coordinate's holders: 1 -> that value, 2 -> their mean, 3 -> the middle
+    # (the 1e30 is gone), 4 -> the mean of the two middle values.
+    assert run("median") == ([5.0, 2.0, 4.0, 2.5, 7.0], weight)
+    # Trimmed mean, fraction 0.25: trim_count(0.25, holders) = 0, 0, 1, 1 from each end.
+    assert run("trimmed_mean") == ([5.0, 2.0, 4.0, 2.5, 7.0], weight)
+    # Krum (f = 1) scores the vectors with unheld coordinates at the reference:
+    # c0 = [5, 1, 0, 1, 7], c1 = [0, 3, 2, 2, 7], c2 = [0, 0, 4, 3, 7]; d(c0,c1) = 34,
+    # d(c0,c2) = 46, d(c1,c2) = 14: scores 34, 14, 14, huge -> Krum keeps c1 (tie: the earlier).
+    assert run("krum") == ([0.0, 3.0, 2.0, 2.0, 7.0], [0.0, 1.0, 1.0, 1.0, 0.0])
+    # Multi-Krum keeps c0, c1, c2 and averages each coordinate over its holders among them.
+    values, weight = run("multi_krum")
+    assert values == pytest.approx([5.0, 2.0, 10 / 3, 9 / 4, 7.0])
+    assert weight == [1.0, 2.0, 3.0, 4.0, 0.0]
+
+
+def test_combine_held_clips_each_change_on_what_its_client_holds() -> None:
+    rows = torch.tensor([[3.0, 100.0], [0.6, 0.8]])
+    held = torch.tensor([[True, False], [True, True]])  # c0's 100 is not held: no change
+    values, _ = combine_held(rows, held, [1, 1], torch.zeros(2), _rule(clip=1.0))
+    assert values.tolist() == pytest.approx([(1.0 + 0.6) / 2, 0.8])  # c0's change 3 -> 1
+    # Adaptive: bound 2 x median(1, 5, 50) = 10; only the change of norm 50 is scaled.
+    rows = torch.tensor([[1.0], [5.0], [50.0]])
+    values, _ = combine_held(rows, None, [1, 1, 1], torch.zeros(1), _rule(adaptive=2.0))
+    assert values.tolist() == pytest.approx([(1 + 5 + 10) / 3])
+
+
+def test_combine_held_without_masks_is_combine() -> None:
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(6, 9, generator=g)
+    rows[2] *= 1e4
+    reference, samples = torch.randn(9, generator=g), [3, 1, 4, 1, 5, 9]
+    for rule in ("mean", "median", "trimmed_mean", "krum", "multi_krum"):
+        for clip, adaptive in ((0.0, 0.0), (2.0, 0.0), (0.0, 1.5)):
+            settings = _rule(rule, clip=clip, adaptive=adaptive, trim=0.2)
+            values, weight = combine_held(rows, None, samples, reference, settings)
+            torch.testing.assert_close(values, combine(list(rows), samples, reference, settings))
+            if clip == adaptive == 0:
+                torch.testing.assert_close(values, aggregate_vectors(
+                    rows, [float(n) for n in samples], rule, trim_fraction=0.2))
+    # A huge row held on one coordinate with other holders there is outvoted by the median.
+    held = torch.ones(6, 9, dtype=torch.bool)
+    held[5, 1:] = False
+    rows[5, 0] = 1e30
+    values, _ = combine_held(rows, held, samples, reference, _rule("median"))
+    assert values[0].abs() < 1e3
+
+
+# ---------------------------------------------------------------------------- the methods
+
+HOSTILE = 1e6
+
+
+def _method(name: str, *overrides: str, density: float = 0.5) -> Any:
+    """``name`` on a hand-sized model (a 6x5 weight and a bias), 4 clients."""
+    initial = {"w": torch.linspace(-1, 1, 30).reshape(6, 5), "b": torch.zeros(5)}
+    setup = make_setup(initial, ["w"], density, 4, ["federation.clients_per_round=4",
+                                                    *overrides], name=name)
+    return algorithms.get(name)(setup, algorithms.settings_of(setup.config))
+
+
+def _dense(mask: dict[str, torch.Tensor], value: float) -> dict[str, torch.Tensor]:
+    """A reply's dense tensors: ``value`` inside the mask (and on the bias), 0 outside."""
+    w = torch.where(mask["w"], value, 0.0)
+    return {"w": w, "b": torch.full((5,), value)}
+
+
+ROBUST = ("federation.aggregator=median", "federation.adaptive_clip=2")
+
+
+@pytest.mark.parametrize("overrides", [(), ("federation.aggregator=median",), ROBUST])
+def test_random_clientwise_robust_rules_bound_a_hostile_client(overrides: tuple[str]) -> None:
+    alg = _method("random_clientwise", *overrides)
+    state = alg.init()
+    masks = [alg.mask_of(c) for c in range(4)]
+    replies = [Reply(c, 10, (_dense(masks[c], HOSTILE if c == 0 else 1.0), masks[c]))
+               for c in range(4)]
+    new, _ = alg.aggregate(state, 1, replies, range(4))
+    holders = sum(m["w"].int() for m in masks)
+    crowded = masks[0]["w"] & (holders >= 3)  # the hostile client and at least 2 honest ones
+    if not overrides:  # the mean follows the hostile client everywhere it holds a weight
+        assert bool((new.weights["w"][crowded] > 1e5).all())
+        return
+    assert torch.equal(new.weights["w"][crowded], torch.ones(int(crowded.sum())))
+    assert new.weights["b"].tolist() == [1.0] * 5
+    if "federation.adaptive_clip=2" in overrides:  # the clipped change is bounded everywhere
+        assert float(new.weights["w"].abs().max()) < 1e3
+    nobody = holders == 0  # weights no client held keep their value
+    assert torch.equal(new.weights["w"][nobody], state.weights["w"][nobody])
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean"])
+def test_feddst_robust_rules_bound_a_hostile_client(rule: str) -> None:
+    alg = _method("feddst", f"federation.aggregator={rule}", "federation.trim_fraction=0.25")
+    state = alg.init()
+    # Every client keeps the global mask; three honest ones send 1.0, the hostile one 1e6.
+    replies = []
+    for c in range(4):
+        dense = _dense(state.mask, HOSTILE if c == 0 else 1.0)
+        replies.append(Reply(c, 10, (dense, state.mask, None)))
+    new, _ = alg.aggregate(state, 1, replies, range(4))
+    assert torch.equal(new.mask["w"], state.mask["w"])  # every client held the same mask
+    kept = new.weights["w"][new.mask["w"]]
+    if rule == "mean":
+        assert bool((kept > 1e5).all())
+    else:
+        assert torch.equal(kept, torch.ones_like(kept))
+
+
+def test_prunefl_robust_rules_bound_hostile_values_and_importance() -> None:
+    def run(rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+        alg = _method("prunefl", f"federation.aggregator={rule}", "run.rounds=20")
+        state = alg.init()
+        count = alg.codec.layout(state.mask).num_values
+        honest = torch.linspace(1, 0, 30)  # importance: the first weights matter
+        hostile = torch.linspace(0, HOSTILE, 30)  # ... pushing the last ones in
+        replies = [Reply(c, 10, (torch.full((count,), HOSTILE if c == 0 else 1.0),
+                                 hostile if c == 0 else honest)) for c in range(4)]
+        new, _ = alg.aggregate(state, 10, replies, range(4))  # an update round
+        return new.weights["b"], new.mask["w"].reshape(-1)
+
+    biases, mask = run("mean")
+    assert bool((biases > 1e5).all()) and bool(mask[-1])
+    biases, mask = run("median")
+    assert biases.tolist() == [1.0] * 5
+    assert mask.tolist() == [True] * 15 + [False] * 15  # the honest top half by importance
+
+
+def test_sparsyfed_robust_rules_bound_a_hostile_client() -> None:
+    def run(*overrides: str) -> dict[str, torch.Tensor]:
+        alg = _method("sparsyfed", *overrides)
+        state = alg.init()
+        keep = topk_magnitude_mask({"w": state.weights["w"]}, alg.k)
+        replies = [Reply(c, 10, _dense(keep, HOSTILE if c == 0 else 0.5)) for c in range(4)]
+        return alg.aggregate(state, 1, replies, range(4))[0].weights
+
+    assert float(run()["w"].max()) > 1e4
+    for overrides in (("federation.aggregator=median",),
+                      ("federation.aggregator=trimmed_mean", "federation.trim_fraction=0.25")):
+        weights = run(*overrides)
+        assert weights["b"].tolist() == [0.5] * 5
+        # Powerprop space and back: the honest 0.5 comes back (to float32 rounding), the
+        # weights nobody kept stay exactly 0.
+        assert weights["w"].max().item() == pytest.approx(0.5, rel=1e-6)
+        assert int((weights["w"] != 0).sum()) == 15
+
+
+def test_dispfl_neighbour_average_robust_rules_bound_a_hostile_neighbour() -> None:
+    full = {"w": torch.ones(2, 3, dtype=torch.bool)}
+    half = {"w": torch.tensor([[True, True, True], [False, False, False]])}
+    shapes = {"w": torch.Size([2, 3]), "b": torch.Size([3])}
+    own = _dense_small(full, 1.0)
+    models = [(own, full), (_dense_small(half, HOSTILE), half), (_dense_small(full, 2.0), full),
+              (_dense_small(full, 3.0), full)]
+    plain = neighbour_average(full, models, shapes)
+    assert float(plain["w"][0].min()) > 1e5 and plain["w"][1].tolist() == [2.0] * 3
+    median = neighbour_average(full, models, shapes, _rule("median"), own)
+    # Row 0: holders 1, 1e6, 2, 3 -> 2.5; row 1: holders 1, 2, 3 -> 2.
+    assert median["w"].tolist() == [[2.5] * 3, [2.0] * 3]
+    assert median["b"].tolist() == [2.5] * 3
+    clipped = neighbour_average(full, models, shapes, _rule(clip=1.0), own)
+    assert float(clipped["w"].max()) < 3.0  # the hostile change is cut to norm 1 around own
+    # The default settings take the plain average's own code path: the same bits.
+    defaults = neighbour_average(full, models, shapes, _rule(), own)
+    assert all(torch.equal(defaults[n], plain[n]) for n in shapes)
+
+
+def _dense_small(mask: dict[str, torch.Tensor], value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.where(mask["w"], value, 0.0), "b": torch.full((3,), value)}
+
+
+def test_dispfl_refuses_krum_over_too_few_neighbours() -> None:
+    base = ["algorithm.name=dispfl", "federation.num_clients=10",
+            "federation.clients_per_round=5", "federation.min_replies=4",
+            "federation.aggregator=krum"]
+    load_config(None, [*base, "algorithm.dispfl.neighbors=3"])  # 4 models > f + 2 = 3
+    with pytest.raises(ConfigError, match="neighbors to at least 3"):
+        load_config(None, [*base, "algorithm.dispfl.neighbors=2"])
+
+
+@pytest.mark.parametrize("name", ["random_clientwise", "feddst", "prunefl", "sparsyfed"])
+def test_default_settings_keep_the_old_code_path(name: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the defaults no robust combiner is called (test_golden checks the bits)."""
+    module = importlib.import_module(f"ssfl.algorithms.{name.replace('random_', '')}")
+    for combiner in ("combine", "combine_over_holders"):
+        if hasattr(module, combiner):
+            monkeypatch.setattr(module, combiner, _refuse)
+    alg = _method(name)
+    state = alg.init()
+    if name == "random_clientwise":
+        masks = [alg.mask_of(c) for c in range(2)]
+        updates: list[object] = [(_dense(m, 1.0), m) for m in masks]
+    elif name == "feddst":
+        updates = [(_dense(state.mask, 1.0), state.mask, None)] * 2
+    elif name == "prunefl":
+        updates = [(torch.ones(alg.codec.layout(state.mask).num_values), None)] * 2
+    else:
+        updates = [_dense({"w": state.weights["w"] != 0}, 1.0)] * 2
+    alg.aggregate(state, 1, [Reply(c, 5, u) for c, u in enumerate(updates)], [0, 1])
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the default settings must not reach a robust combiner")
+
+
+def test_a_method_without_robust_aggregation_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FedDST, "robust_aggregation", False)
+    for setting in ("federation.aggregator=median", "federation.update_clip_norm=1",
+                    "federation.adaptive_clip=2"):
+        with pytest.raises(ConfigError, match="'feddst' does not declare robust aggregation"):
+            load_config(None, ["algorithm.name=feddst", setting])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["random_clientwise", "feddst", "prunefl", "sparsyfed",
+                                  "dispfl"])
+def test_every_method_runs_with_a_robust_rule(name: str) -> None:
+    """A short whole run of each method with the median and adaptive clipping: it completes
+    with finite weights."""
+    from ssfl.sim import run_experiment
+
+    config = load_config(None, [
+        f"algorithm.name={name}", "run.rounds=2", "run.threads=1", "run.progress=false",
+        "federation.num_clients=4", "federation.clients_per_round=4", "train.local_epochs=1",
+        "algorithm.density=0.5", "model.width=0.5", "data.dataset=digits",
+        "federation.aggregator=median", "federation.adaptive_clip=3",
+        "algorithm.feddst.update_interval=1", "algorithm.prunefl.update_interval=1",
+        "algorithm.prunefl.initial_rounds=1", "algorithm.dispfl.neighbors=2"])
+    result = run_experiment(config, write=False)
+    assert bool(torch.isfinite(result.final_values).all())

@@ -359,8 +359,9 @@ def test_config_key_and_its_checks() -> None:
                                f"algorithm.sparsyfed.powerprop_beta={bad}"])
     with pytest.raises(ConfigError, match="unknown config key 'algorithm.sparsyfed.beta'"):
         load_config(None, ["algorithm.name=sparsyfed", "algorithm.sparsyfed.beta=2"])
-    with pytest.raises(ConfigError, match="update_clip_norm applies to the global-mask"):
-        load_config(None, ["algorithm.name=sparsyfed", "federation.update_clip_norm=1.0"])
+    # Robust aggregation applies (test_robust.py checks the rules).
+    load_config(None, ["algorithm.name=sparsyfed", "federation.update_clip_norm=1.0",
+                       "federation.aggregator=median"])
 
 
 # ---------------------------------------------------------------------------- whole runs

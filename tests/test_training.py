@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ssfl.algorithms.base import NoSettings, Reply, Setup, SetupFailed, SetupReply
-from ssfl.algorithms.common import aggregate_scores
+from ssfl.algorithms.common import decode_scores
+from ssfl.algorithms.robust import combine_scores
 from ssfl.algorithms.ssfl import SSFL, FixedMaskFedAvg, SaliencySettings
 from ssfl.algorithms.static import DenseFedAvg, RandomMask
 from ssfl.client import LocalData, TrainSettings, client_generator, local_train, train_round
@@ -108,20 +109,23 @@ def test_server_fedavg_is_sample_weighted_by_hand() -> None:
 
 
 def test_score_aggregation_weighted_and_uniform_by_hand() -> None:
-    shapes = {"w": torch.Size([2])}
     payloads = [
         (encode_values(torch.tensor([1.0, 0.0]), kind=PayloadKind.SCORES), 1),
         (encode_values(torch.tensor([0.0, 4.0]), kind=PayloadKind.SCORES), 3),
     ]
-    weighted = aggregate_scores(payloads, shapes, mode="weighted")
-    uniform = aggregate_scores(payloads, shapes, mode="uniform")
+
+    def combined(weighted: bool, rule: str = "mean") -> dict[str, torch.Tensor]:
+        pairs = ((decode_scores(p, 2), float(n) if weighted else 1.0) for p, n in payloads)
+        return {"w": combine_scores(pairs, 2, rule=rule)}
+
+    weighted, uniform = combined(True), combined(False)
     assert weighted["w"].tolist() == [0.25, 3.0]
     assert uniform["w"].tolist() == [0.5, 2.0]
     # The two modes can pick different masks: weighted keeps w[1], and so does uniform here;
     # with one weight kept out of two, both choose the larger mean.
     assert global_topk_mask(weighted, 0.5)["w"].tolist() == [False, True]
-    with pytest.raises(ValueError, match="weighted"):
-        aggregate_scores(payloads, shapes, mode="median")
+    with pytest.raises(ValueError, match="score rule"):
+        combined(True, "mode")
 
 
 class _Ask:

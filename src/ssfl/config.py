@@ -126,7 +126,8 @@ class FederationSection:
     update_clip_norm: float = 0.0
     # ... or to this multiple of the round's median change norm (0: off; both: the smaller)
     adaptive_clip: float = 0.0
-    # How the updates are combined (ssfl.algorithms.robust): "mean" (FedAvg, the paper's),
+    # How the updates are combined (ssfl.algorithms.robust; DisPFL: over each client's
+    # neighbours): "mean" (FedAvg, the paper's),
     # "median", "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum" (byzantine
     # = the number of hostile clients per round it tolerates)
     aggregator: str = "mean"
@@ -162,6 +163,22 @@ class CommSection:
     value_dtype: str = "float32"
 
 
+#: the simulator's hostile-client behaviours (``ssfl.attacks``)
+ATTACK_KINDS = ("none", "huge", "boost", "sign_flip", "zeros", "inflate_samples",
+                "poison_scores", "replay")
+
+
+@dataclass
+class AttackSection:
+    # Robustness studies (simulator only, ssfl/attacks.py): in every exchange the first
+    # `hostile_per_round` clients asked tamper with their replies as `kind` says: "none",
+    # "huge" (1e30), "boost" (change x boost), "sign_flip", "zeros", "inflate_samples",
+    # "poison_scores" (the mask round), "replay" (a stale update re-sent).
+    kind: str = "none"
+    hostile_per_round: int = 1
+    boost: float = 20.0
+
+
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -171,6 +188,7 @@ class Config:
     federation: FederationSection = field(default_factory=FederationSection)
     train: TrainSection = field(default_factory=TrainSection)
     comm: CommSection = field(default_factory=CommSection)
+    attack: AttackSection = field(default_factory=AttackSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sections of scalars; ``[algorithm]`` also holds the method tables by name."""
@@ -390,7 +408,22 @@ def validate(config: Config) -> None:
             f"federation.clients_per_round ({config.federation.clients_per_round}) exceeds "
             f"federation.num_clients ({config.federation.num_clients})"
         )
+    check_attack(config)
     check_registered(config)
+
+
+def check_attack(config: Config) -> None:
+    attack = config.attack
+    _choice("attack.kind", attack.kind, ATTACK_KINDS)
+    if attack.kind == "none":
+        return
+    if not 1 <= attack.hostile_per_round < config.federation.clients_per_round:
+        raise ConfigError(
+            f"attack.hostile_per_round must be at least 1 and below "
+            f"federation.clients_per_round ({config.federation.clients_per_round}), so that "
+            f"some clients are honest; got {attack.hostile_per_round}")
+    _in_range("attack.boost", attack.boost, 0.0, 1e6, low_open=True,
+              why=" (the factor on a hostile client's change)")
 
 
 def _check_run_name(name: str) -> None:
@@ -456,14 +489,24 @@ def check_registered(config: Config) -> None:
                                   f"algorithm.{method}")
     cls = algorithms.get(config.algorithm.name)
     settings = algorithms.settings_of(config)
-    if config.federation.update_clip_norm > 0 and not cls.supports_update_clipping:
-        raise ConfigError(
-            f"federation.update_clip_norm applies to the global-mask methods "
-            f"{[n for n in sorted(known) if algorithms.get(n).supports_update_clipping]}, not "
-            f"{config.algorithm.name!r}; set it to 0")
-    check_robust_aggregation(config, cls.supports_update_clipping)
+    check_robust_aggregation(config, cls.robust_aggregation)
+    if config.attack.kind != "none":
+        check_attack_applies(config, cls)
     cls.check_config(config, settings)
     config.algorithm.options = {config.algorithm.name: dataclasses.asdict(settings)}
+
+
+def check_attack_applies(config: Config, cls: Any) -> None:
+    """The simulated attacks tamper with value vectors over the mask a client received, and
+    ``poison_scores`` with the mask round's saliency scores: methods without them are refused."""
+    from ssfl.algorithms.ssfl import FixedMaskFedAvg, SaliencyMask
+
+    needed = SaliencyMask if config.attack.kind == "poison_scores" else FixedMaskFedAvg
+    if not issubclass(cls, needed):
+        what = ("a saliency mask round (ssfl, snip_single)" if needed is SaliencyMask
+                else "one global mask (ssfl, fedavg, the SNIP and random-mask baselines)")
+        raise ConfigError(f"attack.kind = {config.attack.kind!r} needs a method with {what}, "
+                          f"not {config.algorithm.name!r}")
 
 
 def check_robust_aggregation(config: Config, supported: bool) -> None:
@@ -482,10 +525,12 @@ def check_robust_aggregation(config: Config, supported: bool) -> None:
             f"federation.aggregator = {fed.aggregator!r} with federation.byzantine = "
             f"{fed.byzantine} needs more than {fed.byzantine + 2} valid replies per round: set "
             f"federation.min_replies to at least {fed.byzantine + 3}")
-    if (fed.aggregator != "mean" or fed.adaptive_clip > 0) and not supported:
+    if (fed.aggregator != "mean" or fed.adaptive_clip > 0 or fed.update_clip_norm > 0) \
+            and not supported:
         raise ConfigError(
-            f"federation.aggregator and federation.adaptive_clip apply to the global-mask "
-            f"methods, not {config.algorithm.name!r}; keep 'mean' and 0")
+            f"{config.algorithm.name!r} does not declare robust aggregation (its "
+            f"robust_aggregation flag): keep federation.aggregator = 'mean' and "
+            f"federation.update_clip_norm = federation.adaptive_clip = 0")
 
 
 def check_against_data(config: Config, num_train: int, num_classes: int) -> None:

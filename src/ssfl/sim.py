@@ -19,6 +19,7 @@ import torch
 
 from ssfl.algorithms import Algorithm, build
 from ssfl.algorithms.base import ClientContext
+from ssfl.attacks import attacker_for
 from ssfl.client import LocalData, TrainSettings, client_generator
 from ssfl.config import Config
 from ssfl.run.experiment import (  # re-exported: the simulator's public API
@@ -47,6 +48,9 @@ class InProcessTransport(Transport):
         self.clients = [exp.client(c) for c in range(len(exp.parts))]
         self.settings: TrainSettings = train_settings(exp.config)
         self.states: dict[int, bytes] = {}
+        # Simulated hostile clients ([attack]); None in an honest run.
+        self.attacker = attacker_for(exp.config, [
+            math.prod(s) for s in self.algorithm.setup.prunable_shapes.values()])
 
     def bind(self, algorithm: Algorithm[Any]) -> None:
         self.algorithm = algorithm
@@ -68,6 +72,7 @@ class InProcessTransport(Transport):
     def exchange(self, kind: str, round: int, lr: float, payloads: Mapping[int, bytes],
                  attempt: int = 1, *, ack: bool = False) -> list[ClientReply]:
         replies = []
+        hostile = self.attacker.hostile(list(payloads)) if self.attacker and not ack else set()
         for cid, down in payloads.items():
             if not ack and self._crashes(round, cid, attempt):
                 replies.append(ClientReply(cid, down, b"", 0, math.nan, error="injected crash"))
@@ -84,9 +89,12 @@ class InProcessTransport(Transport):
             else:
                 self.states[cid] = out.state
             result = out.result
-            replies.append(ClientReply(
-                cid, down, out.reply, result.num_samples if result else len(self.clients[cid]),
-                result.mean_loss if result else math.nan))
+            reply = out.reply
+            samples = result.num_samples if result else len(self.clients[cid])
+            if cid in hostile:
+                reply, samples = self.attacker.tamper(kind, down, reply, samples)
+            replies.append(ClientReply(cid, down, reply, samples,
+                                       result.mean_loss if result else math.nan))
         return replies
 
     def pooled(self, algorithm: Algorithm[Any], kind: str) -> bytes:

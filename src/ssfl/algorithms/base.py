@@ -211,8 +211,10 @@ class Algorithm(ABC, Generic[S]):
     per_client_masks: ClassVar[bool] = False
     #: needs every client's data in one place (``Ask.pooled``): simulator only
     needs_pooled_data: ClassVar[bool] = False
-    #: honours ``federation.update_clip_norm`` (clipping each client's change)
-    supports_update_clipping: ClassVar[bool] = False
+    #: honours ``federation.aggregator``, ``update_clip_norm`` and ``adaptive_clip`` (the robust
+    #: rules of ``ssfl.algorithms.robust``) wherever it averages models (the server's aggregate;
+    #: DisPFL: each client's neighbour average); the config refuses them for other methods
+    robust_aggregation: ClassVar[bool] = False
 
     def __init__(self, setup: Setup, settings: Any) -> None:
         self.setup = setup

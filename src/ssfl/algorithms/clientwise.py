@@ -5,7 +5,8 @@ The server keeps a dense global model. A client receives, once before round 1, i
 a bitmap (kept as its state), then each round the values inside it; it returns the values
 inside it. The server averages each weight over the round's clients whose mask holds it,
 weighted by sample count (``average_over_holders``), and leaves weights that no such client
-holds unchanged.
+holds unchanged. ``federation.aggregator`` and the clipping settings replace that mean by a
+robust rule over each weight's holders (``ssfl.algorithms.robust.combine_over_holders``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ssfl.algorithms.common import (
     flat_weights,
     shapes_match,
 )
+from ssfl.algorithms.robust import combine_over_holders, is_plain_mean
 from ssfl.client import train_round
 from ssfl.comm import decode_values, encode_values
 from ssfl.masks import Mask, random_global_mask
@@ -45,10 +47,12 @@ class DenseModelState:
 
 class ClientwiseRandomMasks(Algorithm[DenseModelState]):
     per_client_masks = True
+    robust_aggregation = True
 
     def __init__(self, setup: Setup, settings: Any) -> None:
         super().__init__(setup, settings)
         self.codec = MaskCodec(setup.shapes, setup.prunable)
+        self.robust = setup.config.federation  # clipping and the aggregation rule
         self._union: Mask | None = None
 
     def mask_of(self, client_id: int) -> Mask:
@@ -92,8 +96,12 @@ class ClientwiseRandomMasks(Algorithm[DenseModelState]):
 
     def aggregate(self, state: DenseModelState, round: int, replies: Sequence[Reply],
                   sampled: Sequence[int]) -> tuple[DenseModelState, dict[str, Any]]:
-        averages, held = average_over_holders(
-            ((r.update[0], r.update[1], float(r.num_samples)) for r in replies), self.setup.shapes)
+        contributions = ((r.update[0], r.update[1], float(r.num_samples)) for r in replies)
+        if is_plain_mean(self.robust):
+            averages, held = average_over_holders(contributions, self.setup.shapes)
+        else:  # the rule of federation.aggregator, per weight over its holders
+            averages, held = combine_over_holders(contributions, self.setup.shapes,
+                                                  state.weights, self.robust)
         weights = {n: torch.where(held[n] > 0, averages[n], w) if n in held else averages[n]
                    for n, w in state.weights.items()}
         return DenseModelState(weights), {}

@@ -2,8 +2,9 @@
 and dense models in server state.
 
 Server side: ``WeightedMean`` (FedAvg's running sum), ``average_over_holders`` (each weight
-averaged over the clients whose mask holds it: per-client masks, FedDST, DisPFL), and the mean
-of the clients' saliency scores (``mean_scores``, ``aggregate_scores``: SSFL and SNIP).
+averaged over the clients whose mask holds it: per-client masks, FedDST, DisPFL), and the
+screening of the clients' saliency scores (``decode_scores``; ``robust.combine_scores``
+combines them).
 Both sides: ``MaskCodec`` turns a mask into its bitmap payload and back (checking the digest)
 and caches the value layout of each mask it has seen.
 """
@@ -16,7 +17,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ssfl.algorithms.base import SetupFailed
 from ssfl.comm import (
     ParameterLayout,
     PayloadError,
@@ -26,7 +26,7 @@ from ssfl.comm import (
     encode_bits,
     read_header,
 )
-from ssfl.masks import Mask, bits_to_mask, mask_digest, mask_to_bits, unflatten
+from ssfl.masks import Mask, bits_to_mask, mask_digest, mask_to_bits
 
 #: how the server weighs the clients' saliency scores: by sample count (the paper) or equally
 #: (the authors' code)
@@ -108,28 +108,6 @@ def decode_scores(payload: bytes, count: int) -> torch.Tensor:
     if negative:
         raise PayloadError(f"saliency scores are |dL/dw * w| >= 0, but {negative} are negative")
     return scores
-
-
-def mean_scores(scores: Iterable[tuple[torch.Tensor, float]],
-                shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Weighted mean of flat score vectors as a running sum (memory does not grow with the
-    number of clients), per layer."""
-    mean = WeightedMean()
-    for flat, weight in scores:
-        mean.add(flat, weight)
-    if mean.count == 0:
-        raise SetupFailed("no client sent valid saliency scores: no mask can be built")
-    return unflatten(mean.result(), shapes, list(shapes))
-
-
-def aggregate_scores(payloads: Iterable[tuple[bytes, int]], shapes: Mapping[str, torch.Size],
-                     *, mode: str) -> dict[str, torch.Tensor]:
-    """Mean of the clients' saliency scores (``(score payload, sample count)`` pairs), weighted
-    by sample count or uniform (the authors' code)."""
-    check_mode(mode)
-    count = sum(math.prod(s) for s in shapes.values())
-    return mean_scores(((decode_scores(p, count), float(n) if mode == "weighted" else 1.0)
-                        for p, n in payloads), shapes)
 
 
 class MaskCodec:

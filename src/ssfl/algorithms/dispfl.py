@@ -57,7 +57,10 @@ Choices against the paper and the authors' code, and why:
   the relay stores a round's uploads only after the whole round, ``aggregate``).
 - Aggregation: the authors' ``_aggregate_func`` (a plain average over holders, not weighted by
   sample count). Only Conv/Linear weights are masked, as everywhere in this project; the
-  authors' ``init_masks`` masks every parameter, biases and norms included.
+  authors' ``init_masks`` masks every parameter, biases and norms included. The robust rules of
+  ``federation.aggregator`` and the clipping settings apply here, on the client side, over the
+  neighbours (every one counting once; clipping around the client's own model), since there
+  is no server-side average; the consensus model of the evaluation stays the plain average.
 - What a neighbour contributes: its model after its last update, in its *new* mask (regrown
   weights at zero, dropped weights gone). In the authors' code the shared mask lags one update
   behind (``mask_pers_shared`` is the mask the neighbour trained with), so a neighbour's just-
@@ -130,6 +133,7 @@ from ssfl.algorithms.common import (
     load_weights_,
     tensor_bytes,
 )
+from ssfl.algorithms.robust import combine_over_holders, is_plain_mean
 from ssfl.checkpoint import unprefixed
 from ssfl.client import apply_regrowth_, cpu_weights, local_train, minibatch_gradient
 from ssfl.comm import (
@@ -169,12 +173,25 @@ def neighbour_average(
     own_mask: Mapping[str, torch.Tensor],
     models: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
     shapes: Mapping[str, torch.Size],
+    robust: Any = None,
+    own: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """DisPFL's aggregation: ``models`` yields ``(dense tensors, mask)`` of the neighbours (the
     client itself included). Each masked weight is the plain average over the models whose mask
     holds it (0 where none does), then masked by ``own_mask``; other parameters are the plain
-    average over all models."""
-    averages, _ = average_over_holders(((d, m, 1.0) for d, m in models), shapes)
+    average over all models.
+
+    ``robust`` (the config's ``[federation]``) other than the plain mean: the rule of
+    ``federation.aggregator`` over each weight's holders instead, every neighbour counting
+    once, with clipping bounding each neighbour's difference from ``own``, the client's own
+    current model (``ssfl.algorithms.robust.combine_over_holders``)."""
+    contributions = ((d, m, 1.0) for d, m in models)
+    if robust is None or is_plain_mean(robust):
+        averages, _ = average_over_holders(contributions, shapes)
+    else:
+        if own is None:
+            raise ValueError("a robust neighbour average needs the client's own model")
+        averages, _ = combine_over_holders(contributions, shapes, own, robust)
     return {n: torch.where(own_mask[n], a, torch.zeros_like(a)) if n in own_mask else a
             for n, a in averages.items()}
 
@@ -240,6 +257,8 @@ class DisPFL(Algorithm[RelayState]):
     Settings = DisPFLSettings
     personalised = True
     per_client_masks = True
+    #: on the client side: each client's neighbour average (``neighbour_average``)
+    robust_aggregation = True
 
     def __init__(self, setup: Setup, settings: DisPFLSettings) -> None:
         super().__init__(setup, settings)
@@ -257,6 +276,15 @@ class DisPFL(Algorithm[RelayState]):
         if config.federation.num_clients < 2:
             raise ConfigError("algorithm.name = 'dispfl' needs federation.num_clients >= 2 "
                               "(each client aggregates from other clients)")
+        # Krum runs over a client's neighbours and itself, not over the round's replies.
+        fed = config.federation
+        models = min(settings.neighbors, fed.num_clients - 1) + 1
+        if fed.aggregator in ("krum", "multi_krum") and models <= fed.byzantine + 2:
+            raise ConfigError(
+                f"federation.aggregator = {fed.aggregator!r} with federation.byzantine = "
+                f"{fed.byzantine} needs more than {fed.byzantine + 2} models per neighbour "
+                f"average; DisPFL averages {models} (algorithm.dispfl.neighbors + 1): raise "
+                f"algorithm.dispfl.neighbors to at least {fed.byzantine + 2}")
 
     # ---- what every party derives ----------------------------------------------------------
     def initial_mask(self, client_id: int) -> Mask:
@@ -486,12 +514,14 @@ class DisPFL(Algorithm[RelayState]):
         def models() -> Iterator[tuple[dict[str, torch.Tensor], Mask]]:
             for j in sorted([*nbrs, ctx.client_id]):  # the authors' sorted neighbour order
                 if j == ctx.client_id:
-                    yield self.codec.layout(own_mask).dense_tensors(own_values), own_mask
+                    yield own, own_mask
                 else:
                     mask, digest, values, _ = received_models[j]
                     yield self.codec.layout(mask, digest).dense_tensors(values), mask
 
-        load_weights_(ctx.model, neighbour_average(own_mask, models(), self.setup.shapes))
+        own = self.codec.layout(own_mask).dense_tensors(own_values)
+        load_weights_(ctx.model, neighbour_average(own_mask, models(), self.setup.shapes,
+                                                   self.setup.config.federation, own))
         result = local_train(ctx.model, ctx.data, ctx.settings, ctx.lr, ctx.generator, own_mask)
         new_mask = own_mask
         ratio = drop_ratio(self.settings.anneal, ctx.round, self.setup.config.run.rounds)

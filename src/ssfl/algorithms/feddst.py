@@ -29,7 +29,10 @@
   ``counts[layer]`` largest-magnitude averaged weights per layer, with ERK counts, as
   ``layer_prune`` does in ``dst.py``. Regrown weights arrive at 0, so they survive only
   where ties decide; ties go to the weight held by more samples, then the earlier position
-  (the authors' ``topk`` breaks ties arbitrarily).
+  (the authors' ``topk`` breaks ties arbitrarily). ``federation.aggregator`` and the clipping
+  settings replace the mean by a robust rule over each weight's holders
+  (``ssfl.algorithms.robust.combine_over_holders``; Krum: the holders among the selected
+  clients), before the same re-pruning.
 - Non-update rounds are sparse FedAvg inside the global mask.
 """
 
@@ -44,6 +47,7 @@ import torch
 from ssfl.algorithms.base import ClientContext, ClientOutput, Reply, Setup
 from ssfl.algorithms.common import average_over_holders
 from ssfl.algorithms.dynamic_mask import DynamicGlobalMask, DynamicMaskState, initial_state
+from ssfl.algorithms.robust import combine_over_holders, is_plain_mean
 from ssfl.client import apply_regrowth_, cpu_weights, local_train, minibatch_gradient
 from ssfl.comm import PayloadError, decode_values, payload_parts
 from ssfl.masks import (
@@ -74,9 +78,11 @@ class FedDSTSettings:
 
 class FedDST(DynamicGlobalMask):
     Settings = FedDSTSettings
+    robust_aggregation = True
 
     def __init__(self, setup: Setup, settings: FedDSTSettings) -> None:
         super().__init__(setup, settings)
+        self.robust = setup.config.federation  # clipping and the aggregation rule
         self.counts = erk_counts(setup.prunable_shapes, setup.density)
         self.update_until = settings.update_until or setup.config.run.rounds // 2
 
@@ -115,9 +121,12 @@ class FedDST(DynamicGlobalMask):
 
     def aggregate(self, state: DynamicMaskState, round: int, replies: Sequence[Reply],
                   sampled: Sequence[int]) -> tuple[DynamicMaskState, dict[str, Any]]:
-        averages, holders = average_over_holders(
-            ((r.update[0], r.update[1], float(r.num_samples)) for r in replies),
-            self.setup.shapes)
+        contributions = ((r.update[0], r.update[1], float(r.num_samples)) for r in replies)
+        if is_plain_mean(self.robust):
+            averages, holders = average_over_holders(contributions, self.setup.shapes)
+        else:  # the rule of federation.aggregator, per weight over its holders
+            averages, holders = combine_over_holders(contributions, self.setup.shapes,
+                                                     state.weights, self.robust)
         mask = prune_to_counts(averages, holders, self.counts)
         uploaded = {r.client_id: r.update[2] for r in replies if r.update[2] is not None}
         held = self.holders_after(state, replies, sampled, uploaded)

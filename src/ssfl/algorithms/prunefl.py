@@ -26,10 +26,14 @@ reproduction in the FedDST authors' ``prunefl.py``.
   order is the importance order, and fixing k lets it be compared with the other methods at
   equal density, which the comparison needs.
 - Non-update rounds are sparse FedAvg inside the global mask.
+- ``federation.aggregator`` and the clipping settings replace both means by a robust rule
+  (``ssfl.algorithms.robust.combine``): the values, all over the one global mask, clipped
+  around the current ones; the importance by the same rule without clipping.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +43,7 @@ import torch
 from ssfl.algorithms.base import Ask, ClientContext, ClientOutput, Reply, Setup
 from ssfl.algorithms.common import WeightedMean
 from ssfl.algorithms.dynamic_mask import DynamicGlobalMask, DynamicMaskState, initial_state
+from ssfl.algorithms.robust import combine, is_plain_mean
 from ssfl.client import local_train, train_with_importance
 from ssfl.comm import PayloadError, PayloadKind, decode_values, encode_values, payload_parts
 from ssfl.masks import flatten, full_mask, global_topk_mask, unflatten
@@ -63,9 +68,11 @@ class PruneFLSettings:
 
 class PruneFL(DynamicGlobalMask):
     Settings = PruneFLSettings
+    robust_aggregation = True
 
     def __init__(self, setup: Setup, settings: PruneFLSettings) -> None:
         super().__init__(setup, settings)
+        self.robust = setup.config.federation  # clipping and the aggregation rule
         self.update_until = settings.update_until or setup.config.run.rounds // 2
 
     def is_update_round(self, round: int) -> bool:
@@ -111,18 +118,41 @@ class PruneFL(DynamicGlobalMask):
 
     def aggregate(self, state: DynamicMaskState, round: int, replies: Sequence[Reply],
                   sampled: Sequence[int]) -> tuple[DynamicMaskState, dict[str, Any]]:
-        values, importance = WeightedMean(), WeightedMean()
-        for r in replies:
-            values.add(r.update[0], float(r.num_samples))
-            if r.update[1] is not None:
-                importance.add(r.update[1], float(r.num_samples))
-        weights = self.codec.layout(state.mask).dense_tensors(values.result())
+        update = self.is_update_round(round)
+        if is_plain_mean(self.robust):
+            values, importance = WeightedMean(), WeightedMean()
+            for r in replies:
+                values.add(r.update[0], float(r.num_samples))
+                if r.update[1] is not None:
+                    importance.add(r.update[1], float(r.num_samples))
+            new_values = values.result()
+            new_importance = importance.result() if update else None
+        else:
+            new_values, new_importance = self.robust_combine(state, replies)
+        weights = self.codec.layout(state.mask).dense_tensors(new_values)
         mask = state.mask
-        if self.is_update_round(round):
-            mask = global_topk_mask(unflatten(importance.result(), self.setup.prunable_shapes,
+        if update:
+            mask = global_topk_mask(unflatten(new_importance, self.setup.prunable_shapes,
                                               self.setup.prunable), self.setup.density)
         held = self.holders_after(state, replies, sampled, {})
         return self.with_new_mask(state, round, mask, weights, held), {}
+
+    def robust_combine(self, state: DynamicMaskState, replies: Sequence[Reply]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The values and the importance (None outside update rounds) under
+        ``federation.aggregator``: the values (all in the global mask) clipped around the
+        current ones; the importance by the same rule, unclipped (it is no change from a current
+        value, so no change can be bounded)."""
+        current = self.codec.layout(state.mask).gather(state.weights)
+        values = combine([r.update[0] for r in replies], [r.num_samples for r in replies],
+                         current, self.robust)
+        scored = [r for r in replies if r.update[1] is not None]
+        if not scored:
+            return values, None
+        unclipped = dataclasses.replace(self.robust, update_clip_norm=0.0, adaptive_clip=0.0)
+        importance = combine([r.update[1] for r in scored], [r.num_samples for r in scored],
+                             torch.zeros_like(scored[0].update[1]), unclipped)
+        return values, importance
 
     # ---- client -----------------------------------------------------------------------------
     def client_setup(self, kind: str, ctx: ClientContext, received: bytes,

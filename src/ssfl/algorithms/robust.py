@@ -19,16 +19,26 @@ new global vector; all arithmetic is float64 and deterministic (ties by client o
 
 Before any rule, ``clip_updates`` can bound each client's change ``values - reference``: to a
 fixed L2 norm, or adaptively to a multiple of the round's median change norm.
+
+``combine`` applies them to aligned replies (the global-mask methods, PruneFL's values and
+importance, SparsyFed's dense vectors in Powerprop space). ``combine_held`` is the same for
+replies that hold only some coordinates each (per-client masks: ``random_clientwise``, FedDST,
+DisPFL's neighbour averaging): clipping bounds each client's change on what it holds, and every
+rule runs per coordinate over that coordinate's holders (Krum scores whole vectors, a
+coordinate a client does not hold counting as no change); ``combine_over_holders`` is its
+drop-in for ``average_over_holders``. ``is_plain_mean`` tells the defaults, which every method
+keeps on its own, older code path, so their results do not change.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ssfl.algorithms.base import SetupFailed
 from ssfl.algorithms.common import WeightedMean
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
@@ -141,3 +151,150 @@ def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: 
                         adaptive=settings.adaptive_clip)
     return aggregate_vectors(rows, [float(n) for n in samples], settings.aggregator,
                              trim_fraction=settings.trim_fraction, byzantine=settings.byzantine)
+
+
+def is_plain_mean(settings: Any) -> bool:
+    """The defaults: FedAvg without clipping, which every method keeps on its own code path
+    (so its results stay those of every run before robust rules existed)."""
+    return (settings.aggregator == "mean" and settings.update_clip_norm <= 0
+            and settings.adaptive_clip <= 0)
+
+
+def combine_held(rows: torch.Tensor, held: torch.Tensor | None, samples: Sequence[float],
+                 reference: torch.Tensor, settings: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``combine`` for replies that each hold only some coordinates (per-client masks).
+
+    ``rows`` ``[clients, P]``: each client's dense vector; ``held`` ``[clients, P]`` bool:
+    the coordinates its mask holds (None: all); ``reference`` ``[P]``: the current vector.
+    Returns the new vector (float32) and, per coordinate, the summed sample weight of the
+    clients that went into it (float64; 0: nobody), as ``average_over_holders`` weighs holders.
+
+    - Clipping bounds each client's change on the coordinates it holds (``clip_updates``:
+      ``update_clip_norm`` and/or ``adaptive_clip`` times the round's median change norm).
+    - ``mean``: per coordinate, weighted by samples over its holders.
+    - ``median`` / ``trimmed_mean``: per coordinate over its holders only, unweighted
+      (``trim_count(trim_fraction, holders)`` from each end).
+    - ``krum`` / ``multi_krum``: clients are scored on their vectors with the coordinates they
+      do not hold at the reference (no change there); the holders-weighted mean is then taken
+      over the selected clients only (the returned weights count only those).
+
+    A coordinate with no holder keeps its reference value (callers may override). Float64
+    arithmetic, deterministic (clients in row order)."""
+    n, size = rows.shape
+    weights = torch.tensor([float(s) for s in samples], dtype=torch.float64)
+    ref = reference.to(torch.float64).reshape(-1)
+    if held is None:
+        held = torch.ones((n, size), dtype=torch.bool)
+    # A coordinate a client does not hold counts as no change, for clipping and Krum alike.
+    x = torch.where(held, rows.to(torch.float64), ref)
+    x = clip_updates(x, ref, norm=settings.update_clip_norm, adaptive=settings.adaptive_clip)
+    rule = settings.aggregator
+    if rule in ("krum", "multi_krum"):
+        keep = 1 if rule == "krum" else n - settings.byzantine
+        selected = torch.zeros(n, dtype=torch.bool)
+        selected[krum_select(x, settings.byzantine, max(1, keep))] = True
+        held = held & selected[:, None]
+        rule = "mean"
+    counts = held.sum(0)
+    holder_weight = torch.zeros(size, dtype=torch.float64)
+    for i in range(n):  # row by row, in client order, as average_over_holders sums
+        holder_weight += held[i].to(torch.float64) * weights[i]
+    if rule == "mean":
+        sums = torch.zeros(size, dtype=torch.float64)
+        for i in range(n):
+            sums += torch.where(held[i], x[i], 0.0) * weights[i]
+        out = sums / holder_weight.clamp(min=1e-300)
+    elif rule in ("median", "trimmed_mean"):
+        # Each column sorted with its holders first (non-held entries at +inf, last); the
+        # holders' order statistics are then picked by each column's holder count.
+        ordered = torch.where(held, x, math.inf).sort(dim=0).values
+        if rule == "median":
+            low = ((counts - 1) // 2).clamp(min=0)
+            high = counts // 2
+            out = (ordered.gather(0, low[None]) + ordered.gather(0, high[None]))[0] / 2
+        else:
+            trim_count(settings.trim_fraction, 1)  # refuses a fraction out of range
+            ceil = torch.ceil(settings.trim_fraction * counts.to(torch.float64) - 1e-9).long()
+            trim = torch.minimum(ceil, (counts - 1) // 2).clamp(min=0)
+            rank = torch.arange(n)[:, None]
+            kept = (rank >= trim) & (rank < counts - trim)
+            out = (torch.where(kept, ordered, 0.0).sum(0)
+                   / (counts - 2 * trim).clamp(min=1).to(torch.float64))
+    else:
+        raise ValueError(f"unknown aggregator {rule!r}; choose one of {list(AGGREGATORS)}")
+    return torch.where(counts > 0, out, ref).to(torch.float32), holder_weight
+
+
+def combine_over_holders(
+    contributions: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], float]],
+    shapes: Mapping[str, torch.Size], reference: Mapping[str, torch.Tensor], settings: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``average_over_holders`` under the rule of ``settings`` (``combine_held``): the same
+    ``(dense tensors, mask, weight)`` contributions in, the same ``(averages, holder weight
+    per masked parameter)`` out; parameters without a mask entry are held by everyone. Unlike
+    ``average_over_holders``, a weight nobody holds keeps its ``reference`` value, not 0."""
+    names = list(shapes)
+    rows, held, samples, masked = [], [], [], set()
+    for dense, mask, weight in contributions:
+        rows.append(torch.cat([dense[n].reshape(-1).to(torch.float64) for n in names]))
+        held.append(torch.cat([mask[n].reshape(-1).to(torch.bool) if n in mask
+                               else torch.ones(math.prod(shapes[n]), dtype=torch.bool)
+                               for n in names]))
+        samples.append(weight)
+        masked.update(n for n in names if n in mask)
+    flat_reference = torch.cat([reference[n].reshape(-1) for n in names])
+    if not rows:  # nothing held anywhere: the caller decides (a failed round)
+        return {n: reference[n].to(torch.float32).clone() for n in names}, {}
+    values, weight = combine_held(torch.stack(rows), torch.stack(held), samples, flat_reference,
+                                  settings)
+    averages, holders, start = {}, {}, 0
+    for n in names:
+        size = math.prod(shapes[n])
+        averages[n] = values[start:start + size].reshape(shapes[n])
+        if n in masked:
+            holders[n] = weight[start:start + size].reshape(shapes[n])
+        start += size
+    return averages, holders
+
+
+# ---- the mask round: robust means of saliency scores ----------------------------------------
+
+#: how the server combines the clients' saliency scores before the global top-k
+SCORE_RULES = ("mean", "normalised", "trimmed_mean", "median")
+
+
+def combine_scores(scores: Iterable[tuple[torch.Tensor, float]], count: int, *,
+                   rule: str = "mean", trim_fraction: float = 0.1) -> torch.Tensor:
+    """One flat score vector from the clients' ``(scores, weight)`` pairs, as ``rule`` says:
+
+    - ``mean``: the weighted mean (the paper); one client's huge scores dominate it;
+    - ``normalised``: each client's scores divided by their sum first, then the weighted mean:
+      every client has the same total say, so one client can move the scores of a layer by at
+      most its share of the clients;
+    - ``trimmed_mean`` / ``median``: per weight, over the clients, unweighted (as the update
+      rules); these hold every client's scores at once, in float32.
+
+    ``SetupFailed`` when no scores came."""
+    if rule not in SCORE_RULES:
+        raise ValueError(f"score rule must be one of {SCORE_RULES}, got {rule!r}")
+    if rule in ("mean", "normalised"):
+        mean = WeightedMean()
+        for flat, weight in scores:
+            if rule == "normalised":
+                total = float(flat.to(torch.float64).sum())
+                flat = flat.to(torch.float64) / total if total > 0 else torch.zeros_like(flat)
+            mean.add(flat, weight)
+        if mean.count == 0:
+            raise SetupFailed("no client sent valid saliency scores: no mask can be built")
+        return mean.result()
+    rows = [flat.to(torch.float32) for flat, _ in scores]
+    if not rows:
+        raise SetupFailed("no client sent valid saliency scores: no mask can be built")
+    stacked = torch.stack(rows)
+    out = torch.empty(count, dtype=torch.float32)
+    chunk = 1 << 20  # coordinates at a time: the float64 copy stays small
+    for start in range(0, count, chunk):
+        part = stacked[:, start:start + chunk]
+        out[start:start + chunk] = (coordinate_median(part) if rule == "median"
+                                    else trimmed_mean(part, trim_fraction)).to(torch.float32)
+    return out

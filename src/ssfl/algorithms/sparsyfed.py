@@ -27,7 +27,8 @@ After the paper and the authors' code (``AGuastella/sparsyfed``; we read the mod
   side maps with ``to_powerprop``/``powerprop_forward`` in float64), and the server averages
   ``to_powerprop(w_k)`` and maps the mean back. With beta = 1 this is plain FedAvg of ``w``. A
   weight kept by few clients is shrunk harder than a ``w``-mean would (``(v/10)**beta``), which
-  is part of how the method pulls clients to one mask.
+  is part of how the method pulls clients to one mask. ``federation.aggregator`` and the
+  clipping settings replace this mean by a robust rule in the same space (``robust_aggregate``).
 - What the server sends: the aggregate itself, whose support is the union of the round's
   client masks (density >= the target), as in the authors' code, where the server does not
   prune. Pruning it to k before sending (our first reading) would freeze the mask after round
@@ -78,6 +79,7 @@ from ssfl.algorithms.common import (
     load_weights_,
     shapes_match,
 )
+from ssfl.algorithms.robust import combine, is_plain_mean
 from ssfl.client import cpu_weights, local_train
 from ssfl.comm import (
     HEADER,
@@ -208,10 +210,12 @@ class SparsyFed(Algorithm[AggregateState]):
     server averages them in Powerprop space; see the module docstring."""
 
     Settings = SparsyFedSettings
+    robust_aggregation = True
 
     def __init__(self, setup: Setup, settings: SparsyFedSettings) -> None:
         super().__init__(setup, settings)
         self.beta = settings.powerprop_beta
+        self.robust = setup.config.federation  # clipping and the aggregation rule
         self.codec = MaskCodec(setup.shapes, setup.prunable)
         self.total = setup.prunable_count
         self.other = sum(math.prod(s) for n, s in setup.shapes.items()
@@ -312,7 +316,10 @@ class SparsyFed(Algorithm[AggregateState]):
         """FedAvg of ``to_powerprop(w)`` weighted by sample count, mapped back to ``w``.
 
         The float64 sums start at zero and add each reply in turn (not ``WeightedMean``, whose
-        first term is not added to zero), so results are the same bits as before the port."""
+        first term is not added to zero), so results are the same bits as before the port.
+        ``federation.aggregator`` and the clipping settings: ``robust_aggregate``."""
+        if not is_plain_mean(self.robust):
+            return self.robust_aggregate(state, replies), {}
         shapes, prunable = self.setup.shapes, self.setup.prunable_shapes
         sums = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
         samples = 0
@@ -330,6 +337,30 @@ class SparsyFed(Algorithm[AggregateState]):
                 mean = powerprop_forward(mean, self.beta)
             weights[n] = mean.to(torch.float32)
         return AggregateState(weights), {}
+
+    def robust_aggregate(self, state: AggregateState, replies: Sequence[Reply]) -> AggregateState:
+        """The rule of ``federation.aggregator`` (``ssfl.algorithms.robust.combine``) where
+        SparsyFed averages, in Powerprop space: each reply's dense ``to_powerprop(w)`` (pruned
+        weights as 0, as in the mean), clipped around ``to_powerprop`` of the current aggregate,
+        combined, and mapped back to ``w``."""
+        names, prunable = list(self.setup.shapes), self.setup.prunable_shapes
+
+        def powerprop_space(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return torch.cat([(to_powerprop(weights[n].to(torch.float64), self.beta)
+                               if n in prunable else weights[n].to(torch.float64)).reshape(-1)
+                              for n in names])
+
+        combined = combine([powerprop_space(r.update) for r in replies],
+                           [r.num_samples for r in replies], powerprop_space(state.weights),
+                           self.robust).to(torch.float64)
+        weights, start = {}, 0
+        for n in names:
+            size = math.prod(self.setup.shapes[n])
+            v = combined[start:start + size].reshape(self.setup.shapes[n])
+            weights[n] = (powerprop_forward(v, self.beta) if n in prunable else v
+                          ).to(torch.float32)
+            start += size
+        return AggregateState(weights)
 
     # ---- the global model at the target density --------------------------------------------
     def pruned(self, state: AggregateState) -> tuple[Mask, dict[str, torch.Tensor]]:

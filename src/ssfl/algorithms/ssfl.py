@@ -7,7 +7,8 @@ Read top to bottom, this file is the whole method:
    ``saliency_batches`` minibatches (``client_setup("scores")``, ``ssfl.client.compute_scores``:
    unaugmented batches, the model in eval mode as in the authors' code); the server averages the
    scores, weighted by sample count or uniformly as the authors' code does
-   (``ssfl.algorithms.common.mean_scores``), and keeps the global top-k for the target density
+   (``ssfl.algorithms.robust.combine_scores``; ``score_rule`` picks a robust combination
+   instead of the mean), and keeps the global top-k for the target density
    (``ssfl.masks.global_topk_mask``, exact k, ties by position). The mask bitmap goes to every
    client once (``client_setup("mask")`` keeps it as the client's state).
 2. **Sparse FedAvg in the fixed mask** (``FixedMaskFedAvg``): each round the sampled clients
@@ -45,12 +46,11 @@ from ssfl.algorithms.common import (
     check_mode,
     decode_scores,
     load_weights_,
-    mean_scores,
 )
-from ssfl.algorithms.robust import combine
+from ssfl.algorithms.robust import SCORE_RULES, combine, combine_scores
 from ssfl.client import compute_scores, encode_scores, train_round
 from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, decode_values, encode_values
-from ssfl.masks import Mask, full_mask, global_topk_mask, mask_density
+from ssfl.masks import Mask, full_mask, global_topk_mask, mask_density, unflatten
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
     """FedAvg over the active values of one mask fixed before round 1; subclasses choose the
     mask in ``run_setup`` (the default: dense, no set-up)."""
 
-    supports_update_clipping = True
+    robust_aggregation = True
 
     def __init__(self, setup: Setup, settings: Any) -> None:
         super().__init__(setup, settings)
@@ -179,6 +179,10 @@ class SaliencySettings:
 
     # "weighted" by client sample count (the paper), or "uniform" (the authors' code)
     score_aggregation: str = "weighted"
+    # how the scores are combined: "mean" (the paper), or a rule that bounds what one hostile
+    # client can do to the mask: "normalised" (each client's scores sum to 1 first),
+    # "trimmed_mean" (federation.trim_fraction from each end, unweighted), "median"
+    score_rule: str = "mean"
     saliency_batches: int = 1  # minibatches per client for the scores
     saliency_batch_size: int = 0  # their size; 0: train.batch_size
 
@@ -186,6 +190,9 @@ class SaliencySettings:
         if self.score_aggregation not in SCORE_AGGREGATIONS:
             raise ValueError(f"score_aggregation = {self.score_aggregation!r} is not allowed; "
                              f"choose one of {list(SCORE_AGGREGATIONS)}")
+        if self.score_rule not in SCORE_RULES:
+            raise ValueError(f"score_rule = {self.score_rule!r} is not allowed; choose one of "
+                             f"{list(SCORE_RULES)}")
         if self.saliency_batches < 1:
             raise ValueError(f"saliency_batches must be at least 1, not {self.saliency_batches}")
         if self.saliency_batch_size < 0:
@@ -228,7 +235,9 @@ class SaliencyMask(FixedMaskFedAvg):
                 used.append(r.client_id)
                 yield scores, float(r.num_samples) if mode == "weighted" else 1.0
 
-        scores = mean_scores(decoded(), self.setup.prunable_shapes)
+        flat = combine_scores(decoded(), count, rule=self.settings.score_rule,
+                              trim_fraction=self.setup.config.federation.trim_fraction)
+        scores = unflatten(flat, self.setup.prunable_shapes, self.setup.prunable)
         return global_topk_mask(scores, self.setup.density), used
 
 

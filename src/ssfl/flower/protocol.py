@@ -102,9 +102,13 @@ def _snake(name: str) -> str:
 def run_config_from_config(
     config: Config, settings: FlowerSettings | None = None
 ) -> dict[str, Any]:
-    """The flat Flower run config (``section.kebab-key`` -> value) of a Config."""
+    """The flat Flower run config (``section.kebab-key`` -> value) of a Config. The
+    simulator's ``[attack]`` is not part of it (a deployment's clients are what they are)."""
+    refuse_attack(config)
     flat: dict[str, Any] = {}
     for section, values in config.to_dict().items():
+        if section == "attack":
+            continue
         for key, value in values.items():
             if isinstance(value, dict):  # a method's table: algorithm.<method>.<key>
                 flat.update({f"{section}.{key}.{_kebab(k)}": v for k, v in value.items()})
@@ -143,7 +147,14 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
     # (run.threads is bounded by the cores of the machine that reads the config).
     config.run.threads = min(config.run.threads, os.cpu_count() or 1)
     validate(config)
+    refuse_attack(config)
     return config, _flower_settings(flower)
+
+
+def refuse_attack(config: Config) -> None:
+    if config.attack.kind != "none":
+        raise ConfigError(f"attack.kind = {config.attack.kind!r}: simulated attacks run in the "
+                          f"simulator only (ssfl run); on Flower set attack.kind = 'none'")
 
 
 def _flower_settings(values: Mapping[str, Any]) -> FlowerSettings:

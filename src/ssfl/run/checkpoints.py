@@ -210,6 +210,7 @@ def check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
     for i, row in enumerate(metrics, 1):
         _check_row(row, i, num_clients)
     _check_ledger(meta["ledger"])
+    _check_bytes_agree(metrics, meta["ledger"])
     mask_info = meta["mask_info"]
     if not isinstance(mask_info, dict) or not _is_number(mask_info.get("seconds", 0.0), 0):
         raise _malformed("mask_info is not a table (with its seconds)")
@@ -255,6 +256,19 @@ def _check_row(row: Any, i: int, num_clients: int) -> None:
     if row.get("accuracy") is not None and not (_is_number(row["accuracy"], 0)
                                                 and _is_number(row.get("personal_accuracy"), 0)):
         raise _malformed(f"metrics row {i}: accuracy is not a number")
+
+
+def _check_bytes_agree(metrics: list[dict[str, Any]], rows: list[list[Any]]) -> None:
+    """The byte figures are written twice, per round in the metrics and per payload in the
+    ledger: they must agree (a ledger that lost or gained an entry would report wrong totals
+    for the rest of the run)."""
+    ledger = Ledger.from_json(rows)
+    for row in metrics:
+        if (row["bytes_down"], row["bytes_up"]) != ledger.round_bytes(row["round"]):
+            raise _malformed(f"metrics row {row['round']}: its bytes disagree with the byte "
+                             f"ledger")
+    if metrics and metrics[-1].get("bytes_cumulative") != ledger.total():
+        raise _malformed("the byte ledger's total disagrees with the last metrics row")
 
 
 def _check_ledger(rows: Any) -> None:
