@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ssfl.plotstyle import dataset_label, integer_ticks, log_ticks, method_style, model_label
+
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_cpu.toml"
 
@@ -158,7 +160,7 @@ def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[
             folder.parent.mkdir(parents=True, exist_ok=True)
             # A folder left by a killed run resumes from its checkpoint.
             resume = ["--resume", str(folder)] if (folder / "checkpoint.pt").exists() else \
-                [str(config), *job.overrides(), *extra, "--out", str(folder)]
+                [str(config), *job.overrides(), *extra, "--out", str(folder), "--overwrite"]
             log = (runs_dir / f"{job.name}.log").open("a")
             proc = subprocess.Popen([sys.executable, "-m", "ssfl.cli", "run", *resume,
                                      "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
@@ -410,38 +412,66 @@ def readme_headline(rows, densities: Sequence[float] = DENSITIES, focus: float =
 # ------------------------------------------------------------------------------------- plots
 
 
-def _figure():
+def _figure(width: float = 9.0, height: float = 4.8):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.5))
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 
 
-def _finish(fig, ax, path: Path, *, xlabel: str, title: str, ncol: int = 2,
-            grid_axis: str = "both", legend_below: bool = False,
+def _finish(fig, ax, path: Path, *, xlabel: str, title: str, subtitle: str = "",
+            ncol: int = 1, grid_axis: str = "both", legend_below: bool = False,
             ylabel: str = "final global test accuracy (%)") -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    fig.suptitle(title)
+    if subtitle:
+        ax.set_title(subtitle, fontsize="medium", color="0.25")
     if legend_below:  # bars reach the bottom of the axes: no room inside
-        ax.legend(fontsize=7, ncol=ncol, loc="upper center", bbox_to_anchor=(0.5, -0.16))
-    else:
-        ax.legend(fontsize=7, ncol=ncol)
+        fig.legend(fontsize=8, ncols=ncol, loc="outside lower center", frameon=False)
+    else:  # beside the axes: it never hides a curve
+        ax.legend(fontsize=8, ncols=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False)
     ax.grid(alpha=0.3, axis=grid_axis)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
+
+
+def method_label(method: str) -> str:
+    """A method's legend entry: its name in `ssfl.plotstyle`, with what sets it apart."""
+    label = method_style(method).label
+    if method == "fedavg":
+        return f"{label} (dense)"
+    return f"{label} (not federated)" if method == ORACLE else label
+
+
+def setting_title(config: Path = CONFIG, extra: Sequence[str] = ()) -> str:
+    """The data set and model of the sweep's config, for figure titles: "CIFAR-10, small CNN,
+    100 clients (10 per round), CPU reference"."""
+    from ssfl.config import load_config
+
+    try:
+        loaded = load_config(config, extra)
+    except Exception:  # a title is no reason to stop a report
+        return config.stem
+    text = (f"{dataset_label(loaded.data.dataset)}, {model_label(loaded.model.name)}, "
+            f"{loaded.federation.num_clients} clients ({loaded.federation.clients_per_round} per "
+            f"round), {loaded.run.rounds} rounds")
+    return text + (", CPU reference" if config.resolve() == CONFIG.resolve() else
+                   f" ({config.stem})")
 
 
 def plot_accuracy_vs_density(rows, densities, path: Path,
                              setting: str = "CIFAR-10 CPU reference") -> None:
     fig, ax = _figure()
     for method in _methods(rows):
+        style = method_style(method)
         if method == "fedavg":
             accs = _cells(_select(rows, "fedavg", 1.0, REFERENCE_SPLIT), "final_accuracy")
             if accs:
-                ax.axhline(statistics.mean(accs), color="black", ls="--", lw=1,
-                           label="dense FedAvg")
+                ax.axhline(statistics.mean(accs), color=style.color, ls=style.linestyle, lw=1.2,
+                           label=method_label(method))
             continue
         xs, ys, es = [], [], []
         for d in densities:
@@ -451,38 +481,57 @@ def plot_accuracy_vs_density(rows, densities, path: Path,
                 ys.append(statistics.mean(accs))
                 es.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
         if xs:
-            style = "-" if method != ORACLE else ":"
-            ax.errorbar(xs, ys, yerr=es, marker="o", ls=style, capsize=3, label=method)
+            ax.errorbar(xs, ys, yerr=es, color=style.color, marker=style.marker, markersize=6,
+                        ls=style.linestyle, lw=1.5, capsize=3, label=method_label(method))
     ax.set_xscale("log")
-    ax.set_xticks(list(densities), [f"{d:g}" for d in densities])
-    _finish(fig, ax, path, xlabel="density (fraction of Conv/Linear weights kept)",
-            title=f"{setting}: accuracy against density (mean ± std over seeds)")
+    log_ticks(ax.xaxis, min(densities), max(densities), ticks=list(densities))
+    _finish(fig, ax, path, xlabel="density (fraction of Conv/Linear weights kept, log scale)",
+            title="Final global accuracy against density (mean ± std over seeds)",
+            subtitle=setting)
 
 
-def plot_accuracy_vs_bytes(rows, densities, path: Path) -> None:
+def plot_accuracy_vs_bytes(rows, densities, path: Path,
+                           setting: str = "CIFAR-10 CPU reference") -> None:
     fig, ax = _figure()
+    xs_all: list[float] = []
     for method in _methods(rows):
-        xs, ys = [], []
+        style = method_style(method)
+        xs, ys, es = [], [], []
         for d in method_densities(method, densities):
             chosen = _select(rows, method, d, REFERENCE_SPLIT)
             if chosen:
+                accs = _cells(chosen, "final_accuracy")
                 xs.append(statistics.mean(r["total_bytes"] / 1e6 for r in chosen))
-                ys.append(statistics.mean(_cells(chosen, "final_accuracy")))
+                ys.append(statistics.mean(accs))
+                es.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
         if xs:
-            ax.plot(xs, ys, marker="o", ls="-" if len(xs) > 1 else "", label=method)
+            ax.errorbar(xs, ys, yerr=es, color=style.color, marker=style.marker, markersize=6,
+                        ls=style.linestyle if len(xs) > 1 else "", lw=1.5, capsize=3,
+                        label=method_label(method))
+            xs_all += xs
     ax.set_xscale("log")
+    if xs_all:
+        log_ticks(ax.xaxis, min(xs_all), max(xs_all))
     _finish(fig, ax, path,
             xlabel="all bytes of the run, down + up incl. one-time costs (MB, log scale)",
-            title="Accuracy against communication (one point per density)")
+            title="Final global accuracy against communication (one point per density; "
+                  "mean ± std over seeds)", subtitle=setting)
 
 
-def mean_curve(rows) -> list[tuple[int, float]]:
-    """Global accuracy (%) at each evaluated round, mean over the rows that have a curve."""
+def curve_stats(rows) -> list[tuple[int, float, float]]:
+    """Global accuracy (%) at each evaluated round: mean and standard deviation (0 for one run)
+    over the rows that have a curve."""
     by_round: dict[int, list[float]] = {}
     for r in rows:
         for rnd, acc in r.get("curve") or []:
             by_round.setdefault(rnd, []).append(acc * 100)
-    return [(rnd, statistics.mean(v)) for rnd, v in sorted(by_round.items())]
+    return [(rnd, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+            for rnd, v in sorted(by_round.items())]
+
+
+def mean_curve(rows) -> list[tuple[int, float]]:
+    """Global accuracy (%) at each evaluated round, mean over the rows that have a curve."""
+    return [(rnd, mean) for rnd, mean, _ in curve_stats(rows)]
 
 
 def last_step_noise(rows) -> float | None:
@@ -528,22 +577,31 @@ def spread_table(spread: Mapping[str, float], rows, densities: Sequence[float]) 
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_round(rows, density: float, path: Path) -> None:
+def plot_accuracy_vs_round(rows, density: float, path: Path,
+                           setting: str = "CIFAR-10 CPU reference") -> None:
     fig, ax = _figure()
     for method in _methods(rows):
+        style = method_style(method)
         d = 1.0 if method == "fedavg" else density
-        curve = mean_curve(_select(rows, method, d, REFERENCE_SPLIT))
+        chosen = _select(rows, method, d, REFERENCE_SPLIT)
+        curve = curve_stats(chosen)
         if curve:
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", markersize=3,
-                    ls="--" if method == "fedavg" else ":" if method == ORACLE else "-",
-                    color="black" if method == "fedavg" else None,
-                    label="dense FedAvg" if method == "fedavg" else method)
+            rounds = [c[0] for c in curve]
+            means = [c[1] for c in curve]
+            ax.plot(rounds, means, color=style.color, marker=style.marker, markersize=5,
+                    ls=style.linestyle, lw=1.5, label=method_label(method))
+            if len(chosen) > 1:
+                ax.fill_between(rounds, [m - c[2] for m, c in zip(means, curve)],
+                                [m + c[2] for m, c in zip(means, curve)], color=style.color,
+                                alpha=0.15, linewidth=0)
+    integer_ticks(ax.xaxis)
     _finish(fig, ax, path, xlabel="round", ylabel="global test accuracy (%)",
-            title=f"Global accuracy during training at density {density:g} (mean over seeds)")
+            title=f"Global accuracy during training at density {density:g} "
+                  "(mean ± std over seeds)", subtitle=setting)
 
 
-def plot_noniid(rows, splits, path: Path) -> None:
-    fig, ax = _figure()
+def plot_noniid(rows, splits, path: Path, setting: str = "CIFAR-10 CPU reference") -> None:
+    fig, ax = _figure(height=5.2)
     methods = _methods(rows)
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
@@ -553,11 +611,13 @@ def plot_noniid(rows, splits, path: Path) -> None:
             means.append(statistics.mean(accs) if accs else math.nan)
             errs.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
         ax.bar([j + i * width for j in range(len(splits))], means, width, yerr=errs,
-               capsize=2, label=method)
+               capsize=2, color=method_style(method).color, edgecolor="0.15", linewidth=0.4,
+               error_kw={"elinewidth": 0.8}, label=method_label(method))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))],
-                  [split_label(s).replace(" (", "\n(") for s in splits], fontsize=7)
+                  [split_label(s).replace(" (", "\n(") for s in splits], fontsize=8)
     _finish(fig, ax, path, xlabel="split", ncol=len(methods), grid_axis="y", legend_below=True,
-            title="Non-IID sweep at density 0.2 (dense FedAvg at density 1)")
+            title=f"Non-IID sweep at density {NONIID_DENSITY:g} (dense FedAvg at density 1; "
+                  "mean ± std over seeds)", subtitle=setting)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -623,12 +683,13 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
                + spread_table(data["seed_spread"], rows, densities) + "\n"
                if data["seed_spread"] else "")
             + tuning_text(tuning_rows, tuned or {}))
-        setting = ("CIFAR-10 CPU reference" if config.resolve() == CONFIG.resolve()
-                   else config.stem)
+        setting = setting_title(config, extra)
         plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png",
                                  setting)
-        plot_accuracy_vs_bytes(rows, densities, out / "comparison_accuracy_vs_bytes.png")
-        plot_accuracy_vs_round(rows, TUNING_DENSITY, out / "comparison_accuracy_vs_round.png")
+        plot_accuracy_vs_bytes(rows, densities, out / "comparison_accuracy_vs_bytes.png",
+                               setting)
+        plot_accuracy_vs_round(rows, TUNING_DENSITY, out / "comparison_accuracy_vs_round.png",
+                               setting)
         data["last_step_noise"] = last_step_noise(rows)
         data["leading_spread"] = leading_spread(rows, densities)
     else:
@@ -644,7 +705,7 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             + goal_table([g for s in splits
                           for g in relative_error_goal(rows, [NONIID_DENSITY], "final_accuracy",
                                                        s)], by="split") + "\n")
-        plot_noniid(rows, splits, out / "noniid_accuracy.png")
+        plot_noniid(rows, splits, out / "noniid_accuracy.png", setting_title(config, extra))
     (out / f"{'comparison' if sweep == 'main' else 'noniid'}.json").write_text(
         json.dumps(data, indent=1))
     (out / f"{'comparison' if sweep == 'main' else 'noniid'}.md").write_text(text)

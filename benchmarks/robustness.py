@@ -2,21 +2,21 @@
 
     python benchmarks/robustness.py clean     # honest runs: each candidate rule x 3 seeds,
                                               # 10 clients per round (choosing the default)
-    python benchmarks/robustness.py attacks --rounds 30
-                                              # attacks x rules x (1 hostile of 5, 2 of 10)
-    python benchmarks/robustness.py report --rounds 30   # tables from the finished runs only
+    python benchmarks/robustness.py attacks   # attacks x rules x (1 hostile of 5, 2 of 10)
+    python benchmarks/robustness.py report    # tables from the finished runs only
 
 Setting: configs/cifar10_cpu.toml (CIFAR-10, 100 clients, the small CNN, SSFL at density 0.1,
-60 rounds); the attack table's runs are shortened to --rounds (30 in the committed results:
-the whole table is ~110 runs) and compared with honest runs of the same length. Its "1 of 5"
-setting samples 5 clients per round; "2 of 10" the reference's 10. Every attack comes from
-the simulator's ``[attack]`` section (``ssfl/attacks.py``): in every round the first
-``hostile_per_round`` sampled clients are hostile, so exactly that many hostile replies
-reach the server each round.
+60 rounds), evaluated every 5 rounds. A single evaluation moves by several points from one
+to the next in this setting, so every figure is the mean of the last three evaluations
+(rounds 50, 55, 60: "settled accuracy"), compared with the same rule's honest run. The attack
+table's "1 of 5" setting samples 5 clients per round; "2 of 10" the reference's 10. Every
+attack comes from the simulator's ``[attack]`` section (``ssfl/attacks.py``): in every round
+the first ``hostile_per_round`` sampled clients are hostile, so exactly that many hostile
+replies reach the server each round.
 
 Options: --seeds 0,1,2 (the attack table uses the first)  --rules plain,clip,...
 --attacks huge,...  --settings 5x1,10x2  --jobs 2  --runs-dir runs/robustness
---out benchmarks/results  --rounds N (the attack runs' length; run names carry it).
+--out benchmarks/results  --rounds N (a shorter trial; run names carry it).
 
 Each run is an ``ssfl run`` process with one thread, under ``nice``; a run whose summary.json
 exists is reused, so an interrupted sweep goes on where it stopped. A run that stops (the server
@@ -39,30 +39,53 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from comparison import CONFIG, run_jobs  # noqa: E402  (a sibling script, not a package)
 
-#: aggregation rules as config overrides; "plain" is the paper's FedAvg
+#: aggregation rules as config overrides; "plain" is the paper's FedAvg (and its mean of
+#: saliency scores). The update rules keep the paper's score mean, the score rules the plain
+#: update mean: each changes one thing. "default" is whatever the code's defaults are.
+PAPER_SCORES = "algorithm.ssfl.score_rule=mean"
+PLAIN = ["federation.aggregator=mean", "federation.adaptive_clip=0"]
 RULES: dict[str, list[str]] = {
-    "plain": ["federation.aggregator=mean", "federation.adaptive_clip=0"],
-    "clip": ["federation.aggregator=mean", "federation.adaptive_clip=2"],
-    "trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=0"],
-    "clip_trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=2"],
-    "median": ["federation.aggregator=median", "federation.adaptive_clip=0"],
-    "krum": ["federation.aggregator=krum", "federation.adaptive_clip=0"],
-    "multi_krum": ["federation.aggregator=multi_krum", "federation.adaptive_clip=0"],
+    "plain": [*PLAIN, PAPER_SCORES],
+    "default": [],
+    "clip": ["federation.aggregator=mean", "federation.adaptive_clip=2", PAPER_SCORES],
+    "trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=0",
+                PAPER_SCORES],
+    "clip_trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=2",
+                     PAPER_SCORES],
+    "median": ["federation.aggregator=median", "federation.adaptive_clip=0", PAPER_SCORES],
+    "krum": ["federation.aggregator=krum", "federation.adaptive_clip=0", PAPER_SCORES],
+    "multi_krum": ["federation.aggregator=multi_krum", "federation.adaptive_clip=0",
+                   PAPER_SCORES],
+    "scores_normalised": [*PLAIN, "algorithm.ssfl.score_rule=normalised"],
+    "scores_trimmed": [*PLAIN, "algorithm.ssfl.score_rule=trimmed_mean"],
+    "scores_median": [*PLAIN, "algorithm.ssfl.score_rule=median"],
 }
+#: the rules of the mask round, against the poisoned-scores attack
+SCORE_RULES = ["plain", "scores_normalised", "scores_trimmed", "scores_median"]
 #: what each rule's label means, for the tables
 RULE_TEXT = {
-    "plain": "FedAvg (mean, no clipping: the paper's)",
+    "plain": "FedAvg (mean, no clipping) and the mean of scores: the paper's",
+    "default": "ssfl's defaults (see the README's config table)",
     "clip": "mean after adaptive clipping (2 x the round's median change norm)",
     "trimmed": "trimmed mean (10% from each end, at least one)",
     "clip_trimmed": "trimmed mean after adaptive clipping",
     "median": "coordinate-wise median",
     "krum": "Krum (f = hostile per round)",
     "multi_krum": "multi-Krum (f = hostile per round)",
+    "scores_normalised": "FedAvg; scores normalised per client before the mean",
+    "scores_trimmed": "FedAvg; trimmed mean of scores",
+    "scores_median": "FedAvg; median of scores",
 }
+#: the columns of the attack table: update rules
+UPDATE_RULES = ["plain", "default", "clip", "trimmed", "clip_trimmed", "median", "krum",
+                "multi_krum"]
 ATTACKS = ["huge", "boost", "sign_flip", "zeros", "inflate_samples", "poison_scores", "replay"]
 #: (clients per round, hostile clients per round)
 SETTINGS = {"5x1": (5, 1), "10x2": (10, 2)}
 CLEAN_SETTING = "10x0"
+#: evaluations: every 5 rounds; a figure is the mean of the last SETTLE of them
+EVAL_EVERY = 5
+SETTLE = 3
 #: what ``ssfl run`` prints when the server stops a run (ssfl/cli.py)
 STOPPED = "ssfl run: the run stopped:"
 
@@ -88,7 +111,8 @@ class Job:
     def overrides(self) -> list[str]:
         clients, hostile = self.per_round
         out = [*RULES[self.rule], f"federation.clients_per_round={clients}",
-               f"run.seed={self.seed}", f'run.name="{self.name}"']
+               f"run.seed={self.seed}", f'run.name="{self.name}"',
+               f"run.eval_every={EVAL_EVERY}"]
         if self.rule in ("krum", "multi_krum"):
             # Krum needs more than f + 2 replies; f is the number of hostile clients per round
             f = max(hostile, 1)
@@ -106,12 +130,16 @@ def clean_jobs(rules: Sequence[str], seeds: Sequence[int], rounds: int | None) -
 
 def attack_jobs(rules: Sequence[str], attacks: Sequence[str], seed: int,
                 rounds: int | None, settings: Sequence[str] = tuple(SETTINGS)) -> list[Job]:
-    """Honest baselines of each setting first, then every attack; cheap settings first."""
+    """Per setting (cheap first), per rule in the order given (a partly finished sweep has
+    whole columns): its honest baseline, then every attack. The score rules meet only the
+    attack on scores."""
     jobs = []
     for setting in settings:
         clients = SETTINGS[setting][0]
-        jobs += [Job(rule, "none", f"{clients}x0", seed, rounds) for rule in rules]
-        jobs += [Job(rule, attack, setting, seed, rounds) for attack in attacks for rule in rules]
+        for rule in rules:
+            jobs.append(Job(rule, "none", f"{clients}x0", seed, rounds))
+            jobs += [Job(rule, attack, setting, seed, rounds) for attack in attacks
+                     if rule in UPDATE_RULES or attack == "poison_scores"]
     return jobs
 
 
@@ -125,21 +153,21 @@ def run_row(job: Job, folder: Path) -> dict[str, Any] | None:
     summary_path = folder / "summary.json"
     row: dict[str, Any] = {"name": job.name, "rule": job.rule, "attack": job.attack,
                            "setting": job.setting, "seed": job.seed, "rounds": job.rounds}
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        return {**row, "completed": True, "final_accuracy": summary["final_accuracy"],
-                "stopped_at": None}
+    completed = summary_path.exists()
     log_path = folder.parent / f"{job.name}.log"
     log = log_path.read_text(errors="replace") if log_path.exists() else ""
     if "Traceback" in log:
         raise SystemExit(f"{job.name} crashed with a traceback: see {log_path}")
-    if STOPPED not in log or not metrics_path.exists():
+    if not completed and (STOPPED not in log or not metrics_path.exists()):
         return None  # not run yet, or interrupted (it resumes from its checkpoint)
     metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     evaluated = [m["accuracy"] for m in metrics if m.get("accuracy") is not None]
-    return {**row, "completed": False, "final_accuracy": evaluated[-1] if evaluated else None,
-            "stopped_at": len(metrics) + 1,
-            "reason": log.strip().splitlines()[-1][:300] if log.strip() else ""}
+    return {**row, "completed": completed,
+            "final_accuracy": evaluated[-1] if evaluated else None,
+            "settled_accuracy": (sum(evaluated[-SETTLE:]) / len(evaluated[-SETTLE:])
+                                 if evaluated else None),
+            "stopped_at": None if completed else len(metrics) + 1,
+            "reason": "" if completed else log.strip().splitlines()[-1][:300]}
 
 
 def collect(jobs: Sequence[Job], runs_dir: Path,
@@ -155,7 +183,7 @@ def collect(jobs: Sequence[Job], runs_dir: Path,
 def cell(row: dict[str, Any] | None, clean: float | None) -> str:
     if row is None:
         return "..."
-    acc = row["final_accuracy"]
+    acc = row["settled_accuracy"]
     text = "-" if acc is None else f"{acc * 100:.1f}"
     if clean is not None and acc is not None:
         text += f" ({(acc - clean) * 100:+.1f})"
@@ -165,9 +193,9 @@ def cell(row: dict[str, Any] | None, clean: float | None) -> str:
 
 
 def clean_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
-    lines = ["| rule | final accuracy % (mean +- std over seeds) | seeds |", "|---|---|---|"]
+    lines = ["| rule | settled accuracy % (mean +- std over seeds) | seeds |", "|---|---|---|"]
     for rule in rules:
-        accs = [r["final_accuracy"] * 100 for r in rows
+        accs = [r["settled_accuracy"] * 100 for r in rows
                 if r["rule"] == rule and r["attack"] == "none" and r["setting"] == CLEAN_SETTING]
         if accs:
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -180,6 +208,7 @@ def attack_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: 
                  attacks: Sequence[str]) -> str:
     clients, hostile = SETTINGS[setting]
     by = {(r["rule"], r["attack"], r["setting"]): r for r in rows}
+    rules = [r for r in rules if r in UPDATE_RULES]
     lines = [f"| attack ({hostile} hostile of {clients} per round) | "
              + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
     clean = {rule: by.get((rule, "none", f"{clients}x0")) for rule in rules}
@@ -188,9 +217,24 @@ def attack_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: 
     for attack in attacks:
         cells = []
         for rule in rules:
-            base = clean[rule]["final_accuracy"] if clean[rule] else None
+            base = clean[rule]["settled_accuracy"] if clean[rule] else None
             cells.append(cell(by.get((rule, attack, setting)), base))
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def score_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
+    by = {(r["rule"], r["attack"], r["setting"]): r for r in rows}
+    rules = [r for r in SCORE_RULES if r in rules]
+    lines = ["| setting | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+    for setting, (clients, hostile) in SETTINGS.items():
+        cells = []
+        for rule in rules:
+            clean = by.get((rule, "none", f"{clients}x0"))
+            cells.append(cell(by.get((rule, "poison_scores", setting)),
+                              clean["settled_accuracy"] if clean else None))
+        lines.append(f"| {hostile} of 100 clients poison their scores ({clients} per round "
+                     f"later) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -198,7 +242,8 @@ def report(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]],
            rules: Sequence[str], attacks: Sequence[str], out: Path, rounds: int | None) -> None:
     length = "the config's rounds" if rounds is None else f"{rounds} rounds"
     text = ["# Robustness on the CPU reference setting", "",
-            "Written by `python benchmarks/robustness.py`; final global accuracy in %.", "",
+            "Written by `python benchmarks/robustness.py`; global accuracy in %, the mean of "
+            "the last three evaluations (rounds 50, 55, 60 of 60).", "",
             "## Honest runs (60 rounds, 10 clients per round)", "", clean_table(clean, rules),
             ""]
     for setting in SETTINGS:
@@ -207,12 +252,31 @@ def report(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]],
                  "In brackets: the change against the same rule's honest run of the same "
                  "length; 'stopped rN': the server stopped the run in round N (no valid update "
                  "was left).", "", attack_table(attacked, rules, setting, attacks), ""]
+    text += ["## The mask round: poisoned scores against score rules", "",
+             score_table(attacked, rules), ""]
     text += ["Rules:", ""] + [f"- `{r}`: {RULE_TEXT[r]}" for r in rules]
     (out / "robustness.md").write_text("\n".join(text) + "\n")
+    write_into_doc("\n".join(line.replace("## ", "#### ", 1) if line.startswith("## ") else line
+                             for line in text[2:]))
     (out / "robustness.json").write_text(json.dumps(
         {"attack_rounds": rounds, "runs": [*clean, *attacked]}, indent=1) + "\n")
     print("\n".join(text))
     print(f"wrote {out / 'robustness.md'} and .json")
+
+
+#: the tables' place in docs/reliability.md, rewritten by every report
+DOC = HERE.parent / "docs" / "reliability.md"
+DOC_START = "<!-- robustness tables: written by benchmarks/robustness.py -->"
+DOC_END = "<!-- end of robustness tables -->"
+
+
+def write_into_doc(tables: str, doc: Path = DOC) -> None:
+    text = doc.read_text()
+    if DOC_START not in text or DOC_END not in text:
+        raise SystemExit(f"{doc} has no {DOC_START!r} ... {DOC_END!r} block to fill")
+    head, rest = text.split(DOC_START, 1)
+    tail = rest.split(DOC_END, 1)[1]
+    doc.write_text(f"{head}{DOC_START}\n{tables.strip()}\n{DOC_END}{tail}")
 
 
 def main() -> None:

@@ -16,7 +16,9 @@ FedAvg), whose reply is one vector of values over the mask the client received:
 - ``poison_scores``: in the mask round, the largest finite float32 (3.4e38) as the saliency of
   every weight outside the last prunable layer and 0 inside it (all non-negative, so no
   screening can reject it): under a plain mean of scores the top-k keeps no weight of the last
-  layer. Training replies stay honest.
+  layer. Training replies stay honest. A lean mask round's form is kept (``score_dtype``,
+  saturated where the dtype cannot hold 3.4e38; with ``score_topk``, its k' scores on the
+  earliest weights).
 
 The attacker knows the protocol (it re-encodes under the right header and digest), so these
 attacks test the aggregation rule, not the payload checks.
@@ -29,7 +31,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ssfl.comm import VALUE_DTYPES, PayloadKind, decode_values, encode_values, read_header
+from ssfl.client import encode_score_vector
+from ssfl.comm import (
+    PAYLOAD_DTYPES,
+    VALUE_DTYPES,
+    PayloadKind,
+    decode_values,
+    encode_values,
+    payload_parts,
+    read_header,
+)
 from ssfl.config import Config
 
 #: the sample count an ``inflate_samples`` client claims
@@ -60,7 +71,8 @@ class Attacker:
         if not reply:
             return reply, num_samples
         header = read_header(reply)
-        if header.kind == PayloadKind.SCORES:
+        # Score payloads: dense (SCORES) or a client's top scores (positions, then SCORES).
+        if header.kind == PayloadKind.SCORES or kind == "scores":
             return (self.poison(reply) if self.kind == "poison_scores" else reply), num_samples
         if kind != "train" or header.kind != PayloadKind.VALUES:
             return reply, num_samples
@@ -90,12 +102,18 @@ class Attacker:
                              dtype=dtype), num_samples
 
     def poison(self, reply: bytes) -> bytes:
-        scores = decode_values(reply, expected_kind=PayloadKind.SCORES)
+        """The poisoned scores in the form of the honest payload (its dtype; its number of
+        scores when it sends only its top ones, which then go to the earliest positions)."""
+        parts = payload_parts(reply)
+        values = read_header(parts[-1])
+        top = values.count if len(parts) > 1 else 0
+        total = sum(self.layer_sizes) if top and self.layer_sizes else values.count
+        dtype = next(n for n, code in PAYLOAD_DTYPES.items() if code == values.dtype_code)
         last = self.layer_sizes[-1] if self.layer_sizes else 0
-        poisoned = torch.full_like(scores, FLOAT32_MAX)
+        poisoned = torch.full((total,), FLOAT32_MAX)
         if last:
             poisoned[-last:] = 0.0
-        return encode_values(poisoned, kind=PayloadKind.SCORES)
+        return encode_score_vector(poisoned, dtype=dtype, top=top)
 
 
 def attacker_for(config: Config, layer_sizes: Sequence[int]) -> Attacker | None:

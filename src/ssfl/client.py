@@ -21,9 +21,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ssfl.comm import ParameterLayout, PayloadKind, decode_values, encode_values
+from ssfl.comm import (
+    ParameterLayout,
+    PayloadKind,
+    decode_values,
+    encode_positions,
+    encode_values,
+)
 from ssfl.data.augment import normalize, random_crop_flip
-from ssfl.masks import Mask, flatten, prunable_parameter_names, saliency_scores
+from ssfl.masks import Mask, flatten, prunable_parameter_names, saliency_scores, top_k
 
 
 @dataclass(frozen=True)
@@ -190,10 +196,33 @@ def compute_scores(
     return saliency_scores(model, chosen, prunable_parameter_names(model))
 
 
-def encode_scores(scores: Mapping[str, torch.Tensor], dtype: str = "float32") -> bytes:
-    return encode_values(
-        flatten(scores, list(scores)), kind=PayloadKind.SCORES, dtype=dtype
-    )
+#: the largest finite value of the 16-bit score dtypes: a larger score is sent as this
+#: (saturated), not as infinity, which the server's screening would refuse
+_SATURATE = {"float16": float(torch.finfo(torch.float16).max),
+             "bfloat16": float(torch.finfo(torch.bfloat16).max)}
+
+
+def encode_scores(scores: Mapping[str, torch.Tensor], dtype: str = "float32",
+                  top: int = 0) -> bytes:
+    """A client's saliency scores (the layers in ``scores`` order) as its score payload."""
+    return encode_score_vector(flatten(scores, list(scores)), dtype=dtype, top=top)
+
+
+def encode_score_vector(flat: torch.Tensor, *, dtype: str = "float32", top: int = 0) -> bytes:
+    """The score payload of one flat score vector (``[algorithm.ssfl]`` ``score_dtype`` and
+    ``score_topk``, docs/lean_mask.md): with ``top`` 0 every score, one SCORES payload in
+    ``dtype`` (float32: the paper's); with ``top`` > 0 only the client's ``top`` largest scores
+    (``ssfl.masks.top_k``: ties by position) as their positions (``encode_positions``: a bitmap,
+    or indices where fewer than 1 in 32 are sent) followed by their values in ``dtype``.
+    float16 and bfloat16 saturate at their largest finite value."""
+    flat = flat.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+    if dtype in _SATURATE:
+        flat = flat.clamp(max=_SATURATE[dtype])
+    if top <= 0:
+        return encode_values(flat, kind=PayloadKind.SCORES, dtype=dtype)
+    keep = top_k(flat, top)
+    return encode_positions(keep) + encode_values(flat[keep], kind=PayloadKind.SCORES,
+                                                  dtype=dtype)
 
 
 def train_round(

@@ -7,13 +7,14 @@ loaded, with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -74,16 +75,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunSection:
-    name: str = "ssfl"
-    seed: int = 0
-    rounds: int = 50
-    eval_every: int = 1
-    out_dir: str = "runs"
+    name: str = "ssfl"  # names the run folder: letters, digits, - _ .
+    seed: int = 0  # seeds the split, the initial model, the sampling and every client's RNG
+    rounds: int = 50  # training rounds after the set-up phase
+    eval_every: int = 1  # evaluate the global model every n rounds (and after the last); 0: never
+    out_dir: str = "runs"  # where run folders are made
     threads: int = 0  # 0: leave PyTorch's default
     # Where the model trains: "auto" (the machine's CUDA GPU if it has one, else the CPU),
     # "cpu", "cuda" or "cuda:N". Server state and payloads stay on the CPU either way.
     device: str = "auto"
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; one log line per round otherwise
     # Save the server state every n rounds (and after the last) for `ssfl run --resume`; 0: never
     checkpoint_every: int = 10
     # Modules to import before the config is checked, comma-separated, so that methods, models
@@ -93,24 +94,26 @@ class RunSection:
 
 @dataclass
 class DataSection:
+    # digits (offline), cifar10, cifar100, tinyimagenet, or one registered by a plugin
     dataset: str = "digits"
     root: str = ""  # empty: $SSFL_DATA_DIR, else ~/.cache/ssfl/data
-    download: bool = False
+    download: bool = False  # fetch a missing data set (checksummed)
+    # balanced_dirichlet (the paper), dirichlet, pathological, iid
     partition: str = "balanced_dirichlet"
-    alpha: float = 0.3
-    classes_per_client: int = 2
+    alpha: float = 0.3  # Dirichlet concentration (smaller: more skewed)
+    classes_per_client: int = 2  # the pathological split's classes per client
 
 
 @dataclass
 class ModelSection:
-    name: str = "small_cnn"
-    width: float = 1.0
+    name: str = "small_cnn"  # small_cnn, resnet18 (GroupNorm, CIFAR stem), or a registered one
+    width: float = 1.0  # channel width multiplier
 
 
 @dataclass
 class AlgorithmSection:
-    name: str = "ssfl"
-    density: float = 0.5
+    name: str = "ssfl"  # the method (ssfl list shows them)
+    density: float = 0.5  # kept fraction of the Conv/Linear weights, in (0, 1]
     # Each method's own settings, the tables [algorithm.<method>] (for example
     # [algorithm.feddst] update_interval = 10), validated by the method (its Settings class in
     # ssfl.algorithms); the resolved config holds the chosen method's table in full.
@@ -119,8 +122,8 @@ class AlgorithmSection:
 
 @dataclass
 class FederationSection:
-    num_clients: int = 20
-    clients_per_round: int = 5
+    num_clients: int = 20  # clients in the federation (the data is split among them)
+    clients_per_round: int = 5  # sampled per round, seeded by (seed, round)
     # Robust aggregation: clip each client's change to the global model to this L2 norm before
     # averaging (0: off). Invalid updates are always rejected, whatever this is.
     update_clip_norm: float = 0.0
@@ -131,13 +134,13 @@ class FederationSection:
     # "median", "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum" (byzantine
     # = the number of hostile clients per round it tolerates)
     aggregator: str = "mean"
-    trim_fraction: float = 0.1
-    byzantine: int = 1
+    trim_fraction: float = 0.1  # trimmed mean: ceil(fraction x replies) dropped from each end
+    byzantine: int = 1  # Krum: hostile clients per round tolerated
     # A round needs at least this many valid client updates; with fewer it is retried (the
     # same clients, a new attempt) up to `max_round_attempts` times, then the run stops with
     # its last checkpoint intact. Never silently skipped.
     min_replies: int = 1
-    max_round_attempts: int = 3
+    max_round_attempts: int = 3  # attempts of a round before the run stops (resumable)
     # Fault injection for reliability studies (simulator only): each sampled client crashes
     # with this probability in each attempt of a round (seeded).
     failure_rate: float = 0.0
@@ -145,14 +148,14 @@ class FederationSection:
 
 @dataclass
 class TrainSection:
-    lr: float = 0.05
-    lr_schedule: str = "exponential"
+    lr: float = 0.05  # the local SGD learning rate of round 1
+    lr_schedule: str = "exponential"  # exponential (lr * decay**(round-1)) or cosine over the run
     lr_decay: float = 0.998  # per round, for the exponential schedule (the paper's CIFAR-10)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    local_epochs: int = 2
-    batch_size: int = 32
-    clip_grad_norm: float = 10.0
+    momentum: float = 0.9  # local SGD momentum (reset every round)
+    weight_decay: float = 5e-4  # local SGD weight decay
+    local_epochs: int = 2  # passes over the client's data per round
+    batch_size: int = 32  # local minibatch size
+    clip_grad_norm: float = 10.0  # gradient-norm clipping in local SGD (0: off)
     # "auto": random crop (4-pixel padding) and horizontal flip for the photo data sets, none for
     # digits (a mirrored digit is another symbol, and 4 pixels are half an 8x8 image).
     augment: str = "auto"
@@ -160,7 +163,7 @@ class TrainSection:
 
 @dataclass
 class CommSection:
-    value_dtype: str = "float32"
+    value_dtype: str = "float32"  # values on the wire: float32 (the paper) or float16
 
 
 #: the simulator's hostile-client behaviours (``ssfl.attacks``)
@@ -175,8 +178,41 @@ class AttackSection:
     # "huge" (1e30), "boost" (change x boost), "sign_flip", "zeros", "inflate_samples",
     # "poison_scores" (the mask round), "replay" (a stale update re-sent).
     kind: str = "none"
-    hostile_per_round: int = 1
-    boost: float = 20.0
+    hostile_per_round: int = 1  # hostile clients in every exchange (fewer than clients_per_round)
+    boost: float = 20.0  # the factor on a "boost" client's change
+
+
+#: ``[privacy]``: where each client's change is clipped (``ssfl.privacy``, docs/privacy.md)
+PRIVACY_MODES = ("none", "server", "client")
+#: how epsilon is computed: RDP or PLD accounting of the Poisson-subsampled Gaussian mechanism
+#: (sampling rate clients_per_round / num_clients, add/remove one client), or RDP of sampling a
+#: fixed number of clients without replacement (replace one client: sensitivity 2 clip_norm)
+PRIVACY_ACCOUNTANTS = ("rdp", "pld", "rdp_fixed_size")
+#: where the noise comes from: seeded by (run.seed, round), reproducible, or the server's own
+#: entropy, which nobody else can reproduce (every Flower client knows run.seed)
+NOISE_SEEDS = ("run", "secret")
+
+
+@dataclass
+class PrivacySection:
+    # Client-level differential privacy for the global-mask methods (docs/privacy.md): "none";
+    # "server": the server clips each client's change to the global values to clip_norm (L2),
+    # averages them unweighted (divided by federation.clients_per_round) and adds Gaussian
+    # noise to every value; "client": each client clips its own change before sending, the
+    # server verifies that and adds the noise.
+    mode: str = "none"
+    # z: the noise std on the mean is z * clip_norm / clients_per_round (0: clipping only)
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0  # the L2 bound on each client's change to the global values
+    # epsilon is reported at this delta (each round's metrics row, summary.json)
+    delta: float = 1e-5
+    # "rdp" or "pld": Poisson sampling at clients_per_round / num_clients; "rdp_fixed_size":
+    # exactly clients_per_round sampled without replacement (replace-one adjacency)
+    accountant: str = "rdp"
+    # "run": the noise is drawn from (run.seed, round), so a run repeats bit for bit, but
+    # whoever knows run.seed (every client of a Flower run) can subtract it: for experiments.
+    # "secret": from the server's OS entropy, never written anywhere: for a deployment.
+    noise_seed: str = "run"
 
 
 @dataclass
@@ -189,6 +225,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     comm: CommSection = field(default_factory=CommSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sections of scalars; ``[algorithm]`` also holds the method tables by name."""
@@ -224,7 +261,8 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     for section_name, section_values in raw.items():
         if section_name not in section_types:
             raise ConfigError(
-                f"unknown config section [{section_name}]; allowed: {sorted(section_types)}"
+                f"unknown config section [{section_name}]"
+                f"{did_you_mean(section_name, section_types)}; allowed: {sorted(section_types)}"
             )
         if not isinstance(section_values, Mapping):
             raise ConfigError(f"[{section_name}] must be a table of keys")
@@ -235,8 +273,9 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         for key, value in section_values.items():
             dotted = f"{section_name}.{key}"
             if key not in hints or key == "options":
-                raise ConfigError(f"unknown config key {dotted!r}; allowed in [{section_name}]: "
-                                  f"{sorted(hints)}")
+                known = [k for k in hints if k != "options"]
+                raise ConfigError(f"unknown config key {dotted!r}{did_you_mean(key, known)}; "
+                                  f"allowed in [{section_name}]: {sorted(known)}")
             setattr(section, key, coerce(dotted, value, hints[key]))
     return config
 
@@ -307,9 +346,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config
 
 
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known word, or nothing when none is close."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(allowed)}")
+        raise ConfigError(f"{key} = {value!r} is not allowed{did_you_mean(value, allowed)}; "
+                          f"choose one of {list(allowed)}")
 
 
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
@@ -409,6 +455,7 @@ def validate(config: Config) -> None:
             f"federation.num_clients ({config.federation.num_clients})"
         )
     check_attack(config)
+    check_privacy_settings(config)
     check_registered(config)
 
 
@@ -424,6 +471,19 @@ def check_attack(config: Config) -> None:
             f"some clients are honest; got {attack.hostile_per_round}")
     _in_range("attack.boost", attack.boost, 0.0, 1e6, low_open=True,
               why=" (the factor on a hostile client's change)")
+
+
+def check_privacy_settings(config: Config) -> None:
+    """``[privacy]``'s own values (which methods and rules it combines with:
+    ``check_privacy_applies``)."""
+    privacy = config.privacy
+    _choice("privacy.mode", privacy.mode, PRIVACY_MODES)
+    _choice("privacy.accountant", privacy.accountant, PRIVACY_ACCOUNTANTS)
+    _choice("privacy.noise_seed", privacy.noise_seed, NOISE_SEEDS)
+    _positive("privacy.noise_multiplier", privacy.noise_multiplier, allow_zero=True)
+    _positive("privacy.clip_norm", privacy.clip_norm)
+    _in_range("privacy.delta", privacy.delta, 0.0, 1.0, low_open=True, high_open=True,
+              why=" (the delta of (epsilon, delta)-DP; choose it well below 1 / num_clients)")
 
 
 def _check_run_name(name: str) -> None:
@@ -484,12 +544,15 @@ def check_registered(config: Config) -> None:
     known = set(algorithms.names())
     for method, table in config.algorithm.options.items():
         if method not in known:
-            raise ConfigError(f"[algorithm.{method}] names no method; known: {sorted(known)}")
+            raise ConfigError(f"[algorithm.{method}] names no method{did_you_mean(method, known)}"
+                              f"; known: {sorted(known)}")
         algorithms.build_settings(algorithms.get(method).Settings, table,
                                   f"algorithm.{method}")
     cls = algorithms.get(config.algorithm.name)
     settings = algorithms.settings_of(config)
     check_robust_aggregation(config, cls.robust_aggregation)
+    if config.privacy.mode != "none":
+        check_privacy_applies(config, cls)
     if config.attack.kind != "none":
         check_attack_applies(config, cls)
     cls.check_config(config, settings)
@@ -507,6 +570,35 @@ def check_attack_applies(config: Config, cls: Any) -> None:
                 else "one global mask (ssfl, fedavg, the SNIP and random-mask baselines)")
         raise ConfigError(f"attack.kind = {config.attack.kind!r} needs a method with {what}, "
                           f"not {config.algorithm.name!r}")
+
+
+def check_privacy_applies(config: Config, cls: Any) -> None:
+    """Differential privacy needs one fixed sensitivity per round: every client's reply a
+    vector over the same coordinates (the global-mask methods), clipped to one norm and
+    averaged by the plain mean. Anything else is refused, saying why."""
+    from ssfl.algorithms.ssfl import FixedMaskFedAvg
+
+    mode = f"privacy.mode = {config.privacy.mode!r}"
+    if not issubclass(cls, FixedMaskFedAvg):
+        raise ConfigError(
+            f"{mode} needs a method with one global mask fixed before training (ssfl, fedavg, "
+            f"random, random_erk, snip_single, snip_oracle), not {config.algorithm.name!r}: "
+            f"where each client sends coordinates of its own choosing (its own mask, its own "
+            f"top-k) or the mask moves during training, which coordinates a client sends "
+            f"depends on its data and is not noised, and the change one client can make to "
+            f"the aggregate has no fixed bound to calibrate the noise to")
+    fed = config.federation
+    if fed.aggregator != "mean":
+        raise ConfigError(
+            f"{mode} needs federation.aggregator = 'mean', not {fed.aggregator!r}: the noise "
+            f"is calibrated to the most one clipped client can move the plain mean (clip_norm "
+            f"/ clients_per_round); a median, trimmed mean or Krum selection depends on all "
+            f"replies at once and has no such bound")
+    if fed.update_clip_norm > 0 or fed.adaptive_clip > 0:
+        raise ConfigError(
+            f"{mode} clips every client's change to privacy.clip_norm itself: set "
+            f"federation.update_clip_norm = 0 and federation.adaptive_clip = 0 (an adaptive "
+            f"bound from the round's median norm would depend on every client's data)")
 
 
 def check_robust_aggregation(config: Config, supported: bool) -> None:

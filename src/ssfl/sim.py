@@ -41,6 +41,7 @@ class InProcessTransport(Transport):
     """Runs each client's code in this process, on the experiment's one shared model."""
 
     keeps_client_state = True
+    in_process = True
 
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp

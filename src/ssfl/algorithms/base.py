@@ -180,13 +180,14 @@ def build_settings(cls: type, table: Mapping[str, Any], where: str) -> Any:
     """A method's settings dataclass from its config table (``[algorithm.<name>]``): unknown
     keys and wrong types are errors naming the key; each dataclass may check its own ranges in
     ``__post_init__`` by raising ``ValueError``."""
-    from ssfl.config import ConfigError, coerce
+    from ssfl.config import ConfigError, coerce, did_you_mean
 
     known = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in known:
-            raise ConfigError(f"unknown config key '{where}.{key}'; allowed: "
+            raise ConfigError(f"unknown config key '{where}.{key}'{did_you_mean(key, known)}; "
+                              f"allowed: "
                               f"{sorted(known) or 'none (this method has no settings)'}")
         default = known[key].default
         values[key] = coerce(f"{where}.{key}", value, type(default))

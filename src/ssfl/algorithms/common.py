@@ -18,12 +18,18 @@ import torch
 from torch import nn
 
 from ssfl.comm import (
+    HEADER,
+    PAYLOAD_DTYPES,
     ParameterLayout,
     PayloadError,
     PayloadKind,
+    body_size,
     decode_bits,
+    decode_positions,
     decode_values,
     encode_bits,
+    payload_parts,
+    positions_size,
     read_header,
 )
 from ssfl.masks import Mask, bits_to_mask, mask_digest, mask_to_bits
@@ -31,6 +37,9 @@ from ssfl.masks import Mask, bits_to_mask, mask_digest, mask_to_bits
 #: how the server weighs the clients' saliency scores: by sample count (the paper) or equally
 #: (the authors' code)
 SCORE_AGGREGATIONS = ("weighted", "uniform")
+#: how a client's saliency scores may travel (``[algorithm.ssfl] score_dtype``): float32 (the
+#: paper), float16, bfloat16, log8 (8-bit log-scale codes; ``ssfl.comm.encode_log8``)
+SCORE_DTYPES = tuple(PAYLOAD_DTYPES)
 
 
 class WeightedMean:
@@ -99,12 +108,43 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"score aggregation must be one of {SCORE_AGGREGATIONS}, got {mode!r}")
 
 
-def decode_scores(payload: bytes, count: int) -> torch.Tensor:
-    """A client's saliency scores: ``count`` finite values, none negative (they are
-    ``|dL/dw * w|``); ``PayloadError`` otherwise."""
-    scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
-                           require_finite=True)
-    negative = int((scores < 0).sum())
+def score_payload_size(count: int, dtype: str = "float32", top: int = 0) -> int:
+    """The exact size of a score payload (``ssfl.client.encode_score_vector``): ``count``
+    scores in ``dtype``, or (``top`` > 0) the positions of ``top`` of them plus their values."""
+    code = PAYLOAD_DTYPES[dtype]
+    if top <= 0:
+        return HEADER.size + body_size(code, count)
+    return positions_size(count, top) + HEADER.size + body_size(code, top)
+
+
+def decode_scores(payload: bytes, count: int, *, dtype: str | None = None,
+                  top: int = 0) -> torch.Tensor:
+    """A client's saliency scores as one dense vector of ``count``: finite values, none
+    negative (they are ``|dL/dw * w|``); ``PayloadError`` otherwise.
+
+    ``dtype``: the values must be of that dtype (None: any). ``top`` > 0: the payload holds only
+    the client's ``top`` largest scores (``ssfl.client.encode_score_vector``): exactly
+    ``score_payload_size`` bytes, the positions of exactly ``top`` weights in the form the
+    counts call for, then ``top`` values; every score it does not send is 0."""
+    if top <= 0:
+        scores = decode_values(payload, expected_kind=PayloadKind.SCORES, expected_count=count,
+                               expected_dtype=dtype, require_finite=True)
+        sent = scores
+    else:
+        if dtype is not None:
+            expected = score_payload_size(count, dtype, top)
+            if len(payload) != expected:
+                raise PayloadError(f"score payload of {len(payload)} bytes; the top {top} of "
+                                   f"{count} scores in {dtype} take {expected} bytes")
+        parts = payload_parts(payload)
+        if len(parts) != 2:
+            raise PayloadError(f"expected positions and values (2 payloads), got {len(parts)}")
+        keep = decode_positions(parts[0], total=count, kept=top)
+        sent = decode_values(parts[1], expected_kind=PayloadKind.SCORES, expected_count=top,
+                             expected_dtype=dtype, require_finite=True)
+        scores = torch.zeros(count, dtype=torch.float32)
+        scores[keep] = sent
+    negative = int((sent < 0).sum())
     if negative:
         raise PayloadError(f"saliency scores are |dL/dw * w| >= 0, but {negative} are negative")
     return scores

@@ -16,7 +16,9 @@ Read top to bottom, this file is the whole method:
    train inside the mask (``ssfl.client.train_round``: masked SGD) and return their active
    values; the server averages them weighted by sample count. Biases and normalisation
    parameters are dense. ``federation.update_clip_norm`` optionally clips each client's change
-   (robust aggregation).
+   (robust aggregation). With ``[privacy]`` the average is DP-FedAvg over the values instead
+   (``ssfl.privacy``: each change clipped by the server or by the client, an unweighted mean,
+   Gaussian noise; docs/privacy.md).
 
 The static baselines of the paper's comparison (dense FedAvg, random masks, SNIP on one client
 or on pooled data) differ only in how the mask is found: ``ssfl.algorithms.static``.
@@ -25,6 +27,7 @@ or on pooled data) differ only in how the mask is found: ``ssfl.algorithms.stati
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,6 +45,7 @@ from ssfl.algorithms.base import (
 )
 from ssfl.algorithms.common import (
     SCORE_AGGREGATIONS,
+    SCORE_DTYPES,
     MaskCodec,
     check_mode,
     decode_scores,
@@ -50,7 +54,15 @@ from ssfl.algorithms.common import (
 from ssfl.algorithms.robust import SCORE_RULES, combine, combine_scores
 from ssfl.client import compute_scores, encode_scores, train_round
 from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, decode_values, encode_values
-from ssfl.masks import Mask, full_mask, global_topk_mask, mask_density, unflatten
+from ssfl.masks import (
+    Mask,
+    full_mask,
+    global_topk_mask,
+    mask_density,
+    topk_count,
+    unflatten,
+)
+from ssfl.privacy import check_clipped, clip_reply, private_mean, wire_values
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +128,41 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         if len(payload) > expected:
             raise PayloadError(f"payload of {len(payload)} bytes is over the limit of "
                                f"{expected} bytes")
-        return decode_values(payload, expected_count=count,
-                             expected_digest=self.codec.digest(state.mask),
-                             expected_round=round, expected_dtype=self.setup.value_dtype,
-                             require_finite=True)
+        values = decode_values(payload, expected_count=count,
+                               expected_digest=self.codec.digest(state.mask),
+                               expected_round=round, expected_dtype=self.setup.value_dtype,
+                               require_finite=True)
+        privacy = self.setup.config.privacy
+        if privacy.mode == "client":  # the clients promise to clip: verified here
+            check_clipped(values, wire_values(state.values, self.setup.value_dtype),
+                          privacy.clip_norm, self.setup.value_dtype)
+        return values
 
     def aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply],
                   sampled: Sequence[int]) -> tuple[FixedMaskState, dict[str, Any]]:
         """Weighted by sample count, or by the robust rule of ``federation.aggregator``; any
-        mean of vectors on one mask stays on the mask."""
+        mean of vectors on one mask stays on the mask. With ``[privacy]``: DP-FedAvg over the
+        values (``ssfl.privacy.private_mean``: clipped changes, unweighted, Gaussian noise)."""
+        if self.setup.config.privacy.mode != "none":
+            return self.private_aggregate(state, round, replies)
         values = combine([r.update for r in replies], [r.num_samples for r in replies],
                          state.values, self.robust)
         return replace(state, values=values, round=round), {}
+
+    def private_aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply]
+                          ) -> tuple[FixedMaskState, dict[str, Any]]:
+        """Each change from the values as the clients received them clipped to
+        ``privacy.clip_norm`` (mode ``client``: already clipped by the clients, so this changes
+        at most the wire's last bits), summed, divided by ``clients_per_round``, noised."""
+        privacy, config = self.setup.config.privacy, self.setup.config
+        values, info = private_mean(
+            [r.update for r in replies], wire_values(state.values, self.setup.value_dtype),
+            clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
+            clients_per_round=config.federation.clients_per_round,
+            seed=self.setup.seed if privacy.noise_seed == "run" else None, round=round)
+        if privacy.mode == "client":
+            info.pop("clipped")  # the clients clipped; the server's count is rounding only
+        return replace(state, values=values, round=round), {"privacy": info}
 
     def eval_weights(self, state: FixedMaskState, client: int | None = None) -> dict[str, Any]:
         return self.codec.layout(state.mask).dense_tensors(state.values)
@@ -170,6 +205,10 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
                                     received, ctx.data, ctx.settings, round=ctx.round, lr=ctx.lr,
                                     generator=ctx.generator, value_dtype=self.setup.value_dtype,
                                     timings=ctx.timings)
+        privacy = self.setup.config.privacy
+        if privacy.mode == "client":  # clip the change before it leaves the client
+            reply = clip_reply(reply, received, privacy.clip_norm, round=ctx.round,
+                               digest=digest, dtype=self.setup.value_dtype)
         return ClientOutput(reply, state, result)
 
 
@@ -185,6 +224,18 @@ class SaliencySettings:
     score_rule: str = "mean"
     saliency_batches: int = 1  # minibatches per client for the scores
     saliency_batch_size: int = 0  # their size; 0: train.batch_size
+    # how each client's scores travel in the mask round (docs/lean_mask.md; the defaults of
+    # these four keys are the paper's): "float32", "float16", "bfloat16" or "log8" (8-bit
+    # log-scale codes)
+    score_dtype: str = "float32"
+    # 0: every score; m > 0: each client sends only its own top ceil(m * k) scores (k: the
+    # weights the mask keeps) as their positions and values; the server counts the rest as 0
+    score_topk: float = 0.0
+    # only a sample seeded by run.seed scores: ceil(score_fraction x num_clients) clients
+    # (every client still gets the mask); 1.0: every client
+    score_fraction: float = 1.0
+    # or exactly this many clients score (not with score_fraction); 0: score_fraction decides
+    score_count: int = 0
 
     def __post_init__(self) -> None:
         if self.score_aggregation not in SCORE_AGGREGATIONS:
@@ -197,12 +248,66 @@ class SaliencySettings:
             raise ValueError(f"saliency_batches must be at least 1, not {self.saliency_batches}")
         if self.saliency_batch_size < 0:
             raise ValueError("saliency_batch_size must be >= 0 (0: the training batch size)")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype = {self.score_dtype!r} is not allowed; choose one "
+                             f"of {list(SCORE_DTYPES)}")
+        if not (math.isfinite(self.score_topk) and self.score_topk >= 0):
+            raise ValueError(f"score_topk must be 0 (every score) or a multiple m > 0 of the "
+                             f"kept count k, not {self.score_topk}")
+        if not 0.0 < self.score_fraction <= 1.0:
+            raise ValueError(f"score_fraction must be in (0, 1], not {self.score_fraction}")
+        if self.score_count < 0:
+            raise ValueError(f"score_count must be >= 0 (0: score_fraction decides), not "
+                             f"{self.score_count}")
+        if self.score_count > 0 and self.score_fraction < 1.0:
+            raise ValueError("set score_fraction or score_count, not both")
+
+    @property
+    def samples_clients(self) -> bool:
+        """Only some clients score (``score_fraction`` or ``score_count``)."""
+        return self.score_count > 0 or self.score_fraction < 1.0
+
+    @property
+    def is_lean(self) -> bool:
+        """Any setting of the lean mask round differs from the paper's."""
+        return self.score_dtype != "float32" or self.score_topk > 0 or self.samples_clients
 
 
 class SaliencyMask(FixedMaskFedAvg):
     """A fixed mask from SNIP saliency scores (the client side of scoring)."""
 
     Settings = SaliencySettings
+
+    @classmethod
+    def check_config(cls, config: Any, settings: Any) -> None:
+        from ssfl.config import ConfigError
+
+        super().check_config(config, settings)
+        clients = config.federation.num_clients
+        if settings.score_count > clients:
+            raise ConfigError(f"algorithm.{config.algorithm.name}.score_count = "
+                              f"{settings.score_count} is more than the {clients} clients")
+
+    def score_top(self) -> int:
+        """How many scores each client sends: 0 for all of them (``score_topk`` 0), else
+        ``ceil(score_topk x k)`` (at most every weight), k the weights the mask keeps."""
+        m = self.settings.score_topk
+        if m <= 0:
+            return 0
+        count = self.setup.prunable_count
+        return min(count, max(1, math.ceil(m * topk_count(self.setup.density, count))))
+
+    def scoring_clients(self) -> list[int]:
+        """The clients asked for scores: every client (the paper), or a sample seeded by
+        ``run.seed`` alone (``ssfl.run.experiment.sample_clients`` for round 0, the set-up
+        phase), of ``score_count`` clients or ``ceil(score_fraction x num_clients)``."""
+        n, s = self.setup.num_clients, self.settings
+        if not s.samples_clients:
+            return list(range(n))
+        from ssfl.run.experiment import sample_clients  # the one seeded client sample
+
+        size = s.score_count or math.ceil(s.score_fraction * n - 1e-9)
+        return sample_clients(self.setup.seed, 0, n, min(n, max(1, size)))
 
     def client_setup(self, kind: str, ctx: ClientContext, received: bytes,
                      state: bytes | None) -> ClientOutput:
@@ -216,18 +321,19 @@ class SaliencyMask(FixedMaskFedAvg):
         scores = compute_scores(ctx.model, ctx.data, num_batches=batches,
                                 batch_size=s.saliency_batch_size or ctx.settings.batch_size,
                                 generator=ctx.generator)
-        return ClientOutput(encode_scores(scores), state)
+        return ClientOutput(encode_scores(scores, s.score_dtype, self.score_top()), state)
 
     def scores_to_mask(self, replies: Sequence[SetupReply], mode: str) -> tuple[Mask, list[int]]:
         """The global top-k of the aggregated scores, and the clients whose scores it used (a
         malformed score payload is logged and left out, as a bad update in a round is)."""
         check_mode(mode)
         count, used = self.setup.prunable_count, []
+        dtype, top = self.settings.score_dtype, self.score_top()
 
         def decoded() -> Iterable[tuple[torch.Tensor, float]]:
             for r in replies:
                 try:
-                    scores = decode_scores(r.payload, count)
+                    scores = decode_scores(r.payload, count, dtype=dtype, top=top)
                 except PayloadError as exc:
                     logger.warning("mask round: rejected the scores of client %d: %s",
                                    r.client_id, exc)
@@ -237,6 +343,15 @@ class SaliencyMask(FixedMaskFedAvg):
 
         flat = combine_scores(decoded(), count, rule=self.settings.score_rule,
                               trim_fraction=self.setup.config.federation.trim_fraction)
+        if top:
+            # Scores nobody sent are 0: if fewer than k weights have a positive score, the
+            # rest of the mask is chosen by position (the top-k's tie rule).
+            positive, k = int((flat > 0).sum()), topk_count(self.setup.density, count)
+            if positive < k:
+                logger.warning("mask round: only %d weights have a positive combined score "
+                               "(score_topk = %g, rule %s); the other %d of the %d kept are "
+                               "the earliest by position", positive, self.settings.score_topk,
+                               self.settings.score_rule, k - positive, k)
         scores = unflatten(flat, self.setup.prunable_shapes, self.setup.prunable)
         return global_topk_mask(scores, self.setup.density), used
 
@@ -247,7 +362,7 @@ class SSFL(SaliencyMask):
     def run_setup(self, state: FixedMaskState, ask: Ask) -> FixedMaskState:
         if self.setup.density >= 1.0:
             return state  # nothing to prune: dense FedAvg
-        clients = range(self.setup.num_clients)
+        clients = self.scoring_clients()  # every client, or a seeded sample of them
         replies = ask.query("scores", {c: b"" for c in clients}, label="score_upload")
         mask, scored = self.scores_to_mask(replies, self.settings.score_aggregation)
         state = self.with_mask(mask, scored=scored)

@@ -64,7 +64,17 @@ class RandomERKMask(RandomMask):
 
 
 class SNIPSingle(SaliencyMask):
-    """SNIP on one client's data (client 0), global top-k: what one data owner would find."""
+    """SNIP on one client's data (client 0), global top-k: what one data owner would find.
+    Its one client's scores may travel lean (``score_dtype``, ``score_topk``)."""
+
+    @classmethod
+    def check_config(cls, config: Any, settings: Any) -> None:
+        from ssfl.config import ConfigError
+
+        super().check_config(config, settings)
+        if settings.samples_clients:
+            raise ConfigError("snip_single scores on client 0 alone: score_fraction and "
+                              "score_count apply to ssfl only")
 
     def run_setup(self, state: FixedMaskState, ask: Ask) -> FixedMaskState:
         if self.setup.density >= 1.0:
@@ -80,6 +90,16 @@ class SNIPOracle(SaliencyMask):
     """SNIP on the pooled data of every client (not federated): a mask-quality upper bound."""
 
     needs_pooled_data = True
+
+    @classmethod
+    def check_config(cls, config: Any, settings: Any) -> None:
+        from ssfl.config import ConfigError
+
+        super().check_config(config, settings)
+        if settings.is_lean:
+            raise ConfigError("snip_oracle's pooled scores never travel: score_dtype, "
+                              "score_topk, score_fraction and score_count apply to ssfl and "
+                              "snip_single only")
 
     def run_setup(self, state: FixedMaskState, ask: Ask) -> FixedMaskState:
         if self.setup.density >= 1.0:

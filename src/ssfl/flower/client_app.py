@@ -39,7 +39,7 @@ from flwr.app import (  # noqa: E402
 )
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from ssfl.flower import worker  # noqa: E402
+from ssfl.flower import secagg, worker  # noqa: E402
 from ssfl.flower.protocol import (  # noqa: E402
     CLIENT_STATE_PREFIX,
     CONFIG,
@@ -108,9 +108,17 @@ def _run_locally(kind: str, config: Mapping[str, Any], payload: bytes | None,
 
 
 def _handle(kind: str, message: Message, context: Context) -> Message:
-    handler_started, started = time.time(), time.perf_counter()
     config = dict(message.content[CONFIG]) if CONFIG in message.content else {}
     payload = payload_bytes(message.content[PAYLOAD]) if PAYLOAD in message.content else None
+    metrics, reply = _process(kind, config, payload, context)
+    return _reply(message, reply, **metrics)
+
+
+def _process(kind: str, config: Mapping[str, Any], payload: bytes | None,
+             context: Context) -> tuple[dict[str, Any], bytes | None]:
+    """One message's parameters and payload through the node's handler (here or in the
+    node's worker); the reply's metrics (time stamps included) and payload."""
+    handler_started, started = time.time(), time.perf_counter()
     state = _state_of(context)
     old = dict(state)
     extra: dict[str, float | int] = {}
@@ -135,7 +143,7 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
         "handler-seconds": time.perf_counter() - started,
         "first-message": int(first),  # 0: a reused process (simulation engine)
     }
-    return _reply(message, reply, **metrics, **extra, **timing)
+    return {**metrics, **extra, **timing}, reply
 
 
 def _reply(message: Message, payload: bytes | None = None, **metrics: float | int) -> Message:
@@ -158,7 +166,8 @@ def setup(message: Message, context: Context) -> Message:
     return _handle("setup", message, context)
 
 
-@app.train()
+@app.train(mods=[secagg.client_mod(lambda *args: _process(*args))])
 def train(message: Message, context: Context) -> Message:
-    """One round of the run's method on this client."""
+    """One round of the run's method on this client (with ``flower.secure-aggregation``, the
+    rounds are SecAgg+'s four stages: ``ssfl.flower.secagg``)."""
     return _handle("train", message, context)

@@ -460,6 +460,14 @@ def run_local(
     # Checked and typed as the apps do (an unknown key or a wrong type is a ConfigError).
     settings = _flower_settings({**(flower or {}), "run_dir": str(run_dir),
                                  "min_nodes": supernodes})
+    check_supported(config, settings)  # secure aggregation: the method and its settings
+    if settings.secure_aggregation and pinned is None:
+        # Pooled SuperNodes serve the clients in turn (client c on node c mod N): no round
+        # may sample two clients of one node.
+        from ssfl.flower.secagg import check_sampled_nodes
+
+        check_sampled_nodes(config, {c: c % supernodes
+                                     for c in range(config.federation.num_clients)})
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="ssfl-flower-"))
     else:

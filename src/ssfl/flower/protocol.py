@@ -31,7 +31,9 @@ defaults in ``[tool.flwr.app.config]`` with ``flwr run --run-config`` overrides)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,6 +91,25 @@ class FlowerSettings:
     server_threads: int = 0
     # Continue the run in `run-dir` from its last checkpoint (as `ssfl run --resume`).
     resume: bool = False
+    # Secure aggregation of the training rounds (Flower's SecAgg+; docs/secure_aggregation.md):
+    # the server unmasks only the weighted sum of the round's value vectors, never one
+    # client's. Global-mask methods only (ssfl, fedavg, random, random_erk, snip_single).
+    secure_aggregation: bool = False
+    # SecAgg+'s parameters, as Flower's SecAggPlusWorkflow names them. num-shares: each
+    # client's secrets are split among this many clients, itself included (> 2, or at most 1:
+    # that fraction of the sampled clients); reconstruction-threshold: shares needed to rebuild
+    # one (>= 2, or at most 1: that fraction of num-shares). A client that drops after the
+    # keys were shared is unmasked from its neighbours' shares if at least this many answer.
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    # Each client multiplies its values by num-samples / max-weight (0: the largest client's
+    # sample count in the server's split), clips them to [-clipping-range, clipping-range] and
+    # quantises them to quantization-range levels; the masks are drawn modulo modulus-range
+    # (a power of 2, at most 2**32, more than clients-per-round * quantization-range).
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_modulus_range: int = 4294967296
+    secagg_max_weight: float = 0.0
 
 
 def _kebab(name: str) -> str:
@@ -182,7 +203,41 @@ def _flower_settings(values: Mapping[str, Any]) -> FlowerSettings:
     if min(settings.node_wait_seconds, settings.round_timeout_seconds,
            settings.poll_interval_seconds) <= 0:
         raise ConfigError("flower.*-seconds must be > 0")
+    check_secagg_settings(settings)
     return settings
+
+
+def check_secagg_settings(s: FlowerSettings) -> None:
+    """SecAgg+'s own parameters (what they combine with: ``ssfl.flower.secagg``)."""
+    for key, value, whole_above_one in (
+            ("num-shares", s.secagg_num_shares, True),
+            ("reconstruction-threshold", s.secagg_reconstruction_threshold, True),
+            ("clipping-range", s.secagg_clipping_range, False),
+            ("max-weight", s.secagg_max_weight, False)):
+        if not math.isfinite(value) or value < 0 or (value == 0 and key != "max-weight"):
+            raise ConfigError(f"flower.secagg-{key} must be > 0, got {value}")
+        if whole_above_one and value > 1 and value != int(value):
+            raise ConfigError(f"flower.secagg-{key} must be a whole number of clients or a "
+                              f"fraction of at most 1, got {value}")
+    if s.secagg_num_shares > 1 and s.secagg_num_shares <= 2:
+        raise ConfigError("flower.secagg-num-shares as a number of clients must be at least 3 "
+                          f"(or a fraction of at most 1), got {s.secagg_num_shares}")
+    if s.secagg_reconstruction_threshold > 1 and s.secagg_num_shares > 1 \
+            and s.secagg_reconstruction_threshold >= s.secagg_num_shares:
+        raise ConfigError("flower.secagg-reconstruction-threshold must be less than "
+                          "flower.secagg-num-shares")
+    q, m = s.secagg_quantization_range, s.secagg_modulus_range
+    if q < 2:
+        raise ConfigError(f"flower.secagg-quantization-range must be at least 2, got {q}")
+    if m <= q or m > 2**32 or m & (m - 1):
+        raise ConfigError("flower.secagg-modulus-range must be a power of 2, at most 2**32 "
+                          f"and more than flower.secagg-quantization-range ({q}), got {m}")
+
+
+def secure_aggregation_requested(run_config: Mapping[str, Any]) -> bool:
+    """Whether a run config turns secure aggregation on (read by the ClientApp, which then
+    refuses to send a training round's values in plain)."""
+    return run_config.get("flower.secure-aggregation") is True
 
 
 def run_config_toml(flat: Mapping[str, Any]) -> str:
@@ -214,6 +269,25 @@ def payload_bytes(record: Any) -> bytes:
     if array.dtype != np.uint8 or array.ndim != 1:
         raise ValueError(f"payload array must be 1-D uint8, got {array.dtype} {array.shape}")
     return array.tobytes()
+
+
+#: ``ssfl.comm``'s payload header (read here without torch, for the ClientApp process)
+_HEADER = struct.Struct("<4sBBBBIQ8s")
+_VALUE_CODES = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
+
+
+def payload_values(payload: bytes) -> np.ndarray:
+    """The values of one ``ssfl.comm`` value payload (float32 or float16, no copy), read
+    without torch; anything else (a bundle, a mask, scores, a short body) is a ValueError."""
+    if len(payload) < _HEADER.size:
+        raise ValueError(f"payload of {len(payload)} bytes has no header")
+    magic, _, kind, code, _, _, count, _ = _HEADER.unpack_from(payload)
+    dtype = _VALUE_CODES.get(code)
+    if magic != b"SSFL" or kind != 1 or dtype is None:
+        raise ValueError(f"not a value payload (magic {magic!r}, kind {kind}, dtype {code})")
+    if len(payload) != _HEADER.size + count * dtype.itemsize:
+        raise ValueError(f"value payload of {len(payload)} bytes does not hold {count} values")
+    return np.frombuffer(payload, dtype, count, offset=_HEADER.size)
 
 
 def message_wire_bytes(message: Any) -> int:

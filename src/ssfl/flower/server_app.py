@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from ssfl import algorithms
 from ssfl.algorithms.base import TRAIN, Algorithm
 from ssfl.config import Config, ConfigError
+from ssfl.flower import secagg
 from ssfl.flower.protocol import (
     CONFIG,
     METRICS,
@@ -50,7 +51,7 @@ from ssfl.flower.protocol import (
     resolve_run_dir,
 )
 from ssfl.run.experiment import prepare
-from ssfl.run.loop import ClientReply, Transport, run
+from ssfl.run.loop import ClientReply, SecureReplies, Transport, run
 
 app = ServerApp()
 logger = logging.getLogger(__name__)
@@ -263,9 +264,12 @@ def _map_clients(known: dict[int, int], num_clients: int) -> tuple[dict[int, int
     return pinned, ""
 
 
-def check_supported(config: Config) -> None:
-    """Refuse, before any process or message, a method that cannot run on Flower."""
+def check_supported(config: Config, settings: FlowerSettings | None = None) -> None:
+    """Refuse, before any process or message, a method that cannot run on Flower (or not
+    with the Flower settings asked for: secure aggregation)."""
     refuse_unsupported(algorithms.get(config.algorithm.name))
+    if settings is not None:
+        secagg.check_secure_aggregation(config, settings)
 
 
 def refuse_unsupported(cls: type[Algorithm[Any]]) -> None:
@@ -349,7 +353,8 @@ class FlowerTransport(Transport):
     It also records what the processes measured: each client's compute seconds and where a
     round's time went."""
 
-    def __init__(self, grid: Grid, config: Config, settings: FlowerSettings) -> None:
+    def __init__(self, grid: Grid, config: Config, settings: FlowerSettings,
+                 max_weight: float = 0.0) -> None:
         self.grid, self.settings = grid, settings
         started = time.perf_counter()
         self.mapping = assign_clients(grid, config.federation.num_clients, settings)
@@ -358,6 +363,15 @@ class FlowerTransport(Transport):
         self.setup_compute: dict[str, dict[int, float]] = {}
         self.message_bytes: dict[str, int] = {}
         self._round: dict[str, Any] = {}
+        # Secure aggregation (ssfl.flower.secagg): training rounds are SecAgg+ rounds.
+        self.secure_aggregation = settings.secure_aggregation
+        if self.secure_aggregation:
+            secagg.check_sampled_nodes(config, self.mapping)
+        # SecAgg+ weighs each client by num-samples / max-weight (<= 1 for every client).
+        self.max_weight = settings.secagg_max_weight or max_weight or 1000.0
+        #: what the server received in each SecAgg+ stage (tests look at it)
+        self.observe: Any = None
+        self.secagg_bytes: dict[str, dict[str, int]] = {}
 
     def check_supported(self, algorithm: type[Algorithm[Any]]) -> None:
         refuse_unsupported(algorithm)
@@ -420,6 +434,62 @@ class FlowerTransport(Transport):
                                       float("nan") if loss is None else loss))
         return result
 
+    def exchange_mean(self, round: int, lr: float, payloads: Mapping[int, bytes],
+                      attempt: int = 1) -> SecureReplies:
+        """A training round as SecAgg+'s four stages (``ssfl.flower.secagg``): the weighted
+        mean of the values of the clients in the sum, and what each client uploaded."""
+        node_of = {cid: self.mapping[cid] for cid in payloads}
+        client_of = {node: cid for cid, node in node_of.items()}
+        messages = {node_of[cid]: ({"client-id": cid, "round": round, "lr": lr, "kind": TRAIN},
+                                   down) for cid, down in payloads.items()}
+        with Stopwatch() as exchange:
+            got = secagg.secure_round(self.grid, round, messages, self.settings,
+                                      self.max_weight, wire=not self.secagg_bytes,
+                                      observe=self.observe)
+        if not self.secagg_bytes and got.stages:
+            # One round's messages as Flower serialises them, per stage (the first round).
+            self.secagg_bytes = {st.stage: {"down": st.wire_down or 0, "up": st.wire_up or 0}
+                                 for st in got.stages}
+        summed = set(got.summed)
+        collect = got.stage(secagg.Stage.COLLECT_MASKED_VECTORS)
+        replies = []
+        for cid, down in payloads.items():
+            node = node_of[cid]
+            metrics = got.metrics.get(node, {})
+            if node in summed:
+                loss = _float(metrics, "train-loss")
+                replies.append(ClientReply(cid, down, bytes(got.masked_bytes.get(node, 0)),
+                                           got.weights.get(node, metrics.get("num-samples")),
+                                           float("nan") if loss is None else loss))
+            else:
+                why = (f"node {node} " + ("sent its masked vector but " if node in got.metrics
+                                           else "") + "is not in the sum"
+                       + (f" ({got.problem})" if got.problem else ""))
+                replies.append(ClientReply(cid, down, b"", 0, float("nan"), error=why))
+        ok = [got.metrics[n] for n in (collect.nodes if collect else []) if n in got.metrics]
+        times = ExchangeTimes()
+        if collect is not None:
+            times = ExchangeTimes(collect.push_started, collect.push_ended, collect.pulled)
+        self._round = {
+            "client_compute_seconds": [s for m in ok
+                                       if (s := _float(m, "compute-seconds")) is not None],
+            "client_setup_seconds": [s for m in ok
+                                     if (s := _float(m, "setup-seconds")) is not None],
+            "client_worker_seconds": [_float(m, "worker-seconds") for m in ok],
+            "exchange_seconds": exchange.seconds,
+            # The collect stage's time line (the one with training), as in a plain round.
+            **round_timeline(times, [got.metrics.get(n) for n in
+                                     (collect.nodes if collect else [])]),
+            "secagg_stage_seconds": {st.stage: st.seconds for st in got.stages},
+            "secagg_clients": [client_of[n] for n in sorted(summed, key=client_of.get)],
+            "secagg_clipped": int(sum(_float(m, "secagg-clipped") or 0 for m in ok)),
+        }
+        mean = None if got.mean is None else torch.from_numpy(got.mean).to(torch.float32)
+        return SecureReplies(replies, mean, tuple(client_of[n] for n in got.summed),
+                             protocol_down=sum(st.protocol_down for st in got.stages),
+                             protocol_up=sum(st.protocol_up for st in got.stages),
+                             problem=got.problem)
+
     def round_info(self) -> dict[str, Any]:
         return self._round
 
@@ -433,6 +503,10 @@ class FlowerTransport(Transport):
                                       for kind, seconds in self.setup_compute.items()},
             # One train message and one reply as Flower serialises them, vs. the payload bytes.
             "message_bytes_per_round": self.message_bytes,
+            **({"secure_aggregation": True,
+                # One round's SecAgg+ messages as Flower serialises them, per stage, all nodes.
+                "secagg_message_bytes_per_round": self.secagg_bytes,
+                "secagg_max_weight": self.max_weight} if self.secure_aggregation else {}),
         }
 
 
@@ -442,13 +516,14 @@ def run_on_grid(
 ) -> dict[str, Any]:
     """Run one experiment over Flower; returns ``{"run_dir", "summary", "metrics", "mask",
     "values"}``."""
-    check_supported(config)
+    check_supported(config, settings)
     if settings.resume and run_dir is None:
         raise ConfigError("flower.resume needs flower.run-dir: the run folder to continue")
     exp = prepare(config)
     if settings.server_threads > 0:
         torch.set_num_threads(settings.server_threads)
-    transport = FlowerTransport(grid, config, settings)
+    transport = FlowerTransport(grid, config, settings,
+                                max_weight=max(len(p) for p in exp.parts))
     result = run(exp, transport, run_dir, write=write, progress=False, resume=settings.resume,
                  on_round=_print_round)
     return {"run_dir": result.run_dir, "summary": result.summary, "metrics": result.metrics,

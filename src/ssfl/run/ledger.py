@@ -28,7 +28,12 @@ class Ledger:
         """Add the lengths of ``payloads``; returns how many bytes that was."""
         if direction not in (DOWN, UP):
             raise ValueError(f"direction must be {DOWN!r} or {UP!r}, got {direction!r}")
-        nbytes = sum(len(p) for p in payloads)
+        return self.add(phase, label, direction, sum(len(p) for p in payloads), round=round)
+
+    def add(self, phase: str, label: str, direction: str, nbytes: int, round: int = 0) -> int:
+        """Add ``nbytes`` bytes that are not one payload (a protocol's own messages)."""
+        if direction not in (DOWN, UP):
+            raise ValueError(f"direction must be {DOWN!r} or {UP!r}, got {direction!r}")
         key = (phase, round, label, direction)
         self.entries[key] = self.entries.get(key, 0) + nbytes
         return nbytes

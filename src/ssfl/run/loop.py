@@ -11,6 +11,7 @@ over Flower), so both produce the same mask and metrics.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ssfl import algorithms
+from ssfl import algorithms, privacy
 from ssfl.algorithms.base import (
     TRAIN,
     Algorithm,
@@ -31,11 +32,11 @@ from ssfl.algorithms.base import (
     SetupReply,
 )
 from ssfl.algorithms.common import load_weights_
-from ssfl.checkpoint import FILENAME as CHECKPOINT, load_checkpoint
+from ssfl.checkpoint import FILENAME as CHECKPOINT, CheckpointError, load_checkpoint
 from ssfl.client import evaluate_samples
 from ssfl.comm import PayloadError, encode_values, payload_parts, read_header
 from ssfl.config import Config
-from ssfl.masks import layer_densities, mask_density, mask_digest
+from ssfl.masks import Mask, layer_densities, mask_density, mask_digest
 from ssfl.run.checkpoints import restore, save, verify
 from ssfl.run.experiment import (
     Experiment,
@@ -62,12 +63,35 @@ class ClientReply:
     error: str = ""  # why the client gave no reply (crashed, timed out, disconnected)
 
 
+@dataclass(frozen=True)
+class SecureReplies:
+    """A training round under secure aggregation: the server learns the weighted mean of the
+    value vectors of the clients in the sum, never one client's vector."""
+
+    #: one per sampled client: ``payload`` as long as the masked vector it uploaded (for the
+    #: byte ledger; its content is not kept); ``error`` says why a client is not in the sum
+    replies: list[ClientReply]
+    #: the weighted mean (by sample count) of the summed clients' value vectors; None: the
+    #: protocol stopped (``problem`` says why) and nothing can be aggregated
+    mean: torch.Tensor | None
+    summed: tuple[int, ...]  # the clients in the mean
+    #: the protocol's own bytes this round (keys, encrypted shares), both directions
+    protocol_down: int = 0
+    protocol_up: int = 0
+    problem: str = ""
+
+
 class Transport(ABC):
     """Moves payloads between the server and the clients; holds no FL logic."""
 
     #: True where the clients' states survive with the server's checkpoint (the simulator
     #: saves them in it); False where a resumed run starts with clients that lost theirs.
     keeps_client_state: bool = False
+    #: the clients run in this process (the simulator), not on machines of their own
+    in_process: bool = False
+    #: training rounds go through ``exchange_mean`` (secure aggregation): the loop aggregates
+    #: the mean it returns instead of screening each client's reply
+    secure_aggregation: bool = False
 
     def check_supported(self, algorithm: type[Algorithm[Any]]) -> None:
         """Raise ``ConfigError`` before any work if this transport cannot run ``algorithm``."""
@@ -81,6 +105,11 @@ class Transport(ABC):
         """Send each client its payload as a message of ``kind``; one reply per client, in the
         order of ``payloads`` (the order of the server's sums), ``error`` set for a client
         that failed. ``ack``: a delivery, whose replies carry no payload."""
+
+    def exchange_mean(self, round: int, lr: float, payloads: Mapping[int, bytes],
+                      attempt: int = 1) -> SecureReplies:
+        """A training round under secure aggregation (where ``secure_aggregation``)."""
+        raise NotImplementedError("this transport has no secure aggregation")
 
     def pooled(self, algorithm: Algorithm[Any], kind: str) -> bytes:
         raise NotImplementedError("this transport has no pooled data (the simulator has)")
@@ -210,6 +239,12 @@ def run(
 ) -> RunResult:
     """Run ``exp`` to the end (or, with ``resume``, on from the checkpoint in ``run_dir``;
     ``force``: even from one written by another ssfl version or commit)."""
+    if exp.config.privacy.mode != "none":
+        privacy.require_accountant()  # before any work: epsilon is reported every round
+        if exp.config.privacy.noise_seed == "run" and not transport.in_process:
+            logger.warning("privacy.noise_seed = 'run': the noise is drawn from run.seed, "
+                           "which every client knows, so any client can subtract it; set "
+                           "privacy.noise_seed = 'secret' for a deployment (docs/privacy.md)")
     algorithm = algorithms.build(exp.config, make_setup(exp))
     transport.check_supported(type(algorithm))
     transport.bind(algorithm)
@@ -236,6 +271,8 @@ def load_for_resume(exp: Experiment, run_dir: Path | None, *, force: bool = Fals
                     ) -> tuple[dict[str, Any], Any]:
     if run_dir is None:
         raise ValueError("resume needs the run folder")
+    if not (Path(run_dir) / CHECKPOINT).exists():
+        raise CheckpointError(why_no_checkpoint(Path(run_dir), exp.config))
     meta, tensors = load_checkpoint(Path(run_dir) / CHECKPOINT)
     # Code version, data fingerprint, config and structure, before anything reads the metadata
     verify(meta, tensors, exp, force=force)
@@ -245,6 +282,21 @@ def load_for_resume(exp: Experiment, run_dir: Path | None, *, force: bool = Fals
                        "will differ in the last bits from an uninterrupted one", run_dir,
                        before, now)
     return meta, tensors
+
+
+def why_no_checkpoint(folder: Path, config: Config) -> str:
+    """The truth about a run folder without a checkpoint, and what to do."""
+    if not (folder / "config.toml").exists():
+        return f"{folder} is not a run folder (it has no config.toml): nothing to resume"
+    every = config.run.checkpoint_every
+    if every == 0:
+        return (f"{folder} has no checkpoint: its run.checkpoint_every = 0 writes none; start "
+                f"the run again (with run.checkpoint_every > 0 to make it resumable)")
+    metrics = folder / "metrics.jsonl"
+    rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    return (f"{folder} has no checkpoint: the run stopped after {rows} round(s), before its "
+            f"first checkpoint (written every {every} rounds, and on Ctrl-C), so it was "
+            f"killed or crashed early; start the run again")
 
 
 def set_up(r: Run) -> None:
@@ -277,6 +329,7 @@ def play_rounds(r: Run, progress: bool | None,
                    done=r.first_round - 1)
     last_accuracy = next((m["accuracy"] for m in reversed(r.metrics)
                           if m["accuracy"] is not None), None)
+    done = Completed.of(r, r.first_round - 1)
     try:
         for rnd in range(r.first_round, r.config.run.rounds + 1):
             row = play_round(r, rnd)
@@ -285,15 +338,59 @@ def play_rounds(r: Run, progress: bool | None,
                 last_accuracy = row["accuracy"]
             r.metrics.append(row)
             r.folder.append_row(row)
+            done = Completed.of(r, rnd)
             if is_checkpoint_round(r.config, rnd) and r.folder.path is not None:
                 save(r, rnd)
             if on_round is not None:
                 on_round(row)
-            bar.update(acc=f"{last_accuracy:.3f}" if last_accuracy is not None else "-",
+            bar.update(row, acc=f"{last_accuracy:.3f}" if last_accuracy is not None else "-",
                        loss=f"{row['train_loss']:.3f}")
+    except KeyboardInterrupt:
+        raise RunInterrupted(done.round, save_completed(r, done)) from None
     finally:
         bar.close()
         r.folder.close()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the rounds: the round in progress was abandoned and, where the run has a
+    folder, a checkpoint of the last completed round written (``checkpoint``)."""
+
+    def __init__(self, round: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted after round {round}")
+        self.round = round
+        self.checkpoint = checkpoint
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What the run held after its last completed round: the server state (a value), the
+    clients' states and the byte ledger's entries (both copied), and the metrics rows."""
+
+    round: int
+    state: Any
+    clients: dict[int, bytes]
+    ledger: dict[tuple[str, int, str, str], int]
+    rows: int
+
+    @classmethod
+    def of(cls, r: Run, rnd: int) -> Completed:
+        return cls(rnd, r.state, r.transport.client_states(), dict(r.ledger.entries),
+                   len(r.metrics))
+
+
+def save_completed(r: Run, done: Completed) -> Path | None:
+    """Put the run back to ``done`` (a round cut short may have moved the server state, some
+    clients' states and the ledger) and checkpoint it; the checkpoint's path, or None when the
+    run writes no folder."""
+    if r.folder.path is None:
+        return None
+    r.state = done.state
+    r.transport.load_client_states(done.clients)
+    r.ledger.entries = dict(done.ledger)
+    del r.metrics[done.rows:]
+    save(r, done.round)
+    return r.folder.path / CHECKPOINT
 
 
 def play_round(r: Run, rnd: int) -> dict[str, Any]:
@@ -308,14 +405,19 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
     rejections: list[dict[str, Any]] = []
     attempts = config.federation.max_round_attempts
     for attempt in range(1, attempts + 1):
-        replies = send_and_collect(r, rnd, lr, chosen, attempt, failed)
+        if r.transport.secure_aggregation:
+            replies, valid, counted, rejected = secure_attempt(r, rnd, lr, chosen, attempt,
+                                                               failed)
+        else:
+            replies = send_and_collect(r, rnd, lr, chosen, attempt, failed)
+            valid, rejected = screen(r, rnd, replies, chosen)
+            counted = valid
         screened_at = time.perf_counter()
-        valid, rejected = screen(r, rnd, replies, chosen)
         rejections += [{"client": x.client_id, "attempt": attempt, "reason": x.reason}
                        for x in rejected]
-        if len(valid) >= config.federation.min_replies:
+        if len(counted) >= config.federation.min_replies:
             break
-        failure = RoundFailed(rnd, len(valid), config.federation.min_replies, rejected)
+        failure = RoundFailed(rnd, len(counted), config.federation.min_replies, rejected)
         logger.warning("%s; attempt %d of %d", failure, attempt, attempts)
         if attempt == attempts:
             failure.run_dir = r.folder.path
@@ -323,7 +425,7 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
     r.state, diagnostics = r.algorithm.aggregate(r.state, rnd, valid, chosen)
     aggregation_seconds = time.perf_counter() - screened_at
     down, up = r.ledger.round_bytes(rnd)
-    losses = valid_losses(replies, valid)
+    losses = valid_losses(replies, counted)
     row: dict[str, Any] = {
         "round": rnd, "accuracy": None, "test_loss": None,
         "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses),
@@ -339,6 +441,8 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
         row["rejected"] = rejections
     if diagnostics:
         row["diagnostics"] = diagnostics
+    if config.privacy.mode != "none":  # the guarantee after this round's release
+        row["epsilon"] = privacy.report(privacy.config_epsilon(config, rnd))
     return row
 
 
@@ -359,6 +463,49 @@ def send_and_collect(r: Run, rnd: int, lr: float, chosen: Sequence[int], attempt
             # The values are the last part (a mask bitmap may come first).
             r.values_per_payload = read_header(payload_parts(x.down)[-1]).count
     return replies
+
+
+def secure_attempt(r: Run, rnd: int, lr: float, chosen: Sequence[int], attempt: int,
+                   failed: list[dict[str, Any]]
+                   ) -> tuple[list[ClientReply], list[Reply], list[Reply], list[Rejection]]:
+    """One attempt of a round under secure aggregation: the transport returns only the
+    weighted mean of the summed clients' values. It goes to the method's ``aggregate`` as one
+    reply (client id -1) carrying their total sample count: the weighted mean of one vector
+    is that vector. Returns the replies, that one reply (or none), the summed clients (for
+    ``min_replies`` and the train loss; no update) and the rejections."""
+    payloads = r.algorithm.configure(r.state, rnd, chosen, attempt)
+    got = r.transport.exchange_mean(rnd, lr, payloads, attempt)
+    replies = got.replies
+    r.ledger.count(ROUND, TRAIN, DOWN, (x.down for x in replies), round=rnd)
+    r.ledger.count(ROUND, TRAIN, UP, (x.payload for x in replies if not x.error), round=rnd)
+    # The protocol's own messages (keys, encrypted shares) are part of the round's cost.
+    r.ledger.add(ROUND, "secagg", DOWN, got.protocol_down, round=rnd)
+    r.ledger.add(ROUND, "secagg", UP, got.protocol_up, round=rnd)
+    for x in replies:
+        if x.error:
+            logger.warning("round %d attempt %d: client %d is not in the sum: %s", rnd,
+                           attempt, x.client_id, x.error)
+            failed.append({"client": x.client_id, "attempt": attempt, "reason": x.error})
+        elif x.down:
+            r.values_per_payload = read_header(payload_parts(x.down)[-1]).count
+    # Every client got the same payload: the mean has its values' count.
+    count = read_header(payload_parts(replies[0].down)[-1]).count if replies else 0
+    counted: list[Reply] = []
+    try:
+        if got.mean is None:
+            raise PayloadError(got.problem or "secure aggregation gave no sum")
+        for cid in got.summed:
+            x = next(x for x in replies if x.client_id == cid)
+            counted.append(Reply(cid, check_sample_count(x.num_samples, cid, r.client_sizes),
+                                 None))
+        if got.mean.numel() != count or not bool(torch.isfinite(got.mean).all()):
+            raise PayloadError(f"the unmasked mean has {got.mean.numel()} values (expected "
+                               f"{count}) or values that are not finite")
+    except PayloadError as exc:
+        logger.warning("round %d attempt %d: secure aggregation failed: %s", rnd, attempt, exc)
+        return replies, [], [], [Rejection(-1, str(exc))]
+    total = sum(c.num_samples for c in counted)
+    return replies, [Reply(-1, total, got.mean)], counted, []
 
 
 def screen(r: Run, rnd: int, replies: Sequence[ClientReply], asked: Sequence[int]
@@ -443,10 +590,25 @@ def finish(r: Run) -> RunResult:
         r.mask_info["final"]["client_density"] = sum(
             mask_density(r.algorithm.client_mask(r.state, c)) for c in range(n)) / n
     r.folder.write_mask(r.mask_info)
+    if r.folder.path is not None:
+        write_model(r, mask)
     summary = summarise(r, wall)
     r.folder.write_summary(summary)
     return RunResult(r.folder.path, summary, r.metrics,
                      r.algorithm.final_values(r.state).clone(), mask)
+
+
+def write_model(r: Run, mask: Mask) -> None:
+    """The final global model as ``model.safetensors`` (``ssfl.export``), also when
+    checkpoints are off: the weights ``eval_weights`` gives, the mask, the config."""
+    from ssfl.export import MODEL_FILE, model_metadata, save_model
+
+    assert r.folder.path is not None
+    load_weights_(r.exp.model, r.algorithm.eval_weights(r.state))
+    _, channels, height, _ = r.exp.train_set.images.shape
+    save_model(r.folder.path / MODEL_FILE, r.exp.model, mask, model_metadata(
+        r.config, num_classes=r.exp.train_set.num_classes, in_channels=channels,
+        image_size=height))
 
 
 def summarise(r: Run, wall: float) -> dict[str, Any]:
@@ -489,25 +651,40 @@ def summarise(r: Run, wall: float) -> dict[str, Any]:
     }
     if r.ledger.resync_bytes():
         summary["resync_bytes"] = r.ledger.resync_bytes()
+    if config.privacy.mode != "none":
+        done = metrics[-1]["round"] if metrics else 0
+        summary["privacy"] = privacy.summary(config, r.algorithm, done)
+        summary["epsilon"] = summary["privacy"]["epsilon"]
     return summary
 
 
 class Progress:
+    """A progress bar on a terminal; elsewhere (a log file, a pipe, ``--no-progress``) one plain
+    INFO line per round on the ``ssfl`` logger, which ``ssfl run`` prints."""
+
     def __init__(self, total: int, enabled: bool, done: int = 0) -> None:
         self.bar = None
-        if enabled:
+        self.total = total
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=done, unit="round", dynamic_ncols=True)
 
-    def update(self, **postfix: Any) -> None:
+    def update(self, row: Mapping[str, Any], **postfix: Any) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
+            return
+        accuracy = row.get("accuracy")
+        logger.info("round %d/%d: %strain loss %s, %.2f MB, %.1f s", row["round"], self.total,
+                    f"accuracy {accuracy:.4f}, " if accuracy is not None else "",
+                    postfix.get("loss", "-"), (row["bytes_down"] + row["bytes_up"]) / 1e6,
+                    row["seconds"])
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-__all__ = ["ClientReply", "Run", "RunResult", "SetupFailed", "Transport", "run"]
+__all__ = ["ClientReply", "Run", "RunInterrupted", "RunResult", "SecureReplies", "SetupFailed",
+           "Transport", "run"]
