@@ -20,12 +20,11 @@ import torch
 from ssfl.algorithms.base import Algorithm, Ask, ClientContext, ClientOutput, Reply, Setup
 from ssfl.algorithms.common import (
     MaskCodec,
-    average_over_holders,
     dense_copy,
     flat_weights,
     shapes_match,
 )
-from ssfl.algorithms.robust import combine_over_holders, is_plain_mean
+from ssfl.algorithms.robust import holders_average
 from ssfl.client import train_round
 from ssfl.comm import decode_values, encode_values
 from ssfl.masks import Mask, random_global_mask
@@ -97,11 +96,8 @@ class ClientwiseRandomMasks(Algorithm[DenseModelState]):
     def aggregate(self, state: DenseModelState, round: int, replies: Sequence[Reply],
                   sampled: Sequence[int]) -> tuple[DenseModelState, dict[str, Any]]:
         contributions = ((r.update[0], r.update[1], float(r.num_samples)) for r in replies)
-        if is_plain_mean(self.robust):
-            averages, held = average_over_holders(contributions, self.setup.shapes)
-        else:  # the rule of federation.aggregator, per weight over its holders
-            averages, held = combine_over_holders(contributions, self.setup.shapes,
-                                                  state.weights, self.robust)
+        averages, held = holders_average(contributions, self.setup.shapes, state.weights,
+                                         self.robust)
         weights = {n: torch.where(held[n] > 0, averages[n], w) if n in held else averages[n]
                    for n, w in state.weights.items()}
         return DenseModelState(weights), {}

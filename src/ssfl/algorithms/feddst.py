@@ -45,9 +45,8 @@ from typing import Any
 import torch
 
 from ssfl.algorithms.base import ClientContext, ClientOutput, Reply, Setup
-from ssfl.algorithms.common import average_over_holders
 from ssfl.algorithms.dynamic_mask import DynamicGlobalMask, DynamicMaskState, initial_state
-from ssfl.algorithms.robust import combine_over_holders, is_plain_mean
+from ssfl.algorithms.robust import holders_average
 from ssfl.client import apply_regrowth_, cpu_weights, local_train, minibatch_gradient
 from ssfl.comm import PayloadError, decode_values, payload_parts
 from ssfl.masks import (
@@ -122,11 +121,8 @@ class FedDST(DynamicGlobalMask):
     def aggregate(self, state: DynamicMaskState, round: int, replies: Sequence[Reply],
                   sampled: Sequence[int]) -> tuple[DynamicMaskState, dict[str, Any]]:
         contributions = ((r.update[0], r.update[1], float(r.num_samples)) for r in replies)
-        if is_plain_mean(self.robust):
-            averages, holders = average_over_holders(contributions, self.setup.shapes)
-        else:  # the rule of federation.aggregator, per weight over its holders
-            averages, holders = combine_over_holders(contributions, self.setup.shapes,
-                                                     state.weights, self.robust)
+        averages, holders = holders_average(contributions, self.setup.shapes, state.weights,
+                                            self.robust)
         mask = prune_to_counts(averages, holders, self.counts)
         uploaded = {r.client_id: r.update[2] for r in replies if r.update[2] is not None}
         held = self.holders_after(state, replies, sampled, uploaded)

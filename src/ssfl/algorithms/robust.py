@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ssfl.algorithms.base import SetupFailed
-from ssfl.algorithms.common import WeightedMean
+from ssfl.algorithms.common import WeightedMean, average_over_holders
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 
@@ -223,6 +223,18 @@ def combine_held(rows: torch.Tensor, held: torch.Tensor | None, samples: Sequenc
     else:
         raise ValueError(f"unknown aggregator {rule!r}; choose one of {list(AGGREGATORS)}")
     return torch.where(counts > 0, out, ref).to(torch.float32), holder_weight
+
+
+def holders_average(
+    contributions: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], float]],
+    shapes: Mapping[str, torch.Size], reference: Mapping[str, torch.Tensor], settings: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each weight over the clients whose mask holds it: FedAvg's weighted mean
+    (``average_over_holders``, the old code path, for the default settings) or the rule of
+    ``federation.aggregator`` (``combine_over_holders``)."""
+    if is_plain_mean(settings):
+        return average_over_holders(contributions, shapes)
+    return combine_over_holders(contributions, shapes, reference, settings)
 
 
 def combine_over_holders(

@@ -347,6 +347,19 @@ def unpack_reply(reply: Message, node: int, kind: str = TRAIN) -> Unpacked | str
     return Unpacked(payload, metrics, problem)
 
 
+def client_timings(metrics: list[Any], exchange_seconds: float) -> dict[str, Any]:
+    """The round's per-client times the nodes reported (a missing or non-numeric one is left
+    out), and the exchange's own wall time."""
+    return {
+        "client_compute_seconds": [s for m in metrics
+                                   if (s := _float(m, "compute-seconds")) is not None],
+        "client_setup_seconds": [s for m in metrics
+                                 if (s := _float(m, "setup-seconds")) is not None],
+        "client_worker_seconds": [_float(m, "worker-seconds") for m in metrics],
+        "exchange_seconds": exchange_seconds,
+    }
+
+
 class FlowerTransport(Transport):
     """Carries the loop's payloads as Flower messages (``query.setup`` for a method's set-up
     messages, ``train`` per sampled client and round), each to the node that holds the client.
@@ -406,12 +419,7 @@ class FlowerTransport(Transport):
         ok = [u.metrics for u in unpacked if not isinstance(u, str)]
         if kind == TRAIN:
             self._round = {
-                "client_compute_seconds": [s for m in ok
-                                           if (s := _float(m, "compute-seconds")) is not None],
-                "client_setup_seconds": [s for m in ok
-                                         if (s := _float(m, "setup-seconds")) is not None],
-                "client_worker_seconds": [_float(m, "worker-seconds") for m in ok],
-                "exchange_seconds": exchange.seconds,
+                **client_timings(ok, exchange.seconds),
                 **round_timeline(times, [None if isinstance(u, str) else u.metrics
                                          for u in unpacked]),
             }
@@ -471,12 +479,7 @@ class FlowerTransport(Transport):
         if collect is not None:
             times = ExchangeTimes(collect.push_started, collect.push_ended, collect.pulled)
         self._round = {
-            "client_compute_seconds": [s for m in ok
-                                       if (s := _float(m, "compute-seconds")) is not None],
-            "client_setup_seconds": [s for m in ok
-                                     if (s := _float(m, "setup-seconds")) is not None],
-            "client_worker_seconds": [_float(m, "worker-seconds") for m in ok],
-            "exchange_seconds": exchange.seconds,
+            **client_timings(ok, exchange.seconds),
             # The collect stage's time line (the one with training), as in a plain round.
             **round_timeline(times, [got.metrics.get(n) for n in
                                      (collect.nodes if collect else [])]),
