@@ -90,6 +90,9 @@ class RunSection:
     # Modules to import before the config is checked, comma-separated, so that methods, models
     # and data sets they register can be named (every process of a Flower run imports them)
     plugins: str = ""
+    # Experiment loggers fed every round, comma-separated: "tensorboard", "wandb" (offline)
+    # (ssfl/loggers.py; each needs its extra)
+    loggers: str = ""
 
 
 @dataclass
@@ -456,6 +459,10 @@ def validate(config: Config) -> None:
         )
     check_attack(config)
     check_privacy_settings(config)
+    if config.run.loggers.strip():
+        from ssfl.loggers import check_loggers
+
+        check_loggers(config.run.loggers)
     check_registered(config)
 
 

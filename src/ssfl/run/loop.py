@@ -36,6 +36,7 @@ from ssfl.checkpoint import FILENAME as CHECKPOINT, CheckpointError, load_checkp
 from ssfl.client import evaluate_samples
 from ssfl.comm import PayloadError, encode_values, payload_parts, read_header
 from ssfl.config import Config
+from ssfl.loggers import RoundLogger, open_loggers
 from ssfl.masks import Mask, layer_densities, mask_density, mask_digest
 from ssfl.run.checkpoints import restore, save, verify
 from ssfl.run.experiment import (
@@ -263,8 +264,28 @@ def run(
             r.state = algorithm.resync(r.state, ask)
     folder.write_mask(r.mask_info)
     folder.start_metrics(r.metrics)
-    play_rounds(r, progress, on_round)
+    loggers = open_loggers(exp.config.run.loggers, folder.path, exp.config)
+    try:
+        play_rounds(r, progress, with_loggers(loggers, on_round))
+    finally:
+        for logger_ in loggers:
+            logger_.close()
     return finish(r)
+
+
+def with_loggers(loggers: Sequence[RoundLogger], on_round: Callable[[dict[str, Any]], None]
+                 | None) -> Callable[[dict[str, Any]], None] | None:
+    """The per-round hook: the experiment loggers first, then the caller's callback."""
+    if not loggers:
+        return on_round
+
+    def each_round(row: dict[str, Any]) -> None:
+        for logger_ in loggers:
+            logger_.log(row)
+        if on_round is not None:
+            on_round(row)
+
+    return each_round
 
 
 def load_for_resume(exp: Experiment, run_dir: Path | None, *, force: bool = False
