@@ -663,9 +663,11 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             "Final **global** accuracy (%), central test set, mean ± std over seeds "
             "(dense FedAvg has no density; its figure is repeated in every column):\n\n"
             + accuracy_table(rows, densities, "density", "final_accuracy", dlabels)
-            + "\n\nFinal **personalised** accuracy (%): each client's model on a test split "
-            "that follows its training class distribution (the SSFL and DisPFL code's "
-            "protocol), mean over the 100 clients, then mean ± std over seeds:\n\n"
+            + "\n\nFinal **personalised** accuracy (%): the global model (DisPFL: each "
+            "client's own model) on a test split that follows each client's training class "
+            "distribution (`personal_accuracy`; the authors' own protocol, each client's last "
+            "local model, is `local_accuracy` in runs made since it exists), mean over the 100 "
+            "clients, then mean ± std over seeds:\n\n"
             + accuracy_table(rows, densities, "density", "final_personal_accuracy", dlabels)
             + "\n\nCommunication, counted from the serialised payloads (mean over seeds):\n\n"
             + bytes_table(rows, densities)

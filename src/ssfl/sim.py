@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ssfl.algorithms import Algorithm, build
-from ssfl.algorithms.base import ClientContext
+from ssfl.algorithms.base import TRAIN, ClientContext
 from ssfl.attacks import attacker_for
 from ssfl.client import LocalData, TrainSettings, client_generator
 from ssfl.config import Config
@@ -49,6 +49,7 @@ class InProcessTransport(Transport):
         self.clients = [exp.client(c) for c in range(len(exp.parts))]
         self.settings: TrainSettings = train_settings(exp.config)
         self.states: dict[int, bytes] = {}
+        self.local_model_hook: Callable[[int, Any], None] | None = None
         # Simulated hostile clients ([attack]); None in an honest run.
         self.attacker = attacker_for(exp.config, [
             math.prod(s) for s in self.algorithm.setup.prunable_shapes.values()])
@@ -89,6 +90,8 @@ class InProcessTransport(Transport):
                 self.states.pop(cid, None)
             else:
                 self.states[cid] = out.state
+            if kind == TRAIN and self.local_model_hook is not None:
+                self.local_model_hook(cid, self.exp.model)  # the model it just trained
             result = out.result
             reply = out.reply
             samples = result.num_samples if result else len(self.clients[cid])
@@ -108,6 +111,9 @@ class InProcessTransport(Transport):
 
     def client_states(self) -> dict[int, bytes]:
         return dict(self.states)
+
+    def watch_local_models(self, hook: Callable[[int, Any], None]) -> None:
+        self.local_model_hook = hook
 
     def load_client_states(self, states: Mapping[int, bytes]) -> None:
         self.states = dict(states)

@@ -120,6 +120,7 @@ def save(r: Run, rnd: int) -> None:
         "clients": sorted(clients), "device": device_name(r.exp.model),
         "code": code_version(), "data": data_fingerprint(r.exp),
         "values_per_payload": r.values_per_payload,
+        "local_accuracy": {str(cid): acc for cid, acc in sorted(r.local_accuracy.items())},
     }, tensors), tensors)
 
 
@@ -220,6 +221,11 @@ def check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
         raise _malformed("the algorithm's state is not a table")
     if not (meta["device"] is None or isinstance(meta["device"], str)):
         raise _malformed("device is not a string")
+    local = meta.get("local_accuracy", {})
+    if not isinstance(local, dict) or not all(
+            isinstance(c, str) and c.isdecimal() and int(c) < num_clients
+            and _is_number(a, 0) and a <= 1 for c, a in local.items()):
+        raise _malformed("local_accuracy is not a table of client ids and accuracies")
     if not _is_int(meta["values_per_payload"]):
         raise _malformed(f"values_per_payload {meta['values_per_payload']!r} is not a count")
     clients = meta["clients"]
@@ -301,5 +307,8 @@ def restore(r: Run, checkpoint: tuple[dict[str, Any], dict[str, torch.Tensor]], 
     r.ledger = Ledger.from_json(meta["ledger"])
     r.mask_info = dict(meta["mask_info"])
     r.values_per_payload = int(meta["values_per_payload"])
+    # absent in checkpoints written before the authors' protocol was measured
+    r.local_accuracy = {int(cid): float(acc)
+                        for cid, acc in meta.get("local_accuracy", {}).items()}
     r.first_round = int(meta["round"]) + 1
     r.started = time.perf_counter() - float(meta["wall_seconds"])

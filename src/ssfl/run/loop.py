@@ -119,6 +119,10 @@ class Transport(ABC):
         """The clients' states, to save with a checkpoint (where this transport keeps them)."""
         return {}
 
+    def watch_local_models(self, hook: Callable[[int, Any], None]) -> None:
+        """Call ``hook(client, model)`` with each client's model right after it trained, where
+        this transport holds it (the simulator); elsewhere nothing is called."""
+
     def load_client_states(self, states: Mapping[int, bytes]) -> None:
         """Restore what ``client_states`` returned."""
 
@@ -221,6 +225,9 @@ class Run:
     client_sizes: tuple[int, ...] = ()
     started: float = 0.0  # perf_counter at the (virtual) start, earlier sessions included
     values_per_payload: int = 0
+    #: the authors' personalised protocol: per client, the accuracy of its last local model
+    #: (right after it trained) on its own test split; simulator only
+    local_accuracy: dict[int, float] = field(default_factory=dict)
 
     @property
     def config(self) -> Config:
@@ -255,6 +262,7 @@ def run(
     folder = RunFolder.open(exp, make_run_dir(exp.config, run_dir) if write else None,
                             fresh=checkpoint is None)
     r = Run(exp, transport, algorithm, folder, client_sizes=tuple(len(p) for p in exp.parts))
+    transport.watch_local_models(lambda cid, model: record_local_accuracy(r, cid, model))
     if checkpoint is None:
         set_up(r)
     else:
@@ -393,11 +401,12 @@ class Completed:
     clients: dict[int, bytes]
     ledger: dict[tuple[str, int, str, str], int]
     rows: int
+    local_accuracy: dict[int, float]
 
     @classmethod
     def of(cls, r: Run, rnd: int) -> Completed:
         return cls(rnd, r.state, r.transport.client_states(), dict(r.ledger.entries),
-                   len(r.metrics))
+                   len(r.metrics), dict(r.local_accuracy))
 
 
 def save_completed(r: Run, done: Completed) -> Path | None:
@@ -409,6 +418,7 @@ def save_completed(r: Run, done: Completed) -> Path | None:
     r.state = done.state
     r.transport.load_client_states(done.clients)
     r.ledger.entries = dict(done.ledger)
+    r.local_accuracy = dict(done.local_accuracy)
     del r.metrics[done.rows:]
     save(r, done.round)
     return r.folder.path / CHECKPOINT
@@ -593,9 +603,21 @@ def evaluate(r: Run) -> dict[str, Any]:
     else:
         personal = sum(int(correct[idx].sum()) / max(1, idx.numel())
                        for idx in tests) / len(tests)
+    local = (sum(r.local_accuracy.values()) / len(r.local_accuracy) if r.local_accuracy
+             else None)
     return {"accuracy": int(correct.sum()) / correct.numel(),  # exact, not float32
             "test_loss": float(losses.mean()), "personal_accuracy": personal,
-            "eval_seconds": time.perf_counter() - started}
+            "local_accuracy": local, "eval_seconds": time.perf_counter() - started}
+
+
+def record_local_accuracy(r: Run, cid: int, model: Any) -> None:
+    """The authors' protocol: a client's model right after its local training, on the client's
+    own test split (kept until the client trains again)."""
+    test, idx = r.exp.test_set, r.folder.client_tests[cid]
+    assert test is not None
+    correct, _ = evaluate_samples(model, test.images[idx], test.labels[idx], test.mean,
+                                  test.std)
+    r.local_accuracy[cid] = int(correct.sum()) / max(1, idx.numel())
 
 
 # ---- the end ---------------------------------------------------------------------------------
@@ -656,6 +678,9 @@ def summarise(r: Run, wall: float) -> dict[str, Any]:
         "best_accuracy": max(accuracies) if accuracies else None,
         "final_personal_accuracy": next(
             (m["personal_accuracy"] for m in reversed(metrics) if m["accuracy"] is not None),
+            None),
+        "final_local_accuracy": next(
+            (m.get("local_accuracy") for m in reversed(metrics) if m["accuracy"] is not None),
             None),
         "one_time_bytes": r.ledger.one_time(),
         "bytes_per_round": {"down": down, "up": up},
