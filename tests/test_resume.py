@@ -230,6 +230,13 @@ def _edit_row(key: str, value):
     return edit
 
 
+def _drop_from_row(key: str):
+    def edit(meta: dict, tensors: dict) -> None:
+        del meta["metrics"][1][key]
+
+    return edit
+
+
 def _truncate(meta: dict, tensors: dict) -> None:
     tensors["algorithm.values"] = tensors["algorithm.values"][:-5].clone()
 
@@ -277,6 +284,7 @@ DEFECTS = {
     "a metrics row missing": (_drop_row, "1 metrics rows for 2 rounds"),
     "a metrics row of another round": (_edit_row("round", 5), "row 2 is not the row of round 2"),
     "a metrics row without clients": (_edit_row("clients", "all"), "clients is not a list"),
+    "a metrics row without accuracy": (_drop_from_row("accuracy"), "row 2 has no accuracy"),
     "a client beyond the federation": (_edit_row("clients", [0, 99]), "client ids"),
     "bytes as text": (_edit_row("bytes_down", "many"), "bytes_down is not a byte count"),
     "ledger not a list": (_set("ledger", {"setup": 5}), "the ledger is a dict, not a list"),

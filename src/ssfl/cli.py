@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ssfl.config import Config, ConfigError, check_writable, load_config
 
@@ -229,13 +230,29 @@ def _version() -> str:
     return f"ssfl {code['version']}{commit}"
 
 
+class CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not the stream of the
+    moment the handler was made, which a test harness may have closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def show_round_lines() -> None:
     """``ssfl run`` prints the loop's INFO lines (one per round without a terminal) and its
     warnings (rejected updates, failed clients) as plain lines on stderr."""
     logger = logging.getLogger("ssfl")
     for old in [h for h in logger.handlers if getattr(h, "ssfl_cli", False)]:
         logger.removeHandler(old)  # a second main() in one process: today's stderr, once
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderr()
     handler.ssfl_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)

@@ -259,6 +259,8 @@ def _check_row(row: Any, i: int, num_clients: int) -> None:
         raise _malformed(f"metrics row {i}: seconds is not a time")
     if not isinstance(row.get("train_loss"), (int, float)) or isinstance(row["train_loss"], bool):
         raise _malformed(f"metrics row {i}: train_loss is not a number")
+    if "accuracy" not in row:
+        raise _malformed(f"metrics row {i} has no accuracy (null where not evaluated)")
     if row.get("accuracy") is not None and not (_is_number(row["accuracy"], 0)
                                                 and _is_number(row.get("personal_accuracy"), 0)):
         raise _malformed(f"metrics row {i}: accuracy is not a number")

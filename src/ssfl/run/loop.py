@@ -11,6 +11,7 @@ over Flower), so both produce the same mask and metrics.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -603,8 +604,9 @@ def evaluate(r: Run) -> dict[str, Any]:
     else:
         personal = sum(int(correct[idx].sum()) / max(1, idx.numel())
                        for idx in tests) / len(tests)
-    local = (sum(r.local_accuracy.values()) / len(r.local_accuracy) if r.local_accuracy
-             else None)
+    # fsum: the same mean whatever order the clients were recorded in (a resumed run)
+    local = (math.fsum(r.local_accuracy.values()) / len(r.local_accuracy)
+             if r.local_accuracy else None)
     return {"accuracy": int(correct.sum()) / correct.numel(),  # exact, not float32
             "test_loss": float(losses.mean()), "personal_accuracy": personal,
             "local_accuracy": local, "eval_seconds": time.perf_counter() - started}
