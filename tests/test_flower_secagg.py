@@ -389,7 +389,7 @@ def test_secure_aggregation_on_a_local_deployment(tmp_path: Path) -> None:
     from ssfl.flower.local import processes_of, run_local
     from ssfl.sim import run_experiment
 
-    overrides = [*QUICK, "run.rounds=2"]
+    overrides = [*QUICK, "run.rounds=1"]
     workdir = (tmp_path / "work").resolve()
     try:
         run_dir = run_local(None, overrides, supernodes=3, run_dir=tmp_path / "run",
