@@ -334,6 +334,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    return _with_overrides(raw, overrides)
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """``config`` with ``section.key=value`` overrides, validated (a new Config)."""
+    return _with_overrides(tomllib.loads(to_toml(config)), overrides)
+
+
+def _with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> Config:
     for text in overrides:
         section, key, value = parse_override(text)
         if "." in key:  # algorithm.<method>.<key>

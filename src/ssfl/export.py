@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssfl.config import Config, ConfigError, from_dict, to_toml
+from ssfl.config import Config, ConfigError, apply_overrides, from_dict, to_toml
 
 #: the name of the model file in a run folder
 MODEL_FILE = "model.safetensors"
@@ -88,6 +88,11 @@ def _open(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def read_model(path: str | Path) -> tuple[nn.Module, dict[str, torch.Tensor], Config]:
     """The network, its mask and the run's config from a run folder, ``model.safetensors`` or
     a sparse export."""
+    return _read(path)[:3]  # type: ignore[return-value]
+
+
+def _read(path: str | Path) -> tuple[nn.Module, dict[str, torch.Tensor], Config, dict[str, str]]:
+    """``read_model`` and the file's metadata, from one read of the file."""
     from ssfl.models import build_model
 
     tensors, meta = _open(Path(path))
@@ -109,7 +114,7 @@ def read_model(path: str | Path) -> tuple[nn.Module, dict[str, torch.Tensor], Co
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: the tensors do not fit {config.model.name}: {exc}") \
             from None
-    return model.eval(), mask, config
+    return model.eval(), mask, config, meta
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -161,8 +166,7 @@ def export_sparse(run: str | Path, out: str | Path | None = None) -> tuple[Path,
     """Write a run's model as a sparse file; return its path, its size and the dense file's."""
     source = Path(run)
     dense_path = source / MODEL_FILE if source.is_dir() else source
-    model, mask, config = read_model(dense_path)
-    _, meta = _open(dense_path)
+    model, mask, _, meta = _read(dense_path)
     target = Path(out) if out else dense_path.with_name("model.sparse.safetensors")
     metadata = {**meta, "format": SPARSE_FORMAT}
     tmp = target.with_name(target.name + ".tmp")
@@ -179,7 +183,7 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     model, mask, config = read_model(run)
     if overrides:
-        config = _with_overrides(config, overrides)
+        config = apply_overrides(config, list(overrides))
     test = load_dataset(config.data.dataset, config.data.root or None, "test",
                         download=config.data.download)
     if test.num_classes != model_classes(model):
@@ -194,17 +198,6 @@ def evaluate_run(run: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return {"accuracy": int(correct.sum()) / correct.numel(), "test_loss": float(losses.mean()),
             "samples": int(correct.numel()), "dataset": config.data.dataset,
             "density": kept / max(1, sum(m.numel() for m in mask.values()))}
-
-
-def _with_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    import tempfile
-
-    from ssfl.config import load_config
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.toml"
-        path.write_text(to_toml(config))
-        return load_config(path, list(overrides))
 
 
 def model_classes(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from ssfl.config import Config, ConfigError
+from ssfl.config import Config, ConfigError, to_toml
 
 LOGGERS = ("tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -42,7 +42,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.writer.add_text("config", "```\n" + _toml(config) + "\n```", 0)
+        self.writer.add_text("config", "```\n" + to_toml(config) + "\n```", 0)
 
     def log(self, row: dict[str, Any]) -> None:
         for key, value in scalars(row).items():
@@ -66,12 +66,6 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
-
-
-def _toml(config: Config) -> str:
-    from ssfl.config import to_toml
-
-    return to_toml(config)
 
 
 def check_loggers(names: str) -> list[str]:

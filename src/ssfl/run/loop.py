@@ -263,7 +263,8 @@ def run(
     folder = RunFolder.open(exp, make_run_dir(exp.config, run_dir) if write else None,
                             fresh=checkpoint is None)
     r = Run(exp, transport, algorithm, folder, client_sizes=tuple(len(p) for p in exp.parts))
-    transport.watch_local_models(lambda cid, model: record_local_accuracy(r, cid, model))
+    if exp.config.run.eval_every > 0:  # a run that never evaluates needs no local scores
+        transport.watch_local_models(lambda cid, model: record_local_accuracy(r, cid, model))
     if checkpoint is None:
         set_up(r)
     else:
