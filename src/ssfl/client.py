@@ -54,6 +54,23 @@ class TrainSettings:
     batch_size: int = 32
     clip_grad_norm: float = 10.0  # 0 disables clipping
     augment: bool = True
+    local_lr_schedule: str = "constant"  # or "cosine_restarts" (``local_epoch_lr``)
+    local_restart_epochs: int = 10
+    local_lr_min: float = 1e-5
+
+
+def local_epoch_lr(round_lr: float, epoch: int, settings: TrainSettings) -> float:
+    """The learning rate of local epoch ``epoch`` (0-based) in a round whose rate is
+    ``round_lr``: constant, or the warm-restart cosine of the authors' CIFAR-100 recipe,
+    ``eta_min + (round_lr - eta_min) * (1 + cos(pi * (epoch mod T_0) / T_0)) / 2``, which is
+    what torch's ``CosineAnnealingWarmRestarts(T_0, eta_min)`` gives when it is stepped once
+    per epoch and made afresh each round."""
+    if settings.local_lr_schedule == "constant":
+        return round_lr
+    if settings.local_lr_schedule != "cosine_restarts":
+        raise ValueError(f"unknown local_lr_schedule {settings.local_lr_schedule!r}")
+    low, period = settings.local_lr_min, settings.local_restart_epochs
+    return low + (round_lr - low) * (1.0 + math.cos(math.pi * (epoch % period) / period)) / 2
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,10 @@ def local_train(
     # is not made to wait for the host after every step.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     steps, seen = 0, 0
-    for _ in range(settings.local_epochs):
+    for epoch in range(settings.local_epochs):
+        if epoch > 0 and settings.local_lr_schedule != "constant":
+            for group in optimizer.param_groups:
+                group["lr"] = local_epoch_lr(lr, epoch, settings)
         for inputs, targets in iterate_batches(
             data, settings.batch_size, generator, augment=settings.augment, device=device
         ):
@@ -184,13 +204,14 @@ def compute_scores(
     num_batches: int,
     batch_size: int,
     generator: torch.Generator,
+    augment: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Saliency of each prunable weight on ``num_batches`` minibatches of this client's data.
-
-    No augmentation: the score should reflect the data, not random crops of it. If the client
-    has fewer samples than ``num_batches * batch_size``, its batches are the ones it has.
+    """Saliency of each prunable weight on the first ``num_batches`` minibatches of a shuffled
+    pass over this client's data, augmented (random crop and flip, as in training) or not.
+    If the client has fewer samples than ``num_batches * batch_size``, its batches are the
+    ones it has.
     """
-    batches = iterate_batches(data, batch_size, generator, augment=False,
+    batches = iterate_batches(data, batch_size, generator, augment=augment,
                               device=model_device(model))
     chosen = (b for i, b in zip(range(num_batches), batches))
     return saliency_scores(model, chosen, prunable_parameter_names(model))

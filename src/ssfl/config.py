@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 LR_SCHEDULES = ("exponential", "cosine")
+#: the learning rate inside a round (``train.local_lr_schedule``)
+LOCAL_LR_SCHEDULES = ("constant", "cosine_restarts")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
 #: the names of ``ssfl.comm.VALUE_DTYPES`` (a test keeps them equal; this module stays torch-free)
 VALUE_DTYPE_NAMES = ("float16", "float32")
@@ -154,6 +156,13 @@ class TrainSection:
     lr: float = 0.05  # the local SGD learning rate of round 1
     lr_schedule: str = "exponential"  # exponential (lr * decay**(round-1)) or cosine over the run
     lr_decay: float = 0.998  # per round, for the exponential schedule (the paper's CIFAR-10)
+    # The learning rate inside a round: "constant" (the round's lr for every step), or
+    # "cosine_restarts" (the authors' CIFAR-100 recipe, torch's CosineAnnealingWarmRestarts
+    # stepped once per local epoch and made afresh every round: from the round's lr down
+    # towards local_lr_min over local_restart_epochs epochs, then again from the round's lr)
+    local_lr_schedule: str = "constant"
+    local_restart_epochs: int = 10  # epochs per cosine cycle (T_0)
+    local_lr_min: float = 1e-5  # the cosine's floor (eta_min), below the round's lr
     momentum: float = 0.9  # local SGD momentum (reset every round)
     weight_decay: float = 5e-4  # local SGD weight decay
     local_epochs: int = 2  # passes over the client's data per round
@@ -397,6 +406,7 @@ def validate(config: Config) -> None:
     first the ones this module can make alone, then the names and the method's own settings,
     which need the registries (``check_registered``)."""
     _choice("train.lr_schedule", config.train.lr_schedule, LR_SCHEDULES)
+    _choice("train.local_lr_schedule", config.train.local_lr_schedule, LOCAL_LR_SCHEDULES)
     _choice("train.augment", config.train.augment, AUGMENTATIONS)
     _choice("comm.value_dtype", config.comm.value_dtype, VALUE_DTYPE_NAMES)
     density = config.algorithm.density
@@ -413,6 +423,9 @@ def validate(config: Config) -> None:
               why=" (larger steps diverge in the first rounds)")
     _in_range("train.lr_decay", config.train.lr_decay, 0.0, 1.0, low_open=True,
               why=" (the learning rate's factor per round; 1: constant)")
+    if config.train.local_lr_schedule == "cosine_restarts":
+        _in_range("train.local_lr_min", config.train.local_lr_min, 0.0, config.train.lr,
+                  high_open=True, why=" (the local cosine's floor, below train.lr)")
     _in_range("train.momentum", config.train.momentum, 0.0, 1.0, high_open=True,
               why=" (momentum >= 1 makes SGD diverge)")
     _in_range("train.weight_decay", config.train.weight_decay, 0.0, 1.0, high_open=True,
@@ -432,6 +445,7 @@ def validate(config: Config) -> None:
         ("federation.num_clients", config.federation.num_clients),
         ("federation.clients_per_round", config.federation.clients_per_round),
         ("train.local_epochs", config.train.local_epochs),
+        ("train.local_restart_epochs", config.train.local_restart_epochs),
         ("train.batch_size", config.train.batch_size),
         ("data.classes_per_client", config.data.classes_per_client),
         ("federation.min_replies", config.federation.min_replies),

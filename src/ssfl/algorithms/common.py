@@ -40,6 +40,8 @@ SCORE_AGGREGATIONS = ("weighted", "uniform")
 #: how a client's saliency scores may travel (``[algorithm.ssfl] score_dtype``): float32 (the
 #: paper), float16, bfloat16, log8 (8-bit log-scale codes; ``ssfl.comm.encode_log8``)
 SCORE_DTYPES = tuple(PAYLOAD_DTYPES)
+#: ``saliency_augment``: score batches augmented as training batches are, or not
+SALIENCY_AUGMENTS = ("train", "off")
 
 
 class WeightedMean:

@@ -4,8 +4,10 @@ Read top to bottom, this file is the whole method:
 
 1. **Mask round** (``SSFL.run_setup``): every client scores each Conv/Linear weight of the same
    seeded initial model on its own data, SNIP-style ``|dL/dw * w|`` on
-   ``saliency_batches`` minibatches (``client_setup("scores")``, ``ssfl.client.compute_scores``:
-   unaugmented batches, the model in eval mode as in the authors' code); the server averages the
+   the first ``saliency_batches`` minibatches of a shuffled pass (``client_setup("scores")``,
+   ``ssfl.client.compute_scores``: cropped and flipped as training batches are, the model in
+   eval mode, both as in the authors' code; ``saliency_augment = "off"`` scores the images
+   as they are); the server averages the
    scores, weighted by sample count or uniformly as the authors' code does
    (``ssfl.algorithms.robust.combine_scores``; ``score_rule`` picks a robust combination
    instead of the mean), and keeps the global top-k for the target density
@@ -44,6 +46,7 @@ from ssfl.algorithms.base import (
     SetupReply,
 )
 from ssfl.algorithms.common import (
+    SALIENCY_AUGMENTS,
     SCORE_AGGREGATIONS,
     SCORE_DTYPES,
     MaskCodec,
@@ -224,6 +227,10 @@ class SaliencySettings:
     score_rule: str = "mean"
     saliency_batches: int = 1  # minibatches per client for the scores
     saliency_batch_size: int = 0  # their size; 0: train.batch_size
+    # "train": the scored batches are augmented as the training batches are (train.augment),
+    # as the authors score the first batch of their shuffled, cropped and flipped training
+    # loader; "off": unaugmented images (what this project did before it had this key)
+    saliency_augment: str = "train"
     # how each client's scores travel in the mask round (docs/lean_mask.md; the defaults of
     # these four keys are the paper's): "float32", "float16", "bfloat16" or "log8" (8-bit
     # log-scale codes)
@@ -248,6 +255,9 @@ class SaliencySettings:
             raise ValueError(f"saliency_batches must be at least 1, not {self.saliency_batches}")
         if self.saliency_batch_size < 0:
             raise ValueError("saliency_batch_size must be >= 0 (0: the training batch size)")
+        if self.saliency_augment not in SALIENCY_AUGMENTS:
+            raise ValueError(f"saliency_augment = {self.saliency_augment!r} is not allowed; "
+                             f"choose one of {list(SALIENCY_AUGMENTS)}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype = {self.score_dtype!r} is not allowed; choose one "
                              f"of {list(SCORE_DTYPES)}")
@@ -320,7 +330,8 @@ class SaliencyMask(FixedMaskFedAvg):
         load_weights_(ctx.model, self.setup.initial)  # the seeded model, whatever it held
         scores = compute_scores(ctx.model, ctx.data, num_batches=batches,
                                 batch_size=s.saliency_batch_size or ctx.settings.batch_size,
-                                generator=ctx.generator)
+                                generator=ctx.generator,
+                                augment=s.saliency_augment == "train" and ctx.settings.augment)
         return ClientOutput(encode_scores(scores, s.score_dtype, self.score_top()), state)
 
     def scores_to_mask(self, replies: Sequence[SetupReply], mode: str) -> tuple[Mask, list[int]]:

@@ -117,7 +117,10 @@ def train_settings(config: Config) -> TrainSettings:
     t = config.train
     return TrainSettings(momentum=t.momentum, weight_decay=t.weight_decay,
                          local_epochs=t.local_epochs, batch_size=t.batch_size,
-                         clip_grad_norm=t.clip_grad_norm, augment=augmentation_enabled(config))
+                         clip_grad_norm=t.clip_grad_norm, augment=augmentation_enabled(config),
+                         local_lr_schedule=t.local_lr_schedule,
+                         local_restart_epochs=t.local_restart_epochs,
+                         local_lr_min=t.local_lr_min)
 
 
 def learning_rate(config: Config, round: int) -> float:
