@@ -5,6 +5,7 @@ never drifts from what the commands produce:
 
     python benchmarks/throughput.py     # -> results/throughput.json
     python benchmarks/memory.py         # -> results/memory.json
+    python benchmarks/threads.py        # -> results/threads.{json,md}
     python benchmarks/comparison.py main    # -> results/comparison.{json,md} (+ plots)
     python benchmarks/comparison.py noniid  # -> results/noniid.{json,md} (+ plot)
     python benchmarks/mask_analysis.py      # -> results/mask_analysis.{json,md} (+ plot)
@@ -340,6 +341,30 @@ def readme_with_headline(readme: str, data: dict[str, Any]) -> str:
     return readme[:start] + HEADLINE_START + "\n" + body + "\n" + readme[end:]
 
 
+def threads_section(data: dict[str, Any] | None) -> str:
+    if data is None:
+        return "_Not yet measured: run `python benchmarks/threads.py`._\n"
+    table = (RESULTS / "threads.md").read_text().split("\n", 4)[4]
+    rows = data["runs"]
+
+    def ratio(condition: str, workload: str, threads: int, key: str) -> float:
+        one = next(r for r in rows if (r["condition"], r["workload"], r["threads"])
+                   == (condition, workload, 1))
+        other = next(r for r in rows if (r["condition"], r["workload"], r["threads"])
+                     == (condition, workload, threads))
+        return other[key] / one[key]
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    quiet = [ratio("quiet", w, 0, "wall_seconds") for w in workloads]
+    busy = [ratio("busy", w, 0, "wall_seconds") for w in workloads]
+    return (table + f"\nOn the quiet machine PyTorch's default ({data['cores']} threads here) "
+            f"changes the wall time by a factor of {min(quiet):.2f} to {max(quiet):.2f} "
+            f"against one thread and always costs more CPU time; beside {data['cores']} "
+            f"busy processes, as on a shared CI machine or in a sweep of parallel runs, it is "
+            f"{min(busy):.1f} to {max(busy):.1f} times slower. So `run.threads` defaults to 1; "
+            "on a machine of its own, a larger model gains from `run.threads=0`.\n")
+
+
 def saliency_augment_section(data: dict[str, Any] | None) -> str:
     if data is None:
         return "_Not yet measured: run `python benchmarks/saliency_augment.py mask`._\n"
@@ -398,6 +423,11 @@ def main() -> None:
         "masked SGD, gather, encode) against a plain PyTorch loop over the same, "
         "ready-made batches.\n\n"
         + throughput_section(_load("throughput.json"))
+        + "\n## Threads per run\n\n`python benchmarks/threads.py`: one `ssfl run` process "
+        "per workload and `run.threads` (1, 2, 0 = PyTorch's default), its wall time and the "
+        "CPU time it used, on the quiet machine and beside as many CPU-bound processes as it "
+        "has cores (busy). Ratios are against one thread in the same condition.\n\n"
+        + threads_section(_load("threads.json"))
         + "\n## Memory\n\n`python benchmarks/memory.py`: peak resident memory of whole "
         "`ssfl run` processes; clients are index sets into one uint8 tensor and share one "
         "model, so memory does not grow with the number of clients.\n\n"

@@ -303,8 +303,9 @@ def main() -> None:
         raise SystemExit(f"unknown setting in {settings}; choose from {list(SETTINGS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     recorded_path = args.out / "robustness.json"
-    recorded = ({r["name"]: r for r in json.loads(recorded_path.read_text())["runs"]}
-                if recorded_path.exists() else {})
+    # Rows without a settled accuracy are from the dropped 30-round protocol: not this table's.
+    recorded = ({r["name"]: r for r in json.loads(recorded_path.read_text())["runs"]
+                 if "settled_accuracy" in r} if recorded_path.exists() else {})
     jobs = clean_jobs(rules, seeds, None)
     if args.sweep == "attacks":
         jobs = attack_jobs(rules, attacks, seeds[0], args.rounds, settings)

@@ -82,7 +82,11 @@ class RunSection:
     rounds: int = 50  # training rounds after the set-up phase
     eval_every: int = 1  # evaluate the global model every n rounds (and after the last); 0: never
     out_dir: str = "runs"  # where run folders are made
-    threads: int = 0  # 0: leave PyTorch's default
+    # torch threads per run; 0: PyTorch's default (every core). One thread is the default
+    # because it measured fastest or close to it wherever the machine is shared, and never
+    # costs more CPU (docs/benchmarks.md, "Threads per run"); a quiet machine trains a
+    # ResNet about 1.4x faster with every core.
+    threads: int = 1
     # Where the model trains: "auto" (the machine's CUDA GPU if it has one, else the CPU),
     # "cpu", "cuda" or "cuda:N". Server state and payloads stay on the CPU either way.
     device: str = "auto"
