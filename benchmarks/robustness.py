@@ -41,12 +41,12 @@ from comparison import CONFIG, run_jobs  # noqa: E402  (a sibling script, not a 
 
 #: aggregation rules as config overrides; "plain" is the paper's FedAvg (and its mean of
 #: saliency scores). The update rules keep the paper's score mean, the score rules the plain
-#: update mean: each changes one thing. "default" is whatever the code's defaults are.
+#: update mean: each changes one thing. The tables mark the rule that ssfl's defaults are
+#: (``default_rule``).
 PAPER_SCORES = "algorithm.ssfl.score_rule=mean"
 PLAIN = ["federation.aggregator=mean", "federation.adaptive_clip=0"]
 RULES: dict[str, list[str]] = {
     "plain": [*PLAIN, PAPER_SCORES],
-    "default": [],
     "clip": ["federation.aggregator=mean", "federation.adaptive_clip=2", PAPER_SCORES],
     "trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=0",
                 PAPER_SCORES],
@@ -65,7 +65,6 @@ SCORE_RULES = ["plain", "scores_normalised", "scores_trimmed", "scores_median"]
 #: what each rule's label means, for the tables
 RULE_TEXT = {
     "plain": "FedAvg (mean, no clipping) and the mean of scores: the paper's",
-    "default": "ssfl's defaults (see the README's config table)",
     "clip": "mean after adaptive clipping (2 x the round's median change norm)",
     "trimmed": "trimmed mean (10% from each end, at least one)",
     "clip_trimmed": "trimmed mean after adaptive clipping",
@@ -77,8 +76,7 @@ RULE_TEXT = {
     "scores_median": "FedAvg; median of scores",
 }
 #: the columns of the attack table: update rules
-UPDATE_RULES = ["plain", "default", "clip", "trimmed", "clip_trimmed", "median", "krum",
-                "multi_krum"]
+UPDATE_RULES = ["plain", "clip", "trimmed", "clip_trimmed", "median", "krum", "multi_krum"]
 ATTACKS = ["huge", "boost", "sign_flip", "zeros", "inflate_samples", "poison_scores", "replay"]
 #: (clients per round, hostile clients per round)
 SETTINGS = {"5x1": (5, 1), "10x2": (10, 2)}
@@ -88,6 +86,24 @@ EVAL_EVERY = 5
 SETTLE = 3
 #: what ``ssfl run`` prints when the server stops a run (ssfl/cli.py)
 STOPPED = "ssfl run: the run stopped:"
+
+
+def default_rule() -> str | None:
+    """The rule whose overrides are ssfl's own defaults (None: no rule here is)."""
+    from ssfl.config import FederationSection
+
+    defaults = FederationSection()
+    aggregator, clip = defaults.aggregator, defaults.adaptive_clip
+    for rule in UPDATE_RULES:
+        given = dict(o.split("=", 1) for o in RULES[rule] if o.startswith("federation."))
+        if (given["federation.aggregator"] == aggregator
+                and float(given["federation.adaptive_clip"]) == clip):
+            return rule
+    return None
+
+
+def label(rule: str) -> str:
+    return f"{rule} (default)" if rule == default_rule() else rule
 
 
 @dataclass(frozen=True)
@@ -199,7 +215,7 @@ def clean_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
                 if r["rule"] == rule and r["attack"] == "none" and r["setting"] == CLEAN_SETTING]
         if accs:
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            lines.append(f"| {rule}: {RULE_TEXT[rule]} | {statistics.mean(accs):.1f} +- "
+            lines.append(f"| {label(rule)}: {RULE_TEXT[rule]} | {statistics.mean(accs):.1f} +- "
                          f"{std:.1f} | {len(accs)} |")
     return "\n".join(lines)
 
@@ -210,16 +226,22 @@ def attack_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: 
     by = {(r["rule"], r["attack"], r["setting"]): r for r in rows}
     rules = [r for r in rules if r in UPDATE_RULES]
     lines = [f"| attack ({hostile} hostile of {clients} per round) | "
-             + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+             + " | ".join(map(label, rules)) + " |", "|---" * (len(rules) + 1) + "|"]
     clean = {rule: by.get((rule, "none", f"{clients}x0")) for rule in rules}
     lines.append("| none (honest run) | " + " | ".join(
         cell(clean[rule], None) for rule in rules) + " |")
+    worst: dict[str, list[float]] = {rule: [] for rule in rules}
     for attack in attacks:
         cells = []
         for rule in rules:
             base = clean[rule]["settled_accuracy"] if clean[rule] else None
-            cells.append(cell(by.get((rule, attack, setting)), base))
+            row = by.get((rule, attack, setting))
+            cells.append(cell(row, base))
+            if row and base is not None and row["settled_accuracy"] is not None:
+                worst[rule].append((row["settled_accuracy"] - base) * 100)
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    lines.append("| largest loss (points; attacks run) | " + " | ".join(
+        f"{-min(worst[r]):.1f} ({len(worst[r])})" if worst[r] else "..." for r in rules) + " |")
     return "\n".join(lines)
 
 
