@@ -90,10 +90,12 @@ STOPPED = "ssfl run: the run stopped:"
 
 def default_rule() -> str | None:
     """The rule whose overrides are ssfl's own defaults (None: no rule here is)."""
-    from ssfl.config import FederationSection
+    from ssfl.config import AUTO, AUTO_ADAPTIVE_CLIP, FederationSection
 
     defaults = FederationSection()
     aggregator, clip = defaults.aggregator, defaults.adaptive_clip
+    if clip == AUTO:  # what "auto" is where the server sees each update, as in these runs
+        clip = AUTO_ADAPTIVE_CLIP
     for rule in UPDATE_RULES:
         given = dict(o.split("=", 1) for o in RULES[rule] if o.startswith("federation."))
         if (given["federation.aggregator"] == aggregator

@@ -28,10 +28,13 @@ Canned = tuple[int, bytes | None, int]
 def make_setup(initial: Mapping[str, torch.Tensor], prunable: Sequence[str], density: float,
                num_clients: int = 4, overrides: Iterable[str] = (),
                name: str = "sparsyfed") -> Setup:
-    """The ``Setup`` of a hand-sized model (``initial``: its weights, in parameter order)."""
+    """The ``Setup`` of a hand-sized model (``initial``: its weights, in parameter order).
+    Its aggregation is the paper's plain FedAvg (no adaptive clipping, which the default
+    "auto" would add) unless ``overrides`` say otherwise: the hand computations are of it."""
     config = load_config(None, [f"algorithm.name={name}", f"algorithm.density={density}",
                                 f"federation.num_clients={num_clients}",
-                                "federation.clients_per_round=1", *overrides])
+                                "federation.clients_per_round=1", "federation.adaptive_clip=0",
+                                *overrides])
     return Setup(config, {n: t.shape for n, t in initial.items()}, list(prunable),
                  {n: t.detach().clone() for n, t in initial.items()}, num_clients)
 

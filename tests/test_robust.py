@@ -20,6 +20,7 @@ from ssfl.algorithms.robust import (
     combine,
     combine_held,
     coordinate_median,
+    is_plain_mean,
     krum_scores,
     krum_select,
     trim_count,
@@ -86,17 +87,21 @@ def test_rules_through_one_entry_point() -> None:
 @pytest.mark.slow
 def test_a_hostile_client_moves_the_mean_but_not_the_median_in_a_run() -> None:
     """Whole runs (digits, 5 clients per round): one client per round boosts its change by
-    1e4 (``[attack]``). Plain FedAvg's weights grow to thousands and it stays at chance; with
-    the coordinate median the run learns."""
+    1e4 (``[attack]``). The paper's plain FedAvg's weights grow to thousands and it stays at
+    chance; with the default (adaptive clipping) they stay bounded, and with the coordinate
+    median the run learns."""
     from ssfl.config import ConfigError, load_config
     from ssfl.sim import run_experiment
 
     base = ["run.rounds=4", "run.threads=1", "run.progress=false", "federation.num_clients=5",
             "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5",
             "attack.kind=boost", "attack.boost=1e4"]
-    plain = run_experiment(load_config(None, base), write=False)
+    plain = run_experiment(load_config(None, [*base, "federation.adaptive_clip=0"]),
+                           write=False)
     assert float(plain.final_values.abs().max()) > 1000.0
     assert plain.summary["final_accuracy"] < 0.15
+    default = run_experiment(load_config(None, base), write=False)
+    assert float(default.final_values.abs().max()) < 10.0
     median = run_experiment(load_config(None, [*base, "federation.aggregator=median"]),
                             write=False)
     assert float(median.final_values.abs().max()) < 10.0
@@ -317,9 +322,10 @@ def test_dispfl_refuses_krum_over_too_few_neighbours() -> None:
 
 
 @pytest.mark.parametrize("name", ["random_clientwise", "feddst", "prunefl", "sparsyfed"])
-def test_default_settings_keep_the_old_code_path(name: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the defaults no robust combiner is called (test_golden checks the bits)."""
+def test_the_papers_settings_keep_the_old_code_path(name: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the paper's FedAvg (adaptive_clip 0, as _method sets) no robust combiner is
+    called (test_golden checks the bits)."""
     module = importlib.import_module(f"ssfl.algorithms.{name.replace('random_', '')}")
     for combiner in ("combine", "combine_over_holders"):
         if hasattr(module, combiner):
@@ -367,3 +373,64 @@ def test_every_method_runs_with_a_robust_rule(name: str) -> None:
         "algorithm.prunefl.initial_rounds=1", "algorithm.dispfl.neighbors=2"])
     result = run_experiment(config, write=False)
     assert bool(torch.isfinite(result.final_values).all())
+
+
+# ------------------------------------------------------------------- the default: "auto" clip
+
+
+def test_auto_clip_is_two_where_the_server_combines_updates_in_the_clear() -> None:
+    from ssfl.config import AUTO, AUTO_ADAPTIVE_CLIP, FederationSection
+
+    assert FederationSection().adaptive_clip == AUTO  # unresolved: what a bare Config holds
+    assert AUTO_ADAPTIVE_CLIP == 2.0
+    for method in ("ssfl", "fedavg", "feddst", "prunefl", "sparsyfed", "dispfl",
+                   "random_clientwise"):
+        density = 1.0 if method == "fedavg" else 0.5
+        config = load_config(None, [f"algorithm.name={method}", f"algorithm.density={density}"])
+        assert config.federation.adaptive_clip == 2.0, method
+    # An explicit number is kept, 0 (the paper's FedAvg) included.
+    assert load_config(None, ["federation.adaptive_clip=3"]).federation.adaptive_clip == 3.0
+    assert load_config(None, ["federation.adaptive_clip=0"]).federation.adaptive_clip == 0.0
+
+
+def test_auto_clip_is_off_where_each_change_is_bounded_otherwise_or_unseen() -> None:
+    # Differential privacy clips to its own fixed norm (an adaptive bound would depend on
+    # every client's data); under secure aggregation the server sees only the sum.
+    private = load_config(None, ["privacy.mode=server"])
+    assert private.federation.adaptive_clip == 0.0
+    summed = load_config(None, [], secure_aggregation=True)
+    assert summed.federation.adaptive_clip == 0.0
+    # An explicit clip with either is still refused by name.
+    with pytest.raises(ConfigError, match="adaptive_clip"):
+        load_config(None, ["privacy.mode=server", "federation.adaptive_clip=2"])
+
+
+def test_auto_clip_is_off_for_a_method_without_robust_aggregation() -> None:
+    from ssfl.algorithms.base import Algorithm
+    from ssfl.config import AUTO, Config, resolve_adaptive_clip
+
+    config = Config()
+    assert not Algorithm.robust_aggregation
+    resolve_adaptive_clip(config, Algorithm.robust_aggregation)
+    assert config.federation.adaptive_clip == 0.0
+    config = Config()
+    config.federation.adaptive_clip = AUTO
+    resolve_adaptive_clip(config, True)
+    assert config.federation.adaptive_clip == 2.0
+
+
+def test_an_unresolved_auto_clip_clips_nothing() -> None:
+    # A Config that never went through validation holds -1: the combiners treat it as off.
+    from ssfl.config import FederationSection
+
+    fed = FederationSection()
+    assert is_plain_mean(fed)
+    ref = torch.zeros(3)
+    updates = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([100.0, 100.0, 100.0])]
+    out = combine(updates, [1, 1], ref, fed)
+    assert torch.allclose(out, torch.full((3,), 50.5))
+
+
+def test_a_negative_clip_other_than_auto_is_refused() -> None:
+    with pytest.raises(ConfigError, match="adaptive_clip"):
+        load_config(None, ["federation.adaptive_clip=-2"])

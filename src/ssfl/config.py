@@ -20,6 +20,13 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 LR_SCHEDULES = ("exponential", "cosine")
+#: ``federation.adaptive_clip``'s default, "auto", which ``resolve_adaptive_clip`` turns into
+#: ``AUTO_ADAPTIVE_CLIP`` or 0; unresolved (a ``Config`` never validated) it clips nothing
+AUTO = -1.0
+#: the multiple of the round's median change norm that "auto" clips to: an honest round
+#: rarely has a change twice the median (the CPU reference's never did, docs/reliability.md),
+#: and no client moves the mean by more than twice what a typical client does
+AUTO_ADAPTIVE_CLIP = 2.0
 #: the learning rate inside a round (``train.local_lr_schedule``)
 LOCAL_LR_SCHEDULES = ("constant", "cosine_restarts")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
@@ -136,8 +143,12 @@ class FederationSection:
     # Robust aggregation: clip each client's change to the global model to this L2 norm before
     # averaging (0: off). Invalid updates are always rejected, whatever this is.
     update_clip_norm: float = 0.0
-    # ... or to this multiple of the round's median change norm (0: off; both: the smaller)
-    adaptive_clip: float = 0.0
+    # ... or to this multiple of the round's median change norm (0: off; both: the smaller).
+    # -1 (the default, "auto"): 2 wherever the server combines each client's update in the
+    # clear; 0 under [privacy] or Flower's secure aggregation, which bound each change their
+    # own way, and for methods that do not declare robust aggregation. A resolved config
+    # (config.toml) holds the number that ran. 0 is the paper's plain FedAvg.
+    adaptive_clip: float = AUTO
     # How the updates are combined (ssfl.algorithms.robust; DisPFL: over each client's
     # neighbours): "mean" (FedAvg, the paper's),
     # "median", "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum" (byzantine
@@ -332,7 +343,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], ".".join(parts[1:]), value
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                secure_aggregation: bool = False) -> Config:
+    """The validated config of a TOML file (None: the defaults) with ``section.key=value``
+    overrides. ``secure_aggregation``: the run sums its updates under Flower's SecAgg+, so the
+    server sees no single update (``federation.adaptive_clip``'s "auto" resolves to 0)."""
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
         path = Path(path)
@@ -347,7 +362,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-    return _with_overrides(raw, overrides)
+    return _with_overrides(raw, overrides, secure_aggregation)
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -355,7 +370,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     return _with_overrides(tomllib.loads(to_toml(config)), overrides)
 
 
-def _with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> Config:
+def _with_overrides(raw: dict[str, Any], overrides: Sequence[str],
+                    secure_aggregation: bool = False) -> Config:
     for text in overrides:
         section, key, value = parse_override(text)
         if "." in key:  # algorithm.<method>.<key>
@@ -367,7 +383,7 @@ def _with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> Config:
         else:
             raw.setdefault(section, {})[key] = value
     config = from_dict(raw)
-    validate(config)
+    validate(config, secure_aggregation=secure_aggregation)
     return config
 
 
@@ -405,7 +421,7 @@ def check_device(key: str, value: str) -> None:
         raise ConfigError(f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, *, secure_aggregation: bool = False) -> None:
     """Every check that needs no data (the data-set checks run in ``check_against_data``):
     first the ones this module can make alone, then the names and the method's own settings,
     which need the registries (``check_registered``)."""
@@ -490,7 +506,7 @@ def validate(config: Config) -> None:
         from ssfl.loggers import check_loggers
 
         check_loggers(config.run.loggers)
-    check_registered(config)
+    check_registered(config, secure_aggregation=secure_aggregation)
 
 
 def check_attack(config: Config) -> None:
@@ -560,7 +576,7 @@ def check_writable(config: Config, run_dir: str | Path | None = None,
                           f"write to") from exc
 
 
-def check_registered(config: Config) -> None:
+def check_registered(config: Config, *, secure_aggregation: bool = False) -> None:
     """The names (data set, partition, model, method) against their registries, and the
     method's own table through its ``Settings``; fills the chosen method's table with its
     defaults so that the resolved config says every value it ran with. Imports the
@@ -584,6 +600,7 @@ def check_registered(config: Config) -> None:
                                   f"algorithm.{method}")
     cls = algorithms.get(config.algorithm.name)
     settings = algorithms.settings_of(config)
+    resolve_adaptive_clip(config, cls.robust_aggregation, secure_aggregation=secure_aggregation)
     check_robust_aggregation(config, cls.robust_aggregation)
     if config.privacy.mode != "none":
         check_privacy_applies(config, cls)
@@ -635,12 +652,27 @@ def check_privacy_applies(config: Config, cls: Any) -> None:
             f"bound from the round's median norm would depend on every client's data)")
 
 
+def resolve_adaptive_clip(config: Config, supported: bool, *,
+                          secure_aggregation: bool = False) -> None:
+    """``federation.adaptive_clip = -1`` ("auto") becomes a number: ``AUTO_ADAPTIVE_CLIP``
+    where the server combines each update in the clear, 0 where it cannot or need not (Flower's
+    secure aggregation shows it only the sum; ``[privacy]`` clips to its own fixed norm, and
+    an adaptive bound would depend on every client's data; a method that does not declare
+    robust aggregation averages its own way)."""
+    fed = config.federation
+    if fed.adaptive_clip != AUTO:
+        return
+    off = secure_aggregation or config.privacy.mode != "none" or not supported
+    fed.adaptive_clip = 0.0 if off else AUTO_ADAPTIVE_CLIP
+
+
 def check_robust_aggregation(config: Config, supported: bool) -> None:
     """``federation.aggregator`` and its parameters (``ssfl.algorithms.robust``)."""
     fed = config.federation
     _choice("federation.aggregator", fed.aggregator,
             ("mean", "median", "trimmed_mean", "krum", "multi_krum"))
-    _positive("federation.adaptive_clip", fed.adaptive_clip, allow_zero=True)
+    if fed.adaptive_clip != AUTO:
+        _positive("federation.adaptive_clip", fed.adaptive_clip, allow_zero=True)
     if not 0.0 <= fed.trim_fraction < 0.5:
         raise ConfigError(f"federation.trim_fraction must be in [0, 0.5) (trimmed from each "
                           f"end), got {fed.trim_fraction}")

@@ -45,7 +45,13 @@ import numpy as np
 # This module must import without torch: the ClientApp process (started per message by Flower's
 # deployment engine) imports it, and forwards to the node's worker, which has torch loaded.
 # ssfl.config is torch-free; its registry checks import torch only when they run.
-from ssfl.config import Config, ConfigError, from_dict, toml_tables, validate
+from ssfl.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    toml_tables,
+    validate,
+)
 
 MSG_HELLO = "query.hello"
 MSG_SETUP = "query.setup"
@@ -167,9 +173,11 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[Config, Flowe
     # Each process runs on its own machine: more torch threads than its cores are capped there
     # (run.threads is bounded by the cores of the machine that reads the config).
     config.run.threads = min(config.run.threads, os.cpu_count() or 1)
-    validate(config)
+    settings = _flower_settings(flower)
+    # Under secure aggregation the server sees only the sum: "auto" clips nothing there.
+    validate(config, secure_aggregation=settings.secure_aggregation)
     refuse_attack(config)
-    return config, _flower_settings(flower)
+    return config, settings
 
 
 def refuse_attack(config: Config) -> None:

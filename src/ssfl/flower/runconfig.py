@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ssfl import algorithms
-from ssfl.config import ConfigError, load_config
+from ssfl.config import AUTO, ConfigError, load_config
 from ssfl.flower.protocol import FlowerSettings, run_config_from_config, run_config_toml
 
 # The app's defaults: the digits quickstart, shortened so that a local deployment finishes fast.
@@ -69,6 +69,10 @@ clientapp = "ssfl.flower.client_app:app"
 
 def render_pyproject(overrides: Sequence[str] = APP_DEFAULTS) -> str:
     config = load_config(None, overrides)
+    if not any(o.startswith("federation.adaptive_clip=") for o in overrides):
+        # Declared as "auto" (-1), not as what it resolved to here: each run resolves it,
+        # to 0 under secure aggregation, which this file does not know about.
+        config.federation.adaptive_clip = AUTO
     # Flower accepts an override only for a declared key: declare every method's table (the
     # chosen method's as configured, the others with their defaults) that every process of the
     # run knows: the built-in ones and those of the modules in run.plugins (a method registered
