@@ -434,3 +434,33 @@ def test_an_unresolved_auto_clip_clips_nothing() -> None:
 def test_a_negative_clip_other_than_auto_is_refused() -> None:
     with pytest.raises(ConfigError, match="adaptive_clip"):
         load_config(None, ["federation.adaptive_clip=-2"])
+
+
+def test_a_round_reports_which_clients_clipping_scaled_back() -> None:
+    # Changes of norm 1, 1, 1 and 10 from the reference: twice the median (1) bounds the
+    # fourth; the fixed bound 0.5 every one.
+    ref = torch.zeros(2)
+    updates = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.0]),
+               torch.tensor([0.0, 10.0])]
+    clipped: list[int] = []
+    out = combine(updates, [1, 1, 1, 1], ref, _rule(adaptive=2.0), clipped)
+    assert clipped == [3]
+    assert torch.allclose(out, torch.tensor([0.0, 3.0 / 4]))
+    fixed: list[int] = []
+    combine(updates, [1, 1, 1, 1], ref, _rule(clip=0.5), fixed)
+    assert fixed == [0, 1, 2, 3]
+
+
+def test_the_diagnostics_name_the_clipped_clients_in_a_run() -> None:
+    from ssfl.sim import run_experiment
+
+    base = ["run.rounds=2", "run.threads=1", "run.progress=false", "federation.num_clients=5",
+            "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5",
+            "attack.kind=boost", "attack.hostile_per_round=1", "run.eval_every=0"]
+    result = run_experiment(load_config(None, base), write=False)
+    for row in result.metrics:
+        # The hostile client is the first one asked (the round's sample is sorted).
+        assert row["clients"][0] in row["diagnostics"]["clipped"], row
+    plain = run_experiment(load_config(None, [*base, "federation.adaptive_clip=0"]),
+                           write=False)
+    assert all("diagnostics" not in row for row in plain.metrics)

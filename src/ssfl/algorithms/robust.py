@@ -45,10 +45,11 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 
 
 def clip_updates(values: torch.Tensor, reference: torch.Tensor, *, norm: float = 0.0,
-                 adaptive: float = 0.0) -> torch.Tensor:
+                 adaptive: float = 0.0, clipped: list[int] | None = None) -> torch.Tensor:
     """Rows of ``values`` whose change from ``reference`` is longer than the bound, scaled back
     onto it. ``norm`` > 0: a fixed bound; ``adaptive`` > 0: ``adaptive`` times the median
-    change norm of the round (both: the smaller bound). 0 and 0: unchanged."""
+    change norm of the round (both: the smaller bound). 0 and 0: unchanged. ``clipped``, if
+    given, gets the indices of the rows that were scaled."""
     if norm <= 0 and adaptive <= 0:
         return values
     delta = values.to(torch.float64) - reference.to(torch.float64)
@@ -59,7 +60,10 @@ def clip_updates(values: torch.Tensor, reference: torch.Tensor, *, norm: float =
     if adaptive > 0:
         bounds.append(adaptive * float(norms.median()))
     bound = min(bounds)
-    scale = torch.where(norms > bound, bound / norms.clamp(min=1e-300), torch.ones_like(norms))
+    over = norms > bound
+    if clipped is not None:
+        clipped.extend(int(i) for i in torch.nonzero(over).flatten())
+    scale = torch.where(over, bound / norms.clamp(min=1e-300), torch.ones_like(norms))
     return (reference.to(torch.float64) + delta * scale[:, None]).to(values.dtype)
 
 
@@ -130,25 +134,28 @@ def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str,
 
 
 def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: torch.Tensor,
-            settings: Any) -> torch.Tensor:
+            settings: Any, clipped: list[int] | None = None) -> torch.Tensor:
     """The round's aligned update vectors combined as ``settings`` (the config's
     ``[federation]``: ``update_clip_norm``, ``adaptive_clip``, ``aggregator``,
-    ``trim_fraction``, ``byzantine``) says; the new global vector.
+    ``trim_fraction``, ``byzantine``) says; the new global vector. ``clipped``, if given,
+    gets the positions (in ``updates``) of the updates that clipping scaled back.
 
     Plain FedAvg (``mean`` without adaptive clipping) keeps its running float64 sum over the
     replies in order, so its results are those of every run before robust rules existed."""
     if settings.aggregator == "mean" and settings.adaptive_clip <= 0:
         mean = WeightedMean()
-        for values, n in zip(updates, samples):
+        for i, (values, n) in enumerate(zip(updates, samples)):
             if settings.update_clip_norm > 0:
                 delta = values - reference
                 norm = float(delta.norm())
                 if norm > settings.update_clip_norm:
                     values = reference + delta * (settings.update_clip_norm / norm)
+                    if clipped is not None:
+                        clipped.append(i)
             mean.add(values, float(n))
         return mean.result()
     rows = clip_updates(torch.stack(list(updates)), reference, norm=settings.update_clip_norm,
-                        adaptive=settings.adaptive_clip)
+                        adaptive=settings.adaptive_clip, clipped=clipped)
     return aggregate_vectors(rows, [float(n) for n in samples], settings.aggregator,
                              trim_fraction=settings.trim_fraction, byzantine=settings.byzantine)
 

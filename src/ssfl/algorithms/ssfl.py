@@ -148,9 +148,13 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         values (``ssfl.privacy.private_mean``: clipped changes, unweighted, Gaussian noise)."""
         if self.setup.config.privacy.mode != "none":
             return self.private_aggregate(state, round, replies)
+        clipped: list[int] = []
         values = combine([r.update for r in replies], [r.num_samples for r in replies],
-                         state.values, self.robust)
-        return replace(state, values=values, round=round), {}
+                         state.values, self.robust, clipped)
+        # Which clients' changes the clipping scaled back (the metrics row's diagnostics):
+        # how often an honest run meets the default bound, and whom an attacked one stopped.
+        info = {"clipped": [replies[i].client_id for i in clipped]} if clipped else {}
+        return replace(state, values=values, round=round), info
 
     def private_aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply]
                           ) -> tuple[FixedMaskState, dict[str, Any]]:
