@@ -28,7 +28,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -38,7 +37,7 @@ from typing import Any  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from comparison import CONFIG, REFERENCE_SPLIT, Job, load_summaries, recorded_runs, run_jobs  # noqa: E402,I001
-from lean_mask import mask_round  # noqa: E402
+from lean_mask import _mean_std, mask_round  # noqa: E402
 
 DENSITIES = [0.5, 0.2, 0.1, 0.05]
 SEEDS = [0, 1, 2]
@@ -84,15 +83,6 @@ def jobs(densities: Sequence[float], seeds: Sequence[int]) -> list[Job]:
     return [Job("ssfl", d, REFERENCE_SPLIT, s) for s in seeds for d in densities]
 
 
-def _mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
-    if not values:
-        return "—"
-    mean = statistics.fmean(values) * scale
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
-
-
 def report(data: dict[str, Any], out: Path) -> str:
     lines = ["# Saliency on augmented batches (the authors') against unaugmented ones", "",
              "CPU reference (configs/cifar10_cpu.toml). Command: "
@@ -107,7 +97,7 @@ def report(data: dict[str, Any], out: Path) -> str:
         layers = ", ".join(f"{name} {first['per_layer_off'][name]:.3f}→"
                            f"{first['per_layer_train'][name]:.3f}"
                            for name in first["per_layer_off"])
-        lines.append(f"| {d:g} | {_mean_std([r['jaccard'] for r in rows], digits=4)} | "
+        lines.append(f"| {d:g} | {_mean_std([r['jaccard'] for r in rows])} | "
                      f"{len(rows)} | {layers} |")
     trained = data.get("train", [])
     if trained:
@@ -117,9 +107,10 @@ def report(data: dict[str, Any], out: Path) -> str:
         for d in sorted({r["density"] for r in trained}, reverse=True):
             pairs = [r for r in trained if r["density"] == d and r["off"] is not None]
             lines.append(
-                f"| {d:g} | {_mean_std([r['off'] for r in pairs], 100)} | "
-                f"{_mean_std([r['train'] for r in pairs], 100)} | "
-                f"{_mean_std([r['train'] - r['off'] for r in pairs], 100)} | {len(pairs)} |")
+                f"| {d:g} | {_mean_std([r['off'] * 100 for r in pairs], 1)} | "
+                f"{_mean_std([r['train'] * 100 for r in pairs], 1)} | "
+                f"{_mean_std([(r['train'] - r['off']) * 100 for r in pairs], 1)} | "
+                f"{len(pairs)} |")
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "saliency_augment.md").write_text(text)
@@ -151,12 +142,12 @@ def main() -> None:
     if args.step == "train":
         todo = jobs(densities, seeds)
         run_jobs(todo, args.runs_dir, args.jobs, AUGMENTED, None, args.config)
-        recorded = recorded_runs(args.out)
+        recorded = recorded_runs(args.out)  # the unaugmented runs, by the same names
         data["train"] = [
-            {"density": j.density, "seed": j.seed, "train": row["final_accuracy"],
-             "off": recorded.get(j.name, {}).get("final_accuracy")}
-            for j, row in ((j, r) for j in todo
-                           for r in load_summaries([j], args.runs_dir, None))]
+            {"density": row["target_density"], "seed": row["seed"],
+             "train": row["final_accuracy"],
+             "off": recorded.get(row["name"], {}).get("final_accuracy")}
+            for row in load_summaries(todo, args.runs_dir)]
         path.write_text(json.dumps(data, indent=1) + "\n")
     print(report(data, args.out))
 

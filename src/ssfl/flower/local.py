@@ -39,7 +39,6 @@ from typing import IO, Any
 from ssfl.config import ConfigError, load_config
 from ssfl.flower.protocol import (
     _flower_settings,
-    _snake,
     run_config_from_config,
     run_config_toml,
 )
@@ -434,8 +433,7 @@ def run_local(
     if config_path is None:
         # No config file: the Flower app's quickstart (3 clients, 5 rounds), then the overrides.
         overrides = [*APP_DEFAULTS, *overrides]
-    secure_sum = bool({_snake(k): v for k, v in (flower or {}).items()}
-                      .get("secure_aggregation", False))
+    secure_sum = _flower_settings(flower or {}).secure_aggregation
     config = load_config(config_path, overrides, secure_aggregation=secure_sum)
     config.run.progress = False
     # A method Flower cannot run is refused here, before any process starts.
