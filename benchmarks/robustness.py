@@ -45,8 +45,12 @@ from comparison import CONFIG, run_jobs  # noqa: E402  (a sibling script, not a 
 #: (``default_rule``).
 PAPER_SCORES = "algorithm.ssfl.score_rule=mean"
 PLAIN = ["federation.aggregator=mean", "federation.adaptive_clip=0"]
+#: ssfl's own defaults, which configs/cifar10_cpu.toml (the paper's rules) overrides
+DEFAULTS = ["federation.aggregator=auto", "federation.adaptive_clip=-1",
+            "federation.byzantine=1", "algorithm.ssfl.score_rule=clipped"]
 RULES: dict[str, list[str]] = {
     "plain": [*PLAIN, PAPER_SCORES],
+    "default": DEFAULTS,
     "clip": ["federation.aggregator=mean", "federation.adaptive_clip=2", PAPER_SCORES],
     "trimmed": ["federation.aggregator=trimmed_mean", "federation.adaptive_clip=0",
                 PAPER_SCORES],
@@ -61,10 +65,13 @@ RULES: dict[str, list[str]] = {
     "scores_median": [*PLAIN, "algorithm.ssfl.score_rule=median"],
 }
 #: the rules of the mask round, against the poisoned-scores attack
-SCORE_RULES = ["plain", "scores_normalised", "scores_trimmed", "scores_median"]
+SCORE_RULES = ["plain", "default", "scores_normalised", "scores_trimmed", "scores_median"]
 #: what each rule's label means, for the tables
 RULE_TEXT = {
     "plain": "FedAvg (mean, no clipping) and the mean of scores: the paper's",
+    "default": "ssfl's default: each change clipped to 2 x the round's median change norm, "
+               "then multi-Krum (f = 1); scores: a client's sum clipped to 2 x the median "
+               "client's, then the mean",
     "clip": "mean after adaptive clipping (2 x the round's median change norm)",
     "trimmed": "trimmed mean (10% from each end, at least one)",
     "clip_trimmed": "trimmed mean after adaptive clipping",
@@ -76,7 +83,8 @@ RULE_TEXT = {
     "scores_median": "FedAvg; median of scores",
 }
 #: the columns of the attack table: update rules
-UPDATE_RULES = ["plain", "clip", "trimmed", "clip_trimmed", "median", "krum", "multi_krum"]
+UPDATE_RULES = ["plain", "default", "clip", "trimmed", "clip_trimmed", "median", "krum",
+                "multi_krum"]
 ATTACKS = ["huge", "boost", "sign_flip", "zeros", "inflate_samples", "poison_scores", "replay"]
 #: (clients per round, hostile clients per round)
 SETTINGS = {"5x1": (5, 1), "10x2": (10, 2)}
@@ -89,23 +97,22 @@ STOPPED = "ssfl run: the run stopped:"
 
 
 def default_rule() -> str | None:
-    """The rule whose overrides are ssfl's own defaults (None: no rule here is)."""
-    from ssfl.config import AUTO, AUTO_ADAPTIVE_CLIP, FederationSection
+    """The rule whose overrides are ssfl's own defaults (None: none is, as after a change of
+    the defaults that this script has not followed)."""
+    from ssfl.algorithms.ssfl import SaliencySettings
+    from ssfl.config import FederationSection
 
-    defaults = FederationSection()
-    aggregator, clip = defaults.aggregator, defaults.adaptive_clip
-    if clip == AUTO:  # what "auto" is where the server sees each update, as in these runs
-        clip = AUTO_ADAPTIVE_CLIP
-    for rule in UPDATE_RULES:
-        given = dict(o.split("=", 1) for o in RULES[rule] if o.startswith("federation."))
-        if (given["federation.aggregator"] == aggregator
-                and float(given["federation.adaptive_clip"]) == clip):
-            return rule
-    return None
+    fed = FederationSection()
+    own = [f"federation.aggregator={fed.aggregator}",
+           f"federation.adaptive_clip={fed.adaptive_clip:g}",
+           f"federation.byzantine={fed.byzantine}",
+           f"algorithm.ssfl.score_rule={SaliencySettings().score_rule}"]
+    return "default" if own == DEFAULTS else None
 
 
 def label(rule: str) -> str:
-    return f"{rule} (default)" if rule == default_rule() else rule
+    """A column's name: "default" is marked stale once ssfl's defaults moved on from it."""
+    return "default (stale)" if rule == "default" and default_rule() is None else rule
 
 
 @dataclass(frozen=True)
@@ -210,15 +217,16 @@ def cell(row: dict[str, Any] | None, clean: float | None) -> str:
     return text
 
 
-def clean_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
+def clean_table(rows: Sequence[dict[str, Any]], rules: Sequence[str],
+                setting: str = CLEAN_SETTING, least_seeds: int = 1) -> str:
     lines = ["| rule | settled accuracy % (mean +- std over seeds) | seeds |", "|---|---|---|"]
     for rule in rules:
         accs = [r["settled_accuracy"] * 100 for r in rows
-                if r["rule"] == rule and r["attack"] == "none" and r["setting"] == CLEAN_SETTING]
-        if accs:
+                if r["rule"] == rule and r["attack"] == "none" and r["setting"] == setting]
+        if len(accs) >= least_seeds:
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             lines.append(f"| {label(rule)}: {RULE_TEXT[rule]} | {statistics.mean(accs):.1f} +- "
-                         f"{std:.1f} | {len(accs)} |")
+                         f"{std:.1f} ({', '.join(f'{a:.1f}' for a in accs)}) | {len(accs)} |")
     return "\n".join(lines)
 
 
@@ -250,7 +258,8 @@ def attack_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: 
 def score_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
     by = {(r["rule"], r["attack"], r["setting"]): r for r in rows}
     rules = [r for r in SCORE_RULES if r in rules]
-    lines = ["| setting | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+    lines = ["| setting | " + " | ".join(map(label, rules)) + " |",
+             "|---" * (len(rules) + 1) + "|"]
     for setting, (clients, hostile) in SETTINGS.items():
         cells = []
         for rule in rules:
@@ -269,7 +278,8 @@ def report(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]],
             "Written by `python benchmarks/robustness.py`; global accuracy in %, the mean of "
             "the last three evaluations (rounds 50, 55, 60 of 60).", "",
             "## Honest runs (60 rounds, 10 clients per round)", "", clean_table(clean, rules),
-            ""]
+            "", "## Honest runs (60 rounds, 5 clients per round; rules run on more than one "
+            "seed)", "", clean_table(clean, rules, "5x0", least_seeds=2), ""]
     for setting in SETTINGS:
         text += [f"## Attacks, setting {setting} ({length}, seed {attacked[0]['seed']})"
                  if attacked else f"## Attacks, setting {setting}", "",
@@ -317,7 +327,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     args = parser.parse_args()
     rules = args.rules.split(",")
-    attacks = args.attacks.split(",")
+    attacks = [a for a in args.attacks.split(",") if a]  # "": the honest runs only
     for name, known, given in (("rule", RULES, rules), ("attack", ATTACKS, attacks)):
         unknown = [g for g in given if g not in known]
         if unknown:
@@ -338,7 +348,9 @@ def main() -> None:
         done = {j.name for j in jobs if run_row(j, args.runs_dir / j.name) is not None}
         run_jobs(jobs, args.runs_dir, args.jobs, [], {**recorded, **dict.fromkeys(done)},
                  args.config)
-    clean = collect(clean_jobs(list(RULES), [0, 1, 2], None), args.runs_dir, recorded)
+    clean = collect([*clean_jobs(list(RULES), [0, 1, 2], None),
+                     *(Job(rule, "none", "5x0", seed) for seed in (0, 1, 2) for rule in RULES)],
+                    args.runs_dir, recorded)
     attacked = collect(attack_jobs(list(RULES), ATTACKS, seeds[0], args.rounds), args.runs_dir,
                        recorded)
     args.out.mkdir(parents=True, exist_ok=True)

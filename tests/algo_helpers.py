@@ -33,7 +33,7 @@ def make_setup(initial: Mapping[str, torch.Tensor], prunable: Sequence[str], den
     "auto" would add) unless ``overrides`` say otherwise: the hand computations are of it."""
     config = load_config(None, [f"algorithm.name={name}", f"algorithm.density={density}",
                                 f"federation.num_clients={num_clients}",
-                                "federation.clients_per_round=1", "federation.adaptive_clip=0",
+                                "federation.clients_per_round=1", "federation.aggregator=mean",
                                 *overrides])
     return Setup(config, {n: t.shape for n, t in initial.items()}, list(prunable),
                  {n: t.detach().clone() for n, t in initial.items()}, num_clients)

@@ -86,6 +86,19 @@ def test_score_rules_by_hand() -> None:
         scores_by("median", [])
 
 
+def test_clipped_scores_by_hand() -> None:
+    rows = HONEST_SCORES + POISON
+    totals = [float(r.sum()) for r in rows]  # 10, 10, 8, 27: median 10, bound 20
+    clipped = combine_scores(((r, 1.0) for r in rows), 4, rule="clipped", totals=totals)
+    poison = POISON[0] * (20 / 27)  # the hostile client's say scaled down to twice the median
+    assert clipped.tolist() == pytest.approx(((sum(HONEST_SCORES) + poison) / 4).tolist())
+    # No client over the bound: the paper's mean, bit for bit (weighted as it is).
+    honest = [(r, w) for r, w in zip(HONEST_SCORES, (1.0, 2.0, 5.0))]
+    assert torch.equal(
+        combine_scores(iter(honest), 4, rule="clipped", totals=[10.0, 10.0, 8.0]),
+        combine_scores(iter(honest), 4, rule="mean"))
+
+
 def test_a_client_with_all_zero_scores_counts_but_adds_nothing_when_normalised() -> None:
     rows = [torch.tensor([1.0, 3.0]), torch.zeros(2)]
     assert combine_scores(((r, 1.0) for r in rows), 2, rule="normalised").tolist() == \
@@ -140,8 +153,8 @@ def test_one_poisoning_client_of_ten_empties_the_last_layer_unless_scores_are_ro
         tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Client 0 (hostile) gives every weight but the last layer's the largest float32 score:
     it passes screening (finite, non-negative), and under the plain mean the last layer keeps
-    no weight; each robust rule keeps it."""
+    no weight; each robust rule keeps it, the default ("clipped") included."""
     density, scored = last_layer_density("mean", tmp_path)
     assert density == 0.0 and 0 in scored
-    for rule in ("normalised", "trimmed_mean", "median"):
+    for rule in ("clipped", "normalised", "trimmed_mean", "median"):
         assert last_layer_density(rule, tmp_path)[0] > 0.05, rule

@@ -129,7 +129,7 @@ def test_clientwise_aggregation_averages_each_weight_over_its_holders() -> None:
 
     initial = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([0.0])}
     setup = Setup(load_config(None, ["algorithm.name=random_clientwise", "algorithm.density=0.5",
-                                     "run.seed=0", "federation.adaptive_clip=0"]),
+                                     "run.seed=0", "federation.aggregator=mean"]),
                   {n: t.shape for n, t in initial.items()}, ["w"], initial, 2)
     strategy = ClientwiseRandomMasks(setup, NoSettings())
     state = strategy.init()

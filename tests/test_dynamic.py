@@ -60,7 +60,7 @@ ONE_STEP = TrainSettings(momentum=0.9, weight_decay=0.0, local_epochs=1, batch_s
 def _setup(initial: dict[str, torch.Tensor], prunable: list[str], density: float) -> Setup:
     # The hand computations are the paper's plain averages (no adaptive clipping).
     return Setup(load_config(None, [f"algorithm.density={density}",
-                                    "federation.adaptive_clip=0"]),
+                                    "federation.aggregator=mean"]),
                  {n: t.shape for n, t in initial.items()}, prunable, initial, num_clients=2)
 
 

@@ -53,7 +53,7 @@ QUICK = [
     # SecAgg+ computes the plain mean; the plain runs it is held against do the same (the
     # default "auto" would clip them; under secure aggregation it resolves to 0 by itself:
     # test_auto_clip_resolves_from_the_flower_run_config)
-    "federation.adaptive_clip=0",
+    "federation.aggregator=mean",
 ]
 NODES = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
 SECURE = FlowerSettings(node_wait_seconds=5, secure_aggregation=True)
@@ -419,18 +419,21 @@ def test_secure_aggregation_on_a_local_deployment(tmp_path: Path) -> None:
         assert set(row["secagg_stage_seconds"]) == set(Stage.all())
 
 
-def test_auto_clip_resolves_from_the_flower_run_config() -> None:
-    """The Flower app declares adaptive_clip as "auto" (-1); a run resolves it: 2 where the
-    server combines each update, 0 where SecAgg+ shows it only the sum."""
+def test_auto_resolves_from_the_flower_run_config() -> None:
+    """The Flower app declares the robust defaults as "auto" (aggregator "auto", adaptive_clip
+    -1); a run resolves them: clipped multi-Krum where the server combines each update, the
+    plain mean where SecAgg+ shows it only the sum."""
     from ssfl.config import AUTO
     from ssfl.flower.runconfig import render_pyproject
 
-    assert "adaptive-clip = -1.0" in render_pyproject()
+    app = render_pyproject()
+    assert "adaptive-clip = -1.0" in app and 'aggregator = "auto"' in app
     run_config = run_config_from_config(load_config(None, [q for q in QUICK
-                                                           if "adaptive_clip" not in q]))
+                                                           if "aggregator" not in q]))
     run_config["federation.adaptive-clip"] = AUTO
     plain, _ = config_from_run_config(run_config)
     secure, settings = config_from_run_config({**run_config,
                                                "flower.secure-aggregation": True})
     assert settings.secure_aggregation
-    assert (plain.federation.adaptive_clip, secure.federation.adaptive_clip) == (2.0, 0.0)
+    assert (plain.federation.aggregator, plain.federation.adaptive_clip) == ("auto", 2.0)
+    assert (secure.federation.aggregator, secure.federation.adaptive_clip) == ("mean", 0.0)

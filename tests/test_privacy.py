@@ -275,7 +275,8 @@ def test_client_mode_refuses_a_client_that_does_not_clip() -> None:
 
 def test_default_run_has_no_privacy_keys() -> None:
     result = run_experiment(load_config(None, [*TINY, "run.rounds=1"]), write=False)
-    assert "epsilon" not in result.metrics[0] and "diagnostics" not in result.metrics[0]
+    assert "epsilon" not in result.metrics[0]
+    assert "privacy" not in result.metrics[0].get("diagnostics", {})
     assert "epsilon" not in result.summary and "privacy" not in result.summary
 
 

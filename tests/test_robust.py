@@ -88,20 +88,21 @@ def test_rules_through_one_entry_point() -> None:
 def test_a_hostile_client_moves_the_mean_but_not_the_median_in_a_run() -> None:
     """Whole runs (digits, 5 clients per round): one client per round boosts its change by
     1e4 (``[attack]``). The paper's plain FedAvg's weights grow to thousands and it stays at
-    chance; with the default (adaptive clipping) they stay bounded, and with the coordinate
-    median the run learns."""
+    chance; with the default (clipping, then multi-Krum) and with the coordinate median they
+    stay bounded and the run learns."""
     from ssfl.config import ConfigError, load_config
     from ssfl.sim import run_experiment
 
     base = ["run.rounds=4", "run.threads=1", "run.progress=false", "federation.num_clients=5",
             "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5",
             "attack.kind=boost", "attack.boost=1e4"]
-    plain = run_experiment(load_config(None, [*base, "federation.adaptive_clip=0"]),
+    plain = run_experiment(load_config(None, [*base, "federation.aggregator=mean"]),
                            write=False)
     assert float(plain.final_values.abs().max()) > 1000.0
     assert plain.summary["final_accuracy"] < 0.15
     default = run_experiment(load_config(None, base), write=False)
     assert float(default.final_values.abs().max()) < 10.0
+    assert default.summary["final_accuracy"] > 0.5
     median = run_experiment(load_config(None, [*base, "federation.aggregator=median"]),
                             write=False)
     assert float(median.final_values.abs().max()) < 10.0
@@ -375,56 +376,91 @@ def test_every_method_runs_with_a_robust_rule(name: str) -> None:
     assert bool(torch.isfinite(result.final_values).all())
 
 
-# ------------------------------------------------------------------- the default: "auto" clip
+# ------------------------------------------------------ the default: "auto" (clip, multi-Krum)
 
 
-def test_auto_clip_is_two_where_the_server_combines_updates_in_the_clear() -> None:
+def test_auto_is_clipped_multi_krum_where_the_server_combines_updates_in_the_clear() -> None:
     from ssfl.config import AUTO, AUTO_ADAPTIVE_CLIP, FederationSection
 
-    assert FederationSection().adaptive_clip == AUTO  # unresolved: what a bare Config holds
+    defaults = FederationSection()  # unresolved: what a bare Config holds
+    assert (defaults.aggregator, defaults.adaptive_clip, defaults.byzantine) == ("auto", AUTO, 1)
     assert AUTO_ADAPTIVE_CLIP == 2.0
     for method in ("ssfl", "fedavg", "feddst", "prunefl", "sparsyfed", "dispfl",
                    "random_clientwise"):
         density = 1.0 if method == "fedavg" else 0.5
         config = load_config(None, [f"algorithm.name={method}", f"algorithm.density={density}"])
-        assert config.federation.adaptive_clip == 2.0, method
-    # An explicit number is kept, 0 (the paper's FedAvg) included.
+        assert (config.federation.aggregator, config.federation.adaptive_clip) == ("auto", 2.0)
+    # The paper's FedAvg is one setting away: any explicit rule turns the automatic clip off.
+    mean = load_config(None, ["federation.aggregator=mean"]).federation
+    assert (mean.aggregator, mean.adaptive_clip) == ("mean", 0.0)
+    assert is_plain_mean(mean)
+    median = load_config(None, ["federation.aggregator=median"]).federation
+    assert median.adaptive_clip == 0.0
+    # An explicit number is kept, 0 included.
     assert load_config(None, ["federation.adaptive_clip=3"]).federation.adaptive_clip == 3.0
     assert load_config(None, ["federation.adaptive_clip=0"]).federation.adaptive_clip == 0.0
 
 
-def test_auto_clip_is_off_where_each_change_is_bounded_otherwise_or_unseen() -> None:
-    # Differential privacy clips to its own fixed norm (an adaptive bound would depend on
-    # every client's data); under secure aggregation the server sees only the sum.
-    private = load_config(None, ["privacy.mode=server"])
-    assert private.federation.adaptive_clip == 0.0
-    summed = load_config(None, [], secure_aggregation=True)
-    assert summed.federation.adaptive_clip == 0.0
-    # An explicit clip with either is still refused by name.
+def test_auto_is_the_plain_mean_where_each_change_is_bounded_otherwise_or_unseen() -> None:
+    # Differential privacy clips to its own fixed norm and needs the mean's fixed sensitivity;
+    # under secure aggregation the server sees only the sum.
+    for fed in (load_config(None, ["privacy.mode=server"]).federation,
+                load_config(None, [], secure_aggregation=True).federation):
+        assert (fed.aggregator, fed.adaptive_clip) == ("mean", 0.0)
+        assert is_plain_mean(fed)
+    # An explicit clip or rule with either is still refused by name.
     with pytest.raises(ConfigError, match="adaptive_clip"):
         load_config(None, ["privacy.mode=server", "federation.adaptive_clip=2"])
+    with pytest.raises(ConfigError, match="aggregator"):
+        load_config(None, ["privacy.mode=server", "federation.aggregator=multi_krum",
+                           "federation.min_replies=4"])
 
 
-def test_auto_clip_is_off_for_a_method_without_robust_aggregation() -> None:
+def test_auto_is_the_plain_mean_for_a_method_without_robust_aggregation() -> None:
     from ssfl.algorithms.base import Algorithm
-    from ssfl.config import AUTO, Config, resolve_adaptive_clip
+    from ssfl.config import Config, resolve_robust_defaults
 
     config = Config()
     assert not Algorithm.robust_aggregation
-    resolve_adaptive_clip(config, Algorithm.robust_aggregation)
-    assert config.federation.adaptive_clip == 0.0
+    resolve_robust_defaults(config, Algorithm.robust_aggregation)
+    assert (config.federation.aggregator, config.federation.adaptive_clip) == ("mean", 0.0)
     config = Config()
-    config.federation.adaptive_clip = AUTO
-    resolve_adaptive_clip(config, True)
-    assert config.federation.adaptive_clip == 2.0
+    resolve_robust_defaults(config, True)
+    assert (config.federation.aggregator, config.federation.adaptive_clip) == ("auto", 2.0)
 
 
-def test_an_unresolved_auto_clip_clips_nothing() -> None:
-    # A Config that never went through validation holds -1: the combiners treat it as off.
+def test_auto_leaves_out_the_outlier_and_falls_back_to_the_mean_in_small_rounds() -> None:
+    # Four changes near (1, 1) and one at (10, -10): multi-Krum (f = 1) keeps the four, and
+    # the automatic clip (2 x the median norm, sqrt 2) had already shortened the fifth.
+    ref = torch.zeros(2)
+    near = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.2]), torch.tensor([1.2, 1.0]),
+            torch.tensor([0.8, 1.0])]
+    updates = [*near, torch.tensor([10.0, -10.0])]
+    clipped: list[int] = []
+    left_out: list[int] = []
+    out = combine(updates, [1, 1, 1, 1, 1], ref, _rule("auto", adaptive=2.0), clipped, left_out)
+    assert (clipped, left_out) == ([4], [4])
+    assert torch.allclose(out, torch.stack(near).mean(0))
+    # Three replies are too few for Krum with f = 1 (it needs more than 3): the clipped
+    # (weighted) mean, nothing left out.
+    left_out = []
+    small = combine([near[0], near[1], updates[4]], [1, 1, 2], ref, _rule("auto", adaptive=2.0),
+                    None, left_out)
+    bound = 2 * float(near[1].norm())  # the median change norm of the three is near[1]'s
+    hostile = updates[4] * (bound / float(updates[4].norm()))
+    assert left_out == []
+    assert torch.allclose(small, (near[0] + near[1] + 2 * hostile) / 4)
+    # Per-client masks: the same rule over held coordinates.
+    held_out, _ = combine_held(torch.stack(updates), None, [1] * 5, ref, _rule("auto"))
+    assert torch.allclose(held_out, torch.stack(near).mean(0))
+
+
+def test_an_unresolved_auto_clips_nothing() -> None:
+    # A Config that never went through validation holds -1 and "auto": nothing is clipped,
+    # and two replies are too few for Krum, so this is the plain mean.
     from ssfl.config import FederationSection
 
     fed = FederationSection()
-    assert is_plain_mean(fed)
     ref = torch.zeros(3)
     updates = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([100.0, 100.0, 100.0])]
     out = combine(updates, [1, 1], ref, fed)
@@ -451,7 +487,7 @@ def test_a_round_reports_which_clients_clipping_scaled_back() -> None:
     assert fixed == [0, 1, 2, 3]
 
 
-def test_the_diagnostics_name_the_clipped_clients_in_a_run() -> None:
+def test_the_diagnostics_name_the_clipped_and_left_out_clients_in_a_run() -> None:
     from ssfl.sim import run_experiment
 
     base = ["run.rounds=2", "run.threads=1", "run.progress=false", "federation.num_clients=5",
@@ -459,8 +495,10 @@ def test_the_diagnostics_name_the_clipped_clients_in_a_run() -> None:
             "attack.kind=boost", "attack.hostile_per_round=1", "run.eval_every=0"]
     result = run_experiment(load_config(None, base), write=False)
     for row in result.metrics:
-        # The hostile client is the first one asked (the round's sample is sorted).
+        # The hostile client is the first one asked (the round's sample is sorted): the
+        # default clipped its change and multi-Krum left it out.
         assert row["clients"][0] in row["diagnostics"]["clipped"], row
-    plain = run_experiment(load_config(None, [*base, "federation.adaptive_clip=0"]),
+        assert row["diagnostics"]["left_out"] == [row["clients"][0]], row
+    plain = run_experiment(load_config(None, [*base, "federation.aggregator=mean"]),
                            write=False)
     assert all("diagnostics" not in row for row in plain.metrics)

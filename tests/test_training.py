@@ -82,7 +82,7 @@ def test_client_generators_differ_across_seed_round_and_client() -> None:
 def _setup(initial: dict[str, torch.Tensor], prunable: list[str], *overrides: str,
            num_clients: int = 2) -> Setup:
     # The hand computations are the paper's FedAvg: no adaptive clipping ("auto" clips at 2x).
-    return Setup(load_config(None, ["federation.adaptive_clip=0", *overrides]),
+    return Setup(load_config(None, ["federation.aggregator=mean", *overrides]),
                  {n: t.shape for n, t in initial.items()},
                  prunable, initial, num_clients)
 

@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 LR_SCHEDULES = ("exponential", "cosine")
-#: ``federation.adaptive_clip``'s default, "auto", which ``resolve_adaptive_clip`` turns into
-#: ``AUTO_ADAPTIVE_CLIP`` or 0; unresolved (a ``Config`` never validated) it clips nothing
+#: ``federation.adaptive_clip``'s default, "auto", which ``resolve_robust_defaults`` turns
+#: into ``AUTO_ADAPTIVE_CLIP`` or 0; unresolved (a ``Config`` never validated) it clips nothing
 AUTO = -1.0
 #: the multiple of the round's median change norm that "auto" clips to: an honest round
 #: rarely has a change twice the median (the CPU reference's never did, docs/reliability.md),
 #: and no client moves the mean by more than twice what a typical client does
 AUTO_ADAPTIVE_CLIP = 2.0
+#: ``federation.aggregator``'s choices; "auto" (the default) is multi-Krum after adaptive
+#: clipping, the plain mean where the server cannot or need not see each update
+AGGREGATOR_CHOICES = ("auto", "mean", "median", "trimmed_mean", "krum", "multi_krum")
 #: the learning rate inside a round (``train.local_lr_schedule``)
 LOCAL_LR_SCHEDULES = ("constant", "cosine_restarts")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
@@ -144,18 +147,18 @@ class FederationSection:
     # averaging (0: off). Invalid updates are always rejected, whatever this is.
     update_clip_norm: float = 0.0
     # ... or to this multiple of the round's median change norm (0: off; both: the smaller).
-    # -1 (the default, "auto"): 2 wherever the server combines each client's update in the
-    # clear; 0 under [privacy] or Flower's secure aggregation, which bound each change their
-    # own way, and for methods that do not declare robust aggregation. A resolved config
-    # (config.toml) holds the number that ran. 0 is the paper's plain FedAvg.
+    # -1 (the default, "auto"): 2 with aggregator "auto", 0 with any other aggregator. A
+    # resolved config (config.toml) holds the number that ran.
     adaptive_clip: float = AUTO
     # How the updates are combined (ssfl.algorithms.robust; DisPFL: over each client's
-    # neighbours): "mean" (FedAvg, the paper's),
-    # "median", "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum" (byzantine
-    # = the number of hostile clients per round it tolerates)
-    aggregator: str = "mean"
+    # neighbours): "auto" (the default: each change clipped to adaptive_clip x the round's
+    # median, then multi-Krum where the round has more than byzantine + 2 valid replies, else
+    # the mean; the plain "mean" under [privacy], Flower's secure aggregation and methods that
+    # do not declare robust aggregation), "mean" (FedAvg, the paper's), "median",
+    # "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum"
+    aggregator: str = "auto"
     trim_fraction: float = 0.1  # trimmed mean: ceil(fraction x replies) dropped from each end
-    byzantine: int = 1  # Krum: hostile clients per round tolerated
+    byzantine: int = 1  # Krum and "auto": hostile clients per round tolerated
     # A round needs at least this many valid client updates; with fewer it is retried (the
     # same clients, a new attempt) up to `max_round_attempts` times, then the run stops with
     # its last checkpoint intact. Never silently skipped.
@@ -600,7 +603,8 @@ def check_registered(config: Config, *, secure_aggregation: bool = False) -> Non
                                   f"algorithm.{method}")
     cls = algorithms.get(config.algorithm.name)
     settings = algorithms.settings_of(config)
-    resolve_adaptive_clip(config, cls.robust_aggregation, secure_aggregation=secure_aggregation)
+    resolve_robust_defaults(config, cls.robust_aggregation,
+                            secure_aggregation=secure_aggregation)
     check_robust_aggregation(config, cls.robust_aggregation)
     if config.privacy.mode != "none":
         check_privacy_applies(config, cls)
@@ -652,25 +656,28 @@ def check_privacy_applies(config: Config, cls: Any) -> None:
             f"bound from the round's median norm would depend on every client's data)")
 
 
-def resolve_adaptive_clip(config: Config, supported: bool, *,
-                          secure_aggregation: bool = False) -> None:
-    """``federation.adaptive_clip = -1`` ("auto") becomes a number: ``AUTO_ADAPTIVE_CLIP``
-    where the server combines each update in the clear, 0 where it cannot or need not (Flower's
-    secure aggregation shows it only the sum; ``[privacy]`` clips to its own fixed norm, and
-    an adaptive bound would depend on every client's data; a method that does not declare
-    robust aggregation averages its own way)."""
+def resolve_robust_defaults(config: Config, supported: bool, *,
+                            secure_aggregation: bool = False) -> None:
+    """The robust defaults made concrete. ``federation.aggregator = "auto"`` stays "auto"
+    (``ssfl.algorithms.robust``: multi-Krum where a round has enough replies, else the mean)
+    where the server combines each update in the clear, and becomes the plain ``mean`` where it
+    cannot or need not: Flower's secure aggregation shows it only the sum; ``[privacy]`` clips
+    to its own fixed norm and needs the mean's fixed sensitivity; a method that does not
+    declare robust aggregation averages its own way. ``federation.adaptive_clip = -1``
+    ("auto") then becomes ``AUTO_ADAPTIVE_CLIP`` under "auto" and 0 under any other rule, so
+    ``aggregator = "mean"`` alone is the paper's FedAvg."""
     fed = config.federation
-    if fed.adaptive_clip != AUTO:
-        return
     off = secure_aggregation or config.privacy.mode != "none" or not supported
-    fed.adaptive_clip = 0.0 if off else AUTO_ADAPTIVE_CLIP
+    if fed.aggregator == "auto" and off:
+        fed.aggregator = "mean"
+    if fed.adaptive_clip == AUTO:
+        fed.adaptive_clip = AUTO_ADAPTIVE_CLIP if fed.aggregator == "auto" else 0.0
 
 
 def check_robust_aggregation(config: Config, supported: bool) -> None:
     """``federation.aggregator`` and its parameters (``ssfl.algorithms.robust``)."""
     fed = config.federation
-    _choice("federation.aggregator", fed.aggregator,
-            ("mean", "median", "trimmed_mean", "krum", "multi_krum"))
+    _choice("federation.aggregator", fed.aggregator, AGGREGATOR_CHOICES)
     if fed.adaptive_clip != AUTO:
         _positive("federation.adaptive_clip", fed.adaptive_clip, allow_zero=True)
     if not 0.0 <= fed.trim_fraction < 0.5:

@@ -16,6 +16,10 @@ new global vector; all arithmetic is float64 and deterministic (ties by client o
 - ``krum`` / ``multi_krum``: score each update by the summed squared distance to its
   ``n - f - 2`` nearest other updates, keep the best one (Krum) or the best ``m = n - f``
   (multi-Krum) and average those weighted by sample count (Blanchard et al., NeurIPS 2017).
+- ``auto`` (the default): multi-Krum where the round has more than the ``f + 2`` replies
+  Krum needs, else the weighted mean. The config's "auto" also clips every change first (to
+  twice the round's median change norm, ``federation.adaptive_clip``), so whatever multi-Krum
+  lets through, and every reply of a round too small for it, moves the model a bounded step.
 
 Before any rule, ``clip_updates`` can bound each client's change ``values - reference``: to a
 fixed L2 norm, or adaptively to a multiple of the round's median change norm.
@@ -33,6 +37,7 @@ keeps on its own, older code path, so their results do not change.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,7 +46,7 @@ import torch
 from ssfl.algorithms.base import SetupFailed
 from ssfl.algorithms.common import WeightedMean, average_over_holders
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+AGGREGATORS = ("auto", "mean", "median", "trimmed_mean", "krum", "multi_krum")
 
 
 def clip_updates(values: torch.Tensor, reference: torch.Tensor, *, norm: float = 0.0,
@@ -115,9 +120,20 @@ def krum_select(values: torch.Tensor, byzantine: int, keep: int) -> list[int]:
     return sorted(int(i) for i in order)
 
 
+def resolved_rule(rule: str, replies: int, byzantine: int) -> str:
+    """The rule that combines a round of ``replies`` valid updates: ``auto`` is multi-Krum
+    where Krum can score them (more than ``byzantine + 2``), else the mean."""
+    if rule != "auto":
+        return rule
+    return "multi_krum" if replies > byzantine + 2 else "mean"
+
+
 def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str, *,
-                      trim_fraction: float = 0.1, byzantine: int = 1) -> torch.Tensor:
-    """The new global vector (float32) from the round's update rows by ``rule``."""
+                      trim_fraction: float = 0.1, byzantine: int = 1,
+                      left_out: list[int] | None = None) -> torch.Tensor:
+    """The new global vector (float32) from the round's update rows by ``rule``. ``left_out``,
+    if given, gets the rows a Krum rule did not select."""
+    rule = resolved_rule(rule, values.shape[0], byzantine)
     if rule == "mean":
         out = weighted_mean(values, weights)
     elif rule == "median":
@@ -127,6 +143,8 @@ def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str,
     elif rule in ("krum", "multi_krum"):
         keep = 1 if rule == "krum" else values.shape[0] - byzantine
         rows = krum_select(values, byzantine, max(1, keep))
+        if left_out is not None:
+            left_out.extend(i for i in range(values.shape[0]) if i not in rows)
         out = weighted_mean(values[rows], [weights[i] for i in rows])
     else:
         raise ValueError(f"unknown aggregator {rule!r}; choose one of {list(AGGREGATORS)}")
@@ -134,11 +152,13 @@ def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str,
 
 
 def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: torch.Tensor,
-            settings: Any, clipped: list[int] | None = None) -> torch.Tensor:
+            settings: Any, clipped: list[int] | None = None,
+            left_out: list[int] | None = None) -> torch.Tensor:
     """The round's aligned update vectors combined as ``settings`` (the config's
     ``[federation]``: ``update_clip_norm``, ``adaptive_clip``, ``aggregator``,
-    ``trim_fraction``, ``byzantine``) says; the new global vector. ``clipped``, if given,
-    gets the positions (in ``updates``) of the updates that clipping scaled back.
+    ``trim_fraction``, ``byzantine``) says; the new global vector. ``clipped`` and
+    ``left_out``, if given, get the positions (in ``updates``) of the updates that clipping
+    scaled back and of those a Krum rule left out.
 
     Plain FedAvg (``mean`` without adaptive clipping) keeps its running float64 sum over the
     replies in order, so its results are those of every run before robust rules existed."""
@@ -157,7 +177,8 @@ def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: 
     rows = clip_updates(torch.stack(list(updates)), reference, norm=settings.update_clip_norm,
                         adaptive=settings.adaptive_clip, clipped=clipped)
     return aggregate_vectors(rows, [float(n) for n in samples], settings.aggregator,
-                             trim_fraction=settings.trim_fraction, byzantine=settings.byzantine)
+                             trim_fraction=settings.trim_fraction, byzantine=settings.byzantine,
+                             left_out=left_out)
 
 
 def is_plain_mean(settings: Any) -> bool:
@@ -184,6 +205,7 @@ def combine_held(rows: torch.Tensor, held: torch.Tensor | None, samples: Sequenc
     - ``krum`` / ``multi_krum``: clients are scored on their vectors with the coordinates they
       do not hold at the reference (no change there); the holders-weighted mean is then taken
       over the selected clients only (the returned weights count only those).
+    - ``auto``: ``multi_krum`` with more than ``byzantine + 2`` clients, else ``mean``.
 
     A coordinate with no holder keeps its reference value (callers may override). Float64
     arithmetic, deterministic (clients in row order)."""
@@ -195,7 +217,7 @@ def combine_held(rows: torch.Tensor, held: torch.Tensor | None, samples: Sequenc
     # A coordinate a client does not hold counts as no change, for clipping and Krum alike.
     x = torch.where(held, rows.to(torch.float64), ref)
     x = clip_updates(x, ref, norm=settings.update_clip_norm, adaptive=settings.adaptive_clip)
-    rule = settings.aggregator
+    rule = resolved_rule(settings.aggregator, n, settings.byzantine)
     if rule in ("krum", "multi_krum"):
         keep = 1 if rule == "krum" else n - settings.byzantine
         selected = torch.zeros(n, dtype=torch.bool)
@@ -279,14 +301,28 @@ def combine_over_holders(
 # ---- the mask round: robust means of saliency scores ----------------------------------------
 
 #: how the server combines the clients' saliency scores before the global top-k
-SCORE_RULES = ("mean", "normalised", "trimmed_mean", "median")
+SCORE_RULES = ("clipped", "mean", "normalised", "trimmed_mean", "median")
+#: ``clipped``: no client's scores may sum to more than this multiple of the median client's
+#: sum. Honest clients' sums on the CPU reference lie within 0.6 to 1.6 times the median
+#: (docs/reliability.md), so honest masks are the paper's bit for bit.
+SCORE_CLIP = 2.0
+
+
+def score_total(flat: torch.Tensor) -> float:
+    """One client's total say in the mask: the sum of its scores (float64)."""
+    return float(flat.to(torch.float64).sum())
 
 
 def combine_scores(scores: Iterable[tuple[torch.Tensor, float]], count: int, *,
-                   rule: str = "mean", trim_fraction: float = 0.1) -> torch.Tensor:
+                   rule: str = "mean", trim_fraction: float = 0.1,
+                   totals: Sequence[float] = ()) -> torch.Tensor:
     """One flat score vector from the clients' ``(scores, weight)`` pairs, as ``rule`` says:
 
     - ``mean``: the weighted mean (the paper); one client's huge scores dominate it;
+    - ``clipped`` (the default): the weighted mean after scaling down every client whose
+      scores sum to more than ``SCORE_CLIP`` times the median of ``totals`` (every client's
+      ``score_total``, which the caller computes in a first pass): the paper's mean until a
+      client's total stands out, and then that client counts as at most twice a typical one;
     - ``normalised``: each client's scores divided by their sum first, then the weighted mean:
       every client has the same total say, so one client can move the scores of a layer by at
       most its share of the clients;
@@ -296,12 +332,17 @@ def combine_scores(scores: Iterable[tuple[torch.Tensor, float]], count: int, *,
     ``SetupFailed`` when no scores came."""
     if rule not in SCORE_RULES:
         raise ValueError(f"score rule must be one of {SCORE_RULES}, got {rule!r}")
-    if rule in ("mean", "normalised"):
+    if rule in ("mean", "normalised", "clipped"):
+        bound = SCORE_CLIP * statistics.median(totals) if rule == "clipped" and totals else None
         mean = WeightedMean()
         for flat, weight in scores:
             if rule == "normalised":
-                total = float(flat.to(torch.float64).sum())
+                total = score_total(flat)
                 flat = flat.to(torch.float64) / total if total > 0 else torch.zeros_like(flat)
+            elif bound is not None:
+                total = score_total(flat)
+                if total > bound:  # scaled only then: below it, the paper's mean bit for bit
+                    flat = flat.to(torch.float64) * (bound / total)
             mean.add(flat, weight)
         if mean.count == 0:
             raise SetupFailed("no client sent valid saliency scores: no mask can be built")

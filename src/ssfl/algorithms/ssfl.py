@@ -7,20 +7,22 @@ Read top to bottom, this file is the whole method:
    the first ``saliency_batches`` minibatches of a shuffled pass (``client_setup("scores")``,
    ``ssfl.client.compute_scores``: cropped and flipped as training batches are, the model in
    eval mode, both as in the authors' code; ``saliency_augment = "off"`` scores the images
-   as they are); the server averages the
-   scores, weighted by sample count or uniformly as the authors' code does
-   (``ssfl.algorithms.robust.combine_scores``; ``score_rule`` picks a robust combination
-   instead of the mean), and keeps the global top-k for the target density
-   (``ssfl.masks.global_topk_mask``, exact k, ties by position). The mask bitmap goes to every
-   client once (``client_setup("mask")`` keeps it as the client's state).
+   as they are); the server averages the scores, weighted by sample count or uniformly as
+   the authors' code does (``ssfl.algorithms.robust.combine_scores``; by default a client
+   whose scores sum to more than twice the median client's is scaled down to that first,
+   which no honest client measured here reached; ``score_rule = "mean"`` is the paper's plain
+   mean), and keeps the global top-k for the target density (``ssfl.masks.global_topk_mask``,
+   exact k, ties by position). The mask bitmap goes to every client once
+   (``client_setup("mask")`` keeps it as the client's state).
 2. **Sparse FedAvg in the fixed mask** (``FixedMaskFedAvg``): each round the sampled clients
    receive the active values only, in the agreed order of ``ParameterLayout`` (no indices),
    train inside the mask (``ssfl.client.train_round``: masked SGD) and return their active
-   values; the server averages them weighted by sample count. Biases and normalisation
-   parameters are dense. ``federation.update_clip_norm`` optionally clips each client's change
-   (robust aggregation). With ``[privacy]`` the average is DP-FedAvg over the values instead
-   (``ssfl.privacy``: each change clipped by the server or by the client, an unweighted mean,
-   Gaussian noise; docs/privacy.md).
+   values; the server averages them weighted by sample count (``federation.aggregator =
+   "mean"``, the paper's; the default "auto" clips each change to twice the round's median
+   change norm and averages the updates multi-Krum selects: ``ssfl.algorithms.robust``).
+   Biases and normalisation parameters are dense. With ``[privacy]`` the average is DP-FedAvg
+   over the values instead (``ssfl.privacy``: each change clipped by the server or by the
+   client, an unweighted mean, Gaussian noise; docs/privacy.md).
 
 The static baselines of the paper's comparison (dense FedAvg, random masks, SNIP on one client
 or on pooled data) differ only in how the mask is found: ``ssfl.algorithms.static``.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,7 +57,13 @@ from ssfl.algorithms.common import (
     decode_scores,
     load_weights_,
 )
-from ssfl.algorithms.robust import SCORE_RULES, combine, combine_scores
+from ssfl.algorithms.robust import (
+    SCORE_CLIP,
+    SCORE_RULES,
+    combine,
+    combine_scores,
+    score_total,
+)
 from ssfl.client import compute_scores, encode_scores, train_round
 from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, decode_values, encode_values
 from ssfl.masks import (
@@ -149,11 +158,14 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         if self.setup.config.privacy.mode != "none":
             return self.private_aggregate(state, round, replies)
         clipped: list[int] = []
+        left_out: list[int] = []
         values = combine([r.update for r in replies], [r.num_samples for r in replies],
-                         state.values, self.robust, clipped)
-        # Which clients' changes the clipping scaled back (the metrics row's diagnostics):
-        # how often an honest run meets the default bound, and whom an attacked one stopped.
-        info = {"clipped": [replies[i].client_id for i in clipped]} if clipped else {}
+                         state.values, self.robust, clipped, left_out)
+        # Whose changes the clipping scaled back and whose multi-Krum left out (the metrics
+        # row's diagnostics): what the default costs an honest run, and whom it stopped.
+        info = {key: [replies[i].client_id for i in positions]
+                for key, positions in (("clipped", clipped), ("left_out", left_out))
+                if positions}
         return replace(state, values=values, round=round), info
 
     def private_aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply]
@@ -225,10 +237,12 @@ class SaliencySettings:
 
     # "weighted" by client sample count (the paper), or "uniform" (the authors' code)
     score_aggregation: str = "weighted"
-    # how the scores are combined: "mean" (the paper), or a rule that bounds what one hostile
-    # client can do to the mask: "normalised" (each client's scores sum to 1 first),
-    # "trimmed_mean" (federation.trim_fraction from each end, unweighted), "median"
-    score_rule: str = "mean"
+    # how the scores are combined: "clipped" (the default: the paper's mean, with any client
+    # whose scores sum to more than twice the median client's scaled down to that), "mean"
+    # (the paper), or another rule that bounds what one hostile client can do to the mask:
+    # "normalised" (each client's scores sum to 1 first), "trimmed_mean"
+    # (federation.trim_fraction from each end, unweighted), "median"
+    score_rule: str = "clipped"
     saliency_batches: int = 1  # minibatches per client for the scores
     saliency_batch_size: int = 0  # their size; 0: train.batch_size
     # "train": the scored batches are augmented as the training batches are (train.augment),
@@ -345,8 +359,8 @@ class SaliencyMask(FixedMaskFedAvg):
         count, used = self.setup.prunable_count, []
         dtype, top = self.settings.score_dtype, self.score_top()
 
-        def decoded() -> Iterable[tuple[torch.Tensor, float]]:
-            for r in replies:
+        def decoded(chosen: Sequence[SetupReply]) -> Iterable[tuple[torch.Tensor, float]]:
+            for r in chosen:
                 try:
                     scores = decode_scores(r.payload, count, dtype=dtype, top=top)
                 except PayloadError as exc:
@@ -356,7 +370,21 @@ class SaliencyMask(FixedMaskFedAvg):
                 used.append(r.client_id)
                 yield scores, float(r.num_samples) if mode == "weighted" else 1.0
 
-        flat = combine_scores(decoded(), count, rule=self.settings.score_rule,
+        rule, totals = self.settings.score_rule, []
+        if rule == "clipped":
+            # Every client's total first (one decoded payload at a time, as the mean holds
+            # them), so the bound is known before any client's scores are added.
+            totals = [score_total(scores) for scores, _ in decoded(replies)]
+            valid = set(used)
+            bound = SCORE_CLIP * statistics.median(totals) if totals else 0.0
+            scaled = [c for c, t in zip(used, totals) if t > bound]
+            if scaled:
+                logger.warning("mask round: the scores of client(s) %s sum to more than %g "
+                               "times the median client's; scaled down to that", scaled,
+                               SCORE_CLIP)
+            replies = [r for r in replies if r.client_id in valid]
+            used.clear()
+        flat = combine_scores(decoded(replies), count, rule=rule, totals=totals,
                               trim_fraction=self.setup.config.federation.trim_fraction)
         if top:
             # Scores nobody sent are 0: if fewer than k weights have a positive score, the
