@@ -4,6 +4,8 @@
                                               # 10 clients per round (choosing the default)
     python benchmarks/robustness.py attacks   # attacks x rules x (1 hostile of 5, 2 of 10)
     python benchmarks/robustness.py report    # tables from the finished runs only
+    python benchmarks/robustness.py score-totals   # honest clients' score sums against the
+                                                   # default score rule's bound (no training)
 
 Setting: configs/cifar10_cpu.toml (CIFAR-10, 100 clients, the small CNN, SSFL at density 0.1,
 60 rounds), evaluated every 5 rounds. A single evaluation moves by several points from one
@@ -313,9 +315,38 @@ def write_into_doc(tables: str, doc: Path = DOC) -> None:
     doc.write_text(f"{head}{DOC_START}\n{tables.strip()}\n{DOC_END}{tail}")
 
 
+def score_totals(config_path: Path, seeds: Sequence[int], out: Path) -> None:
+    """Each honest client's score sum over the median client's, in the mask round of the CPU
+    reference (every client scores, density 0.1): how far below the default score rule's bound
+    (``SCORE_CLIP`` x the median) honest clients stay. Nothing is trained."""
+    from lean_mask import mask_round
+
+    from ssfl.algorithms.robust import SCORE_CLIP
+    from ssfl.config import load_config
+    from ssfl.run.experiment import prepare
+
+    rows = []
+    for seed in seeds:
+        config = load_config(config_path, [f"run.seed={seed}", "algorithm.ssfl.score_rule=clipped"])
+        run, _ = mask_round(prepare(config, with_test=False), config)
+        totals = list(run.algorithm.score_totals.values())
+        median = statistics.median(totals)
+        ratios = sorted(t / median for t in totals)
+        rows.append({"seed": seed, "clients": len(ratios), "min_ratio": round(ratios[0], 3),
+                     "max_ratio": round(ratios[-1], 3), "bound": SCORE_CLIP,
+                     "scaled": sum(r > SCORE_CLIP for r in ratios)})
+        print(f"seed {seed}: {len(ratios)} clients, score sums {ratios[0]:.2f} to "
+              f"{ratios[-1]:.2f} x the median (bound {SCORE_CLIP:g}); "
+              f"{rows[-1]['scaled']} scaled")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "score_totals.json").write_text(json.dumps({"config": config_path.name,
+                                                       "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out / 'score_totals.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sweep", choices=["clean", "attacks", "report"])
+    parser.add_argument("sweep", choices=["clean", "attacks", "report", "score-totals"])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
@@ -336,6 +367,9 @@ def main() -> None:
     if not set(settings) <= set(SETTINGS):
         raise SystemExit(f"unknown setting in {settings}; choose from {list(SETTINGS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.sweep == "score-totals":
+        score_totals(args.config, seeds, args.out)
+        return
     recorded_path = args.out / "robustness.json"
     # Rows without a settled accuracy are from the dropped 30-round protocol: not this table's.
     recorded = ({r["name"]: r for r in json.loads(recorded_path.read_text())["runs"]

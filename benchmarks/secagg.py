@@ -54,7 +54,10 @@ from comm_time import _wait_health, node_plan  # noqa: E402  (a sibling script)
 
 CONFIG = REPO / "configs" / "quickstart.toml"
 OUT = HERE / "results" / "secagg"
-BASE = ["run.threads=1", "run.progress=false", "run.checkpoint_every=0"]
+# The plain mean without SecAgg+ too (the default "auto" is the mean under SecAgg+ only), so
+# that both sides of every comparison compute the same aggregate.
+BASE = ["run.threads=1", "run.progress=false", "run.checkpoint_every=0",
+        "federation.aggregator=mean"]
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
 

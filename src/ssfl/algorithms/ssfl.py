@@ -305,6 +305,8 @@ class SaliencyMask(FixedMaskFedAvg):
     """A fixed mask from SNIP saliency scores (the client side of scoring)."""
 
     Settings = SaliencySettings
+    #: the last mask round's score sum per client, under ``score_rule = "clipped"``
+    score_totals: dict[int, float] = {}
 
     @classmethod
     def check_config(cls, config: Any, settings: Any) -> None:
@@ -376,6 +378,9 @@ class SaliencyMask(FixedMaskFedAvg):
             # them), so the bound is known before any client's scores are added.
             totals = [score_total(scores) for scores, _ in decoded(replies)]
             valid = set(used)
+            # kept for whoever wants to see how near honest clients come to the bound
+            # (benchmarks/robustness.py score-totals)
+            self.score_totals = dict(zip(used, totals))
             bound = SCORE_CLIP * statistics.median(totals) if totals else 0.0
             scaled = [c for c, t in zip(used, totals) if t > bound]
             if scaled:
