@@ -438,9 +438,19 @@ def test_auto_leaves_out_the_outlier_and_falls_back_to_the_mean_in_small_rounds(
     updates = [*near, torch.tensor([10.0, -10.0])]
     clipped: list[int] = []
     left_out: list[int] = []
-    out = combine(updates, [1, 1, 1, 1, 1], ref, _rule("auto", adaptive=2.0), clipped, left_out)
+    ratios: list[float | None] = []
+    out = combine(updates, [1, 1, 1, 1, 1], ref, _rule("auto", adaptive=2.0), clipped, left_out,
+                  ratios)
     assert (clipped, left_out) == ([4], [4])
     assert torch.allclose(out, torch.stack(near).mean(0))
+    # How far the one left out stood out: its Krum score over the round's median score, on
+    # the clipped rows (the hostile change clipped to twice the median norm, |(1, 1.2)|).
+    bound = 2 * float(near[1].norm())
+    rows = torch.stack([*near, torch.tensor([1.0, -1.0]) * bound / 2 ** 0.5])
+    assert torch.allclose(rows, clip_updates(torch.stack(updates), ref, adaptive=2.0))
+    scores = krum_scores(rows, 1)
+    assert ratios == pytest.approx([float(scores[4] / scores.median())], rel=1e-3)
+    assert ratios[0] > 50  # far beyond the near points' spread
     # Three replies are too few for Krum with f = 1 (it needs more than 3): the clipped
     # (weighted) mean, nothing left out.
     left_out = []
@@ -499,6 +509,7 @@ def test_the_diagnostics_name_the_clipped_and_left_out_clients_in_a_run() -> Non
         # default clipped its change and multi-Krum left it out.
         assert row["clients"][0] in row["diagnostics"]["clipped"], row
         assert row["diagnostics"]["left_out"] == [row["clients"][0]], row
+        assert row["diagnostics"]["krum_ratio"][0] > 1.0, row
     plain = run_experiment(load_config(None, [*base, "federation.aggregator=mean"]),
                            write=False)
     assert all("diagnostics" not in row for row in plain.metrics)

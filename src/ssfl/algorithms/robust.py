@@ -113,9 +113,11 @@ def krum_scores(values: torch.Tensor, byzantine: int) -> torch.Tensor:
     return distances.sort(dim=1).values[:, :neighbours].sum(1)
 
 
-def krum_select(values: torch.Tensor, byzantine: int, keep: int) -> list[int]:
-    """The ``keep`` rows of lowest Krum score, in row order (ties: the earlier row)."""
-    scores = krum_scores(values, byzantine)
+def krum_select(values: torch.Tensor, byzantine: int, keep: int,
+                scores: torch.Tensor | None = None) -> list[int]:
+    """The ``keep`` rows of lowest Krum score (``scores``, or computed), in row order (ties:
+    the earlier row)."""
+    scores = krum_scores(values, byzantine) if scores is None else scores
     order = torch.sort(scores, stable=True).indices[:keep]
     return sorted(int(i) for i in order)
 
@@ -130,9 +132,12 @@ def resolved_rule(rule: str, replies: int, byzantine: int) -> str:
 
 def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str, *,
                       trim_fraction: float = 0.1, byzantine: int = 1,
-                      left_out: list[int] | None = None) -> torch.Tensor:
+                      left_out: list[int] | None = None,
+                      krum_ratios: list[float | None] | None = None) -> torch.Tensor:
     """The new global vector (float32) from the round's update rows by ``rule``. ``left_out``,
-    if given, gets the rows a Krum rule did not select."""
+    if given, gets the rows a Krum rule did not select; ``krum_ratios`` their Krum scores over
+    the round's median score (how far each stood out: an honest round's farthest update sets
+    the scale that a hostile one must exceed to be told apart)."""
     rule = resolved_rule(rule, values.shape[0], byzantine)
     if rule == "mean":
         out = weighted_mean(values, weights)
@@ -142,9 +147,16 @@ def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str,
         out = trimmed_mean(values, trim_fraction)
     elif rule in ("krum", "multi_krum"):
         keep = 1 if rule == "krum" else values.shape[0] - byzantine
-        rows = krum_select(values, byzantine, max(1, keep))
+        scores = krum_scores(values, byzantine)
+        rows = krum_select(values, byzantine, max(1, keep), scores)
+        out_rows = [i for i in range(values.shape[0]) if i not in rows]
         if left_out is not None:
-            left_out.extend(i for i in range(values.shape[0]) if i not in rows)
+            left_out.extend(out_rows)
+        if krum_ratios is not None:
+            median = float(scores.median())
+            # None: every score 0 (identical rows), where no row stands out
+            krum_ratios.extend(round(float(scores[i]) / median, 4) if median > 0 else None
+                               for i in out_rows)
         out = weighted_mean(values[rows], [weights[i] for i in rows])
     else:
         raise ValueError(f"unknown aggregator {rule!r}; choose one of {list(AGGREGATORS)}")
@@ -153,12 +165,14 @@ def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str,
 
 def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: torch.Tensor,
             settings: Any, clipped: list[int] | None = None,
-            left_out: list[int] | None = None) -> torch.Tensor:
+            left_out: list[int] | None = None,
+            krum_ratios: list[float | None] | None = None) -> torch.Tensor:
     """The round's aligned update vectors combined as ``settings`` (the config's
     ``[federation]``: ``update_clip_norm``, ``adaptive_clip``, ``aggregator``,
     ``trim_fraction``, ``byzantine``) says; the new global vector. ``clipped`` and
     ``left_out``, if given, get the positions (in ``updates``) of the updates that clipping
-    scaled back and of those a Krum rule left out.
+    scaled back and of those a Krum rule left out; ``krum_ratios`` how far each of those
+    stood out (``aggregate_vectors``).
 
     Plain FedAvg (``mean`` without adaptive clipping) keeps its running float64 sum over the
     replies in order, so its results are those of every run before robust rules existed."""
@@ -178,7 +192,7 @@ def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: 
                         adaptive=settings.adaptive_clip, clipped=clipped)
     return aggregate_vectors(rows, [float(n) for n in samples], settings.aggregator,
                              trim_fraction=settings.trim_fraction, byzantine=settings.byzantine,
-                             left_out=left_out)
+                             left_out=left_out, krum_ratios=krum_ratios)
 
 
 def is_plain_mean(settings: Any) -> bool:

@@ -159,13 +159,17 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
             return self.private_aggregate(state, round, replies)
         clipped: list[int] = []
         left_out: list[int] = []
+        ratios: list[float | None] = []
         values = combine([r.update for r in replies], [r.num_samples for r in replies],
-                         state.values, self.robust, clipped, left_out)
-        # Whose changes the clipping scaled back and whose multi-Krum left out (the metrics
-        # row's diagnostics): what the default costs an honest run, and whom it stopped.
-        info = {key: [replies[i].client_id for i in positions]
-                for key, positions in (("clipped", clipped), ("left_out", left_out))
-                if positions}
+                         state.values, self.robust, clipped, left_out, ratios)
+        # Whose changes the clipping scaled back and whose multi-Krum left out, and how far
+        # those stood out (the metrics row's diagnostics): what the default costs an honest
+        # run, and whom it stopped.
+        info: dict[str, Any] = {key: [replies[i].client_id for i in positions]
+                                for key, positions in (("clipped", clipped),
+                                                       ("left_out", left_out)) if positions}
+        if ratios:
+            info["krum_ratio"] = ratios
         return replace(state, values=values, round=round), info
 
     def private_aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply]
