@@ -327,6 +327,12 @@ def score_total(flat: torch.Tensor) -> float:
     return float(flat.to(torch.float64).sum())
 
 
+def score_bound(totals: Sequence[float]) -> float:
+    """The most a client's scores may sum to under ``clipped``: ``SCORE_CLIP`` times the
+    median client's sum."""
+    return SCORE_CLIP * statistics.median(totals)
+
+
 def combine_scores(scores: Iterable[tuple[torch.Tensor, float]], count: int, *,
                    rule: str = "mean", trim_fraction: float = 0.1,
                    totals: Sequence[float] = ()) -> torch.Tensor:
@@ -347,7 +353,7 @@ def combine_scores(scores: Iterable[tuple[torch.Tensor, float]], count: int, *,
     if rule not in SCORE_RULES:
         raise ValueError(f"score rule must be one of {SCORE_RULES}, got {rule!r}")
     if rule in ("mean", "normalised", "clipped"):
-        bound = SCORE_CLIP * statistics.median(totals) if rule == "clipped" and totals else None
+        bound = score_bound(totals) if rule == "clipped" and totals else None
         mean = WeightedMean()
         for flat, weight in scores:
             if rule == "normalised":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -62,6 +61,7 @@ from ssfl.algorithms.robust import (
     SCORE_RULES,
     combine,
     combine_scores,
+    score_bound,
     score_total,
 )
 from ssfl.client import compute_scores, encode_scores, train_round
@@ -385,7 +385,7 @@ class SaliencyMask(FixedMaskFedAvg):
             # kept for whoever wants to see how near honest clients come to the bound
             # (benchmarks/robustness.py score-totals)
             self.score_totals = dict(zip(used, totals))
-            bound = SCORE_CLIP * statistics.median(totals) if totals else 0.0
+            bound = score_bound(totals) if totals else 0.0
             scaled = [c for c, t in zip(used, totals) if t > bound]
             if scaled:
                 logger.warning("mask round: the scores of client(s) %s sum to more than %g "
