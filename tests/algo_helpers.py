@@ -150,9 +150,9 @@ def capture(monkeypatch: pytest.MonkeyPatch, cls: type[Algorithm[Any]]) -> dict[
     seen: dict[str, Any] = {"states": [], "replies": [], "configured": []}
     aggregate, configure = cls.aggregate, cls.configure
 
-    def recording_aggregate(self, state, round, replies, sampled):  # type: ignore[no-untyped-def]
+    def recording_aggregate(self, state, round, replies, sampled, refused=()):  # type: ignore[no-untyped-def]
         seen["alg"] = self
-        new, diagnostics = aggregate(self, state, round, replies, sampled)
+        new, diagnostics = aggregate(self, state, round, replies, sampled, refused)
         seen["states"].append(new)
         seen["replies"].append(list(replies))
         return new, diagnostics

@@ -318,8 +318,8 @@ def _checked_run(monkeypatch: pytest.MonkeyPatch, name: str):
     cls = algorithms.get(name)
     aggregate = cls.aggregate
 
-    def checked(self, state, round, replies, sampled):
-        new, diagnostics = aggregate(self, state, round, replies, sampled)
+    def checked(self, state, round, replies, sampled, refused=()):
+        new, diagnostics = aggregate(self, state, round, replies, sampled, refused)
         seen["counts"].append({n: int(m.sum()) for n, m in self.global_mask(new).items()})
         seen["algorithm"], seen["state"] = self, new
         return new, diagnostics

@@ -36,7 +36,8 @@ class ToyFedAvg(Algorithm[Weights]):
         return decode_values(payload, expected_count=sum(t.numel() for t in state.values()),
                              expected_round=round, require_finite=True)
 
-    def aggregate(self, state: Weights, round: int, replies: Any, sampled: Any) -> Any:
+    def aggregate(self, state: Weights, round: int, replies: Any, sampled: Any,
+                  refused: Any = ()) -> Any:
         mean = WeightedMean()
         for r in replies:
             mean.add(r.update, float(r.num_samples))

@@ -31,7 +31,8 @@ class Mean:
         return float(decode_values(payload, expected_count=1)[0])  # PayloadError if malformed
 
     def aggregate(self, state: float, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[float, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[float, dict[str, Any]]:
         total = sum(r.num_samples for r in replies)
         return sum(r.update * r.num_samples for r in replies) / total, {"n": len(replies)}
 

@@ -15,6 +15,7 @@ from ssfl.algorithms.base import Reply
 from ssfl.algorithms.dispfl import neighbour_average
 from ssfl.algorithms.feddst import FedDST
 from ssfl.algorithms.robust import (
+    after_refusals,
     aggregate_vectors,
     clip_updates,
     combine,
@@ -513,3 +514,39 @@ def test_the_diagnostics_name_the_clipped_and_left_out_clients_in_a_run() -> Non
     plain = run_experiment(load_config(None, [*base, "federation.aggregator=mean"]),
                            write=False)
     assert all("diagnostics" not in row for row in plain.metrics)
+
+
+def test_a_refused_reply_counts_as_one_of_the_hostile_clients_auto_tolerates() -> None:
+    # Four valid changes, one far out; f = 1. Nothing refused: multi-Krum leaves the far one
+    # out. One reply refused at screening: that was the hostile one the default tolerates, so
+    # the four are averaged (the far one clipped to twice the median norm, not left out).
+    ref = torch.zeros(2)
+    updates = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]),
+               torch.tensor([0.0, 3.0])]
+    left_out: list[int] = []
+    combine(updates, [1] * 4, ref, after_refusals(_rule("auto", adaptive=2.0), 0), None,
+            left_out)
+    assert left_out == [3]
+    tolerated = after_refusals(_rule("auto", adaptive=2.0), 1)
+    assert tolerated.byzantine == 0
+    left_out = []
+    out = combine(updates, [1] * 4, ref, tolerated, None, left_out)
+    assert left_out == []
+    assert torch.allclose(out, torch.tensor([0.75, 0.5]))  # (3 x (1, 0) + (0, 2)) / 4
+    # More refusals than f never go below 0; explicit Krum rules keep their configured f.
+    assert after_refusals(_rule("auto"), 3).byzantine == 0
+    assert after_refusals(_rule("multi_krum"), 1).byzantine == 1
+    assert _rule("auto").byzantine == 1  # the settings themselves are not changed
+
+
+def test_a_client_refused_for_its_sample_claim_costs_no_honest_update_in_a_run() -> None:
+    from ssfl.sim import run_experiment
+
+    base = ["run.rounds=2", "run.threads=1", "run.progress=false", "federation.num_clients=5",
+            "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5",
+            "attack.kind=inflate_samples", "attack.hostile_per_round=1", "run.eval_every=0"]
+    result = run_experiment(load_config(None, base), write=False)
+    for row in result.metrics:
+        # The first client asked claims 10^9 samples: refused; the other four all count.
+        assert [x["client"] for x in row["rejected"]] == [row["clients"][0]], row
+        assert "left_out" not in row.get("diagnostics", {}), row

@@ -232,9 +232,9 @@ def test_too_few_valid_replies_retry_then_fail_the_round_for_every_algorithm(
     real = cls.aggregate
     aggregated: list[int] = []
 
-    def counting(self, state, round, replies, sampled):
+    def counting(self, state, round, replies, sampled, refused=()):
         aggregated.append(round)
-        return real(self, state, round, replies, sampled)
+        return real(self, state, round, replies, sampled, refused)
 
     monkeypatch.setattr(cls, "aggregate", counting)
     config = _config(algorithm, "federation.min_replies=3", "federation.max_round_attempts=2")

@@ -255,10 +255,12 @@ class Algorithm(ABC, Generic[S]):
 
     @abstractmethod
     def aggregate(self, state: S, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[S, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[S, dict[str, Any]]:
         """The new state from the round's valid replies (in sampled order), and diagnostics
         for the round's metrics row (empty: none). ``sampled`` also lists clients whose reply
-        failed or was rejected."""
+        failed or was rejected; ``refused`` those whose reply screening rejected (the robust
+        default counts them among the hostile clients it tolerates: ``robust.after_refusals``)."""
 
     @abstractmethod
     def eval_weights(self, state: S, client: int | None = None) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from ssfl.algorithms.common import (
     flat_weights,
     shapes_match,
 )
-from ssfl.algorithms.robust import holders_average
+from ssfl.algorithms.robust import after_refusals, holders_average
 from ssfl.client import train_round
 from ssfl.comm import decode_values, encode_values
 from ssfl.masks import Mask, random_global_mask
@@ -94,10 +94,11 @@ class ClientwiseRandomMasks(Algorithm[DenseModelState]):
         return layout.dense_tensors(values), mask
 
     def aggregate(self, state: DenseModelState, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[DenseModelState, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[DenseModelState, dict[str, Any]]:
         contributions = ((r.update[0], r.update[1], float(r.num_samples)) for r in replies)
         averages, held = holders_average(contributions, self.setup.shapes, state.weights,
-                                         self.robust)
+                                         after_refusals(self.robust, len(refused)))
         weights = {n: torch.where(held[n] > 0, averages[n], w) if n in held else averages[n]
                    for n, w in state.weights.items()}
         return DenseModelState(weights), {}

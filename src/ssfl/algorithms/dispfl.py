@@ -408,7 +408,8 @@ class DisPFL(Algorithm[RelayState]):
         return Published(self.codec.encode(mask, round), values, round)
 
     def aggregate(self, state: RelayState, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[RelayState, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[RelayState, dict[str, Any]]:
         """Store the round's valid uploads; they become visible to neighbours only from the
         next round on (stored after the whole round). A sampled client whose upload is not
         stored may hold a model the relay does not have: it is owed a resend."""

@@ -46,7 +46,7 @@ import torch
 
 from ssfl.algorithms.base import ClientContext, ClientOutput, Reply, Setup
 from ssfl.algorithms.dynamic_mask import DynamicGlobalMask, DynamicMaskState, initial_state
-from ssfl.algorithms.robust import holders_average
+from ssfl.algorithms.robust import after_refusals, holders_average
 from ssfl.client import apply_regrowth_, cpu_weights, local_train, minibatch_gradient
 from ssfl.comm import PayloadError, decode_values, payload_parts
 from ssfl.masks import (
@@ -119,10 +119,11 @@ class FedDST(DynamicGlobalMask):
         return layout.dense_tensors(values), mask, new
 
     def aggregate(self, state: DynamicMaskState, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[DynamicMaskState, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[DynamicMaskState, dict[str, Any]]:
         contributions = ((r.update[0], r.update[1], float(r.num_samples)) for r in replies)
         averages, holders = holders_average(contributions, self.setup.shapes, state.weights,
-                                            self.robust)
+                                            after_refusals(self.robust, len(refused)))
         mask = prune_to_counts(averages, holders, self.counts)
         uploaded = {r.client_id: r.update[2] for r in replies if r.update[2] is not None}
         held = self.holders_after(state, replies, sampled, uploaded)

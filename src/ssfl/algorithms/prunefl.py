@@ -43,9 +43,10 @@ import torch
 from ssfl.algorithms.base import Ask, ClientContext, ClientOutput, Reply, Setup
 from ssfl.algorithms.common import WeightedMean
 from ssfl.algorithms.dynamic_mask import DynamicGlobalMask, DynamicMaskState, initial_state
-from ssfl.algorithms.robust import combine, is_plain_mean
+from ssfl.algorithms.robust import after_refusals, combine, is_plain_mean
 from ssfl.client import local_train, train_with_importance
 from ssfl.comm import PayloadError, PayloadKind, decode_values, encode_values, payload_parts
+from ssfl.config import FederationSection
 from ssfl.masks import flatten, full_mask, global_topk_mask, unflatten
 
 
@@ -117,7 +118,8 @@ class PruneFL(DynamicGlobalMask):
         return values, importance
 
     def aggregate(self, state: DynamicMaskState, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[DynamicMaskState, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[DynamicMaskState, dict[str, Any]]:
         update = self.is_update_round(round)
         if is_plain_mean(self.robust):
             values, importance = WeightedMean(), WeightedMean()
@@ -128,7 +130,8 @@ class PruneFL(DynamicGlobalMask):
             new_values = values.result()
             new_importance = importance.result() if update else None
         else:
-            new_values, new_importance = self.robust_combine(state, replies)
+            new_values, new_importance = self.robust_combine(
+                state, replies, after_refusals(self.robust, len(refused)))
         weights = self.codec.layout(state.mask).dense_tensors(new_values)
         mask = state.mask
         if update:
@@ -137,19 +140,19 @@ class PruneFL(DynamicGlobalMask):
         held = self.holders_after(state, replies, sampled, {})
         return self.with_new_mask(state, round, mask, weights, held), {}
 
-    def robust_combine(self, state: DynamicMaskState, replies: Sequence[Reply]
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def robust_combine(self, state: DynamicMaskState, replies: Sequence[Reply],
+                       settings: FederationSection) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The values and the importance (None outside update rounds) under
         ``federation.aggregator``: the values (all in the global mask) clipped around the
         current ones; the importance by the same rule, unclipped (it is no change from a current
         value, so no change can be bounded)."""
         current = self.codec.layout(state.mask).gather(state.weights)
         values = combine([r.update[0] for r in replies], [r.num_samples for r in replies],
-                         current, self.robust)
+                         current, settings)
         scored = [r for r in replies if r.update[1] is not None]
         if not scored:
             return values, None
-        unclipped = dataclasses.replace(self.robust, update_clip_norm=0.0, adaptive_clip=0.0)
+        unclipped = dataclasses.replace(settings, update_clip_norm=0.0, adaptive_clip=0.0)
         importance = combine([r.update[1] for r in scored], [r.num_samples for r in scored],
                              torch.zeros_like(scored[0].update[1]), unclipped)
         return values, importance

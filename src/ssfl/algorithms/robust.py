@@ -17,7 +17,8 @@ new global vector; all arithmetic is float64 and deterministic (ties by client o
   ``n - f - 2`` nearest other updates, keep the best one (Krum) or the best ``m = n - f``
   (multi-Krum) and average those weighted by sample count (Blanchard et al., NeurIPS 2017).
 - ``auto`` (the default): multi-Krum where the round has more than the ``f + 2`` replies
-  Krum needs, else the weighted mean. The config's "auto" also clips every change first (to
+  Krum needs, else the weighted mean; a reply refused at screening counts as one of the ``f``
+  (``after_refusals``). The config's "auto" also clips every change first (to
   twice the round's median change norm, ``federation.adaptive_clip``), so whatever multi-Krum
   lets through, and every reply of a round too small for it, moves the model a bounded step.
 
@@ -36,6 +37,7 @@ keeps on its own, older code path, so their results do not change.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -124,10 +126,24 @@ def krum_select(values: torch.Tensor, byzantine: int, keep: int,
 
 def resolved_rule(rule: str, replies: int, byzantine: int) -> str:
     """The rule that combines a round of ``replies`` valid updates: ``auto`` is multi-Krum
-    where Krum can score them (more than ``byzantine + 2``), else the mean."""
+    where it has a hostile update to look for (``byzantine`` > 0) and can score them (more
+    than ``byzantine + 2``), else the mean."""
     if rule != "auto":
         return rule
-    return "multi_krum" if replies > byzantine + 2 else "mean"
+    return "multi_krum" if 0 < byzantine and replies > byzantine + 2 else "mean"
+
+
+def after_refusals(settings: Any, refused: int) -> Any:
+    """``settings`` (``[federation]``) for a round in which screening refused ``refused``
+    replies: under ``auto``, ``byzantine`` counts the hostile replies per round it tolerates,
+    and a refused reply was one of them, so multi-Krum leaves that many fewer out of the valid
+    ones (a client caught lying about its sample count does not also cost an honest update).
+    The explicit Krum rules keep their ``byzantine`` as configured."""
+    if settings.aggregator != "auto" or refused <= 0:
+        return settings
+    tolerated = copy.copy(settings)
+    tolerated.byzantine = max(0, settings.byzantine - refused)
+    return tolerated
 
 
 def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str, *,

@@ -79,7 +79,7 @@ from ssfl.algorithms.common import (
     load_weights_,
     shapes_match,
 )
-from ssfl.algorithms.robust import combine, is_plain_mean
+from ssfl.algorithms.robust import after_refusals, combine, is_plain_mean
 from ssfl.client import cpu_weights, local_train
 from ssfl.comm import (
     HEADER,
@@ -93,6 +93,7 @@ from ssfl.comm import (
     payload_parts,
     read_header,
 )
+from ssfl.config import FederationSection
 from ssfl.masks import Mask, full_mask, global_top_k, topk_count, unflatten
 
 # ---------------------------------------------------------------------------- rules
@@ -312,14 +313,16 @@ class SparsyFed(Algorithm[AggregateState]):
         return self.decode(payload, round, kept=self.k, require_finite=True)[0]
 
     def aggregate(self, state: AggregateState, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[AggregateState, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[AggregateState, dict[str, Any]]:
         """FedAvg of ``to_powerprop(w)`` weighted by sample count, mapped back to ``w``.
 
         The float64 sums start at zero and add each reply in turn (not ``WeightedMean``, whose
         first term is not added to zero), so results are the same bits as before the port.
         ``federation.aggregator`` and the clipping settings: ``robust_aggregate``."""
         if not is_plain_mean(self.robust):
-            return self.robust_aggregate(state, replies), {}
+            return self.robust_aggregate(
+                state, replies, after_refusals(self.robust, len(refused))), {}
         shapes, prunable = self.setup.shapes, self.setup.prunable_shapes
         sums = {n: torch.zeros(s, dtype=torch.float64) for n, s in shapes.items()}
         samples = 0
@@ -338,7 +341,8 @@ class SparsyFed(Algorithm[AggregateState]):
             weights[n] = mean.to(torch.float32)
         return AggregateState(weights), {}
 
-    def robust_aggregate(self, state: AggregateState, replies: Sequence[Reply]) -> AggregateState:
+    def robust_aggregate(self, state: AggregateState, replies: Sequence[Reply],
+                         settings: FederationSection) -> AggregateState:
         """The rule of ``federation.aggregator`` (``ssfl.algorithms.robust.combine``) where
         SparsyFed averages, in Powerprop space: each reply's dense ``to_powerprop(w)`` (pruned
         weights as 0, as in the mean), clipped around ``to_powerprop`` of the current aggregate,
@@ -352,7 +356,7 @@ class SparsyFed(Algorithm[AggregateState]):
 
         combined = combine([powerprop_space(r.update) for r in replies],
                            [r.num_samples for r in replies], powerprop_space(state.weights),
-                           self.robust).to(torch.float64)
+                           settings).to(torch.float64)
         weights, start = {}, 0
         for n in names:
             size = math.prod(self.setup.shapes[n])

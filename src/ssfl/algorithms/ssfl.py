@@ -59,6 +59,7 @@ from ssfl.algorithms.common import (
 from ssfl.algorithms.robust import (
     SCORE_CLIP,
     SCORE_RULES,
+    after_refusals,
     combine,
     combine_scores,
     score_bound,
@@ -151,7 +152,8 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         return values
 
     def aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int]) -> tuple[FixedMaskState, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = ()
+                  ) -> tuple[FixedMaskState, dict[str, Any]]:
         """Weighted by sample count, or by the robust rule of ``federation.aggregator``; any
         mean of vectors on one mask stays on the mask. With ``[privacy]``: DP-FedAvg over the
         values (``ssfl.privacy.private_mean``: clipped changes, unweighted, Gaussian noise)."""
@@ -161,7 +163,8 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         left_out: list[int] = []
         ratios: list[float | None] = []
         values = combine([r.update for r in replies], [r.num_samples for r in replies],
-                         state.values, self.robust, clipped, left_out, ratios)
+                         state.values, after_refusals(self.robust, len(refused)), clipped,
+                         left_out, ratios)
         # Whose changes the clipping scaled back and whose multi-Krum left out, and how far
         # those stood out (the metrics row's diagnostics): what the default costs an honest
         # run, and whom it stopped.

@@ -455,7 +455,11 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
         if attempt == attempts:
             failure.run_dir = r.folder.path
             raise failure
-    r.state, diagnostics = r.algorithm.aggregate(r.state, rnd, valid, chosen)
+    # Refused: sampled clients none of whose replies passed screening (a reply under another
+    # client's id, or a second one beside a valid reply, says nothing about who is left).
+    accepted = {x.client_id for x in valid}
+    refused = sorted({x.client_id for x in rejected if x.client_id in chosen} - accepted)
+    r.state, diagnostics = r.algorithm.aggregate(r.state, rnd, valid, chosen, refused)
     aggregation_seconds = time.perf_counter() - screened_at
     down, up = r.ledger.round_bytes(rnd)
     losses = valid_losses(replies, counted)
