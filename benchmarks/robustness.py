@@ -286,8 +286,32 @@ def score_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]]) -> str:
+    """The attacked cells run on more than one seed: each seed's change against the same
+    rule's honest run of that seed (same clients per round), and their mean. One seed's change
+    at 5 per round moves by about as much as the honest runs' spread (2 to 3 points)."""
+    honest = {(r["rule"], r["setting"], r["seed"]): r["settled_accuracy"] for r in clean}
+    changes: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in attacked:
+        base = honest.get((r["rule"], f"{r['setting'].split('x')[0]}x0", r["seed"]))
+        if base is not None and r["settled_accuracy"] is not None:
+            changes.setdefault((r["rule"], r["attack"], r["setting"]), {})[r["seed"]] = (
+                (r["settled_accuracy"] - base) * 100)
+    lines = ["| rule | attack | setting | change per seed (points) | mean +- std |",
+             "|---|---|---|---|---|"]
+    for (rule, attack, setting), by_seed in sorted(changes.items()):
+        if len(by_seed) < 2:
+            continue
+        values = [by_seed[s] for s in sorted(by_seed)]
+        lines.append(f"| {label(rule)} | {attack} | {setting} | "
+                     + ", ".join(f"s{s}: {by_seed[s]:+.1f}" for s in sorted(by_seed))
+                     + f" | {statistics.mean(values):+.1f} +- {statistics.stdev(values):.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def report(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]],
-           rules: Sequence[str], attacks: Sequence[str], out: Path, rounds: int | None) -> None:
+           rules: Sequence[str], attacks: Sequence[str], out: Path, rounds: int | None,
+           more_seeds: Sequence[dict[str, Any]] = ()) -> None:
     length = "the config's rounds" if rounds is None else f"{rounds} rounds"
     text = ["# Robustness on the CPU reference setting", "",
             "Written by `python benchmarks/robustness.py`; global accuracy in %, the mean of "
@@ -305,12 +329,18 @@ def report(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]],
                  attack_table(attacked, rules, setting, attacks), ""]
     text += ["## The mask round: poisoned scores against score rules", "",
              score_table(attacked, rules), ""]
+    seeded = seeds_table(clean, [*attacked, *more_seeds])
+    if seeded:
+        text += ["## Attacks on more seeds", "",
+                 "Each seed's change against the same rule's honest run of that seed: a "
+                 "single seed's change at 5 clients per round moves by about as much as the "
+                 "honest runs' spread.", "", seeded, ""]
     text += ["Rules:", ""] + [f"- `{r}`: {RULE_TEXT[r]}" for r in rules]
     (out / "robustness.md").write_text("\n".join(text) + "\n")
     write_into_doc("\n".join(line.replace("## ", "#### ", 1) if line.startswith("## ") else line
                              for line in text[2:]))
     (out / "robustness.json").write_text(json.dumps(
-        {"attack_rounds": rounds, "runs": [*clean, *attacked]}, indent=1) + "\n")
+        {"attack_rounds": rounds, "runs": [*clean, *attacked, *more_seeds]}, indent=1) + "\n")
     print("\n".join(text))
     print(f"wrote {out / 'robustness.md'} and .json")
 
@@ -402,8 +432,11 @@ def main() -> None:
                     args.runs_dir, recorded)
     attacked = collect(attack_jobs(list(RULES), ATTACKS, seeds[0], args.rounds), args.runs_dir,
                        recorded)
+    more_seeds = collect([job for seed in (1, 2) for job in
+                          attack_jobs(list(RULES), ATTACKS, seed, args.rounds)
+                          if job.attack != "none"], args.runs_dir, recorded)
     args.out.mkdir(parents=True, exist_ok=True)
-    report(clean, attacked, rules, attacks, args.out, args.rounds)
+    report(clean, attacked, rules, attacks, args.out, args.rounds, more_seeds)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""The robustness sweep's report (benchmarks/robustness.py) on hand-made run rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def robustness():
+    sys.path.insert(0, str(BENCHMARKS))  # it imports its sibling comparison.py
+    try:
+        spec = importlib.util.spec_from_file_location("robustness", BENCHMARKS / "robustness.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["robustness"] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def _row(rule: str, attack: str, setting: str, seed: int, acc: float) -> dict:
+    return {"rule": rule, "attack": attack, "setting": setting, "seed": seed,
+            "settled_accuracy": acc, "completed": True}
+
+
+def test_each_seed_is_paired_with_its_own_honest_run(robustness) -> None:
+    clean = [_row("plain", "none", "5x0", s, a) for s, a in ((0, 0.30), (1, 0.26), (2, 0.28))]
+    attacked = [_row("plain", "sign_flip", "5x1", 0, 0.25), _row("plain", "sign_flip", "5x1", 1,
+                                                                 0.25),
+                _row("plain", "zeros", "5x1", 0, 0.10)]  # one seed only: no row
+    table = robustness.seeds_table(clean, attacked)
+    lines = table.splitlines()
+    assert len(lines) == 3
+    # seed 0: 25 - 30 = -5; seed 1: 25 - 26 = -1; mean -3, std 2.8
+    assert "| plain | sign_flip | 5x1 | s0: -5.0, s1: -1.0 | -3.0 +- 2.8 |" == lines[2]
+    assert robustness.seeds_table(clean, attacked[2:]) == ""
