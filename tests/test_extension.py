@@ -155,3 +155,16 @@ def test_the_docs_worked_example_runs_in_the_simulator_and_on_flower(monkeypatch
     fl = run_on_grid(InMemoryGrid(run_config_from_config(config), [{}]), config,
                      FlowerSettings(node_wait_seconds=5), write=False)
     assert torch.equal(fl["values"], result.final_values)
+
+
+def test_a_method_written_against_the_older_interface_is_refused_at_registration() -> None:
+    class OldFedAvg(ToyFedAvg):
+        def aggregate(self, state: Weights, round: int, replies: Any, sampled: Any) -> Any:
+            return super().aggregate(state, round, replies, sampled)
+
+    with pytest.raises(TypeError, match=r"aggregate\(self, state, round, replies, sampled, "
+                                        r"refused=\(\)\)"):
+        register("old_fedavg", "written before aggregate took refused")(OldFedAvg)
+    with pytest.raises(KeyError):
+        from ssfl.algorithms import get
+        get("old_fedavg")

@@ -19,6 +19,7 @@ variable ``SSFL_PLUGINS``), so every process knows the method.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -40,11 +41,25 @@ def register(name: str, description: str, *, replace: bool = False) -> Callable[
         if name in _REGISTRY and not replace and _REGISTRY[name] is not cls:
             raise ValueError(f"a method named {name!r} is already registered "
                              f"({_REGISTRY[name].__qualname__}); pass replace=True to replace it")
+        check_interface(cls)
         cls.name, cls.description = name, description
         _REGISTRY[name] = cls
         return cls
 
     return add
+
+
+def check_interface(cls: type[Algorithm[Any]]) -> None:
+    """A method written against an older ``Algorithm`` is refused at registration, with the
+    change to make, instead of failing with a bare ``TypeError`` in its first round."""
+    parameters = inspect.signature(cls.aggregate).parameters
+    if "refused" not in parameters and not any(
+            p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters.values()):
+        raise TypeError(
+            f"{cls.__qualname__}.aggregate must take the round's refused clients: define it as "
+            f"aggregate(self, state, round, replies, sampled, refused=()) (refused: the "
+            f"sampled clients none of whose replies passed screening; ignore it if your rule "
+            f"has no use for it)")
 
 
 def names() -> list[str]:
