@@ -158,7 +158,7 @@ class FederationSection:
     # "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum"
     aggregator: str = "auto"
     trim_fraction: float = 0.1  # trimmed mean: ceil(fraction x replies) dropped from each end
-    byzantine: int = 1  # Krum and "auto": hostile clients per round tolerated
+    byzantine: int = 1  # Krum, "auto": hostile replies per round tolerated (refused ones count)
     # A round needs at least this many valid client updates; with fewer it is retried (the
     # same clients, a new attempt) up to `max_round_attempts` times, then the run stops with
     # its last checkpoint intact. Never silently skipped.
