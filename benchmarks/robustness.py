@@ -270,6 +270,58 @@ def attack_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: 
     return "\n".join(lines)
 
 
+def attack_changes(rows: Sequence[dict[str, Any]], rules: Sequence[str], setting: str,
+                   attacks: Sequence[str]) -> list[list[float | None]]:
+    """Per attack (rows) and rule (columns): the settled accuracy's change in points against
+    the rule's honest run of the same size (None: a run not done yet)."""
+    clients = SETTINGS[setting][0]
+    by = {(r["rule"], r["attack"], r["setting"]): r for r in rows}
+    out = []
+    for attack in attacks:
+        line: list[float | None] = []
+        for rule in rules:
+            clean, hit = by.get((rule, "none", f"{clients}x0")), by.get((rule, attack, setting))
+            line.append(None if clean is None or hit is None or hit["settled_accuracy"] is None
+                        else (hit["settled_accuracy"] - clean["settled_accuracy"]) * 100)
+        out.append(line)
+    return out
+
+
+def attack_figure(rows: Sequence[dict[str, Any]], rules: Sequence[str],
+                  attacks: Sequence[str], path: Path) -> None:
+    """The attack tables as heat maps, one panel per setting: each cell the change in points
+    against the rule's honest run (green: no loss; red: 20 points or more), blank where the
+    run has not been done."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rules = [r for r in rules if r in UPDATE_RULES]
+    fig = Figure(figsize=(1.0 + 0.95 * len(rules), 1.2 + 2.0 * len(SETTINGS)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(SETTINGS), 1, squeeze=False)[:, 0]
+    image = None
+    for ax, setting in zip(axes, SETTINGS):
+        clients, hostile = SETTINGS[setting]
+        changes = attack_changes(rows, rules, setting, attacks)
+        grid = [[float("nan") if v is None else v for v in line] for line in changes]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=-20, vmax=20, aspect="auto")
+        for i, line in enumerate(changes):
+            for j, value in enumerate(line):
+                ax.text(j, i, "..." if value is None else f"{value:+.1f}", ha="center",
+                        va="center", fontsize=7, color="0.1" if value is None or
+                        abs(value) < 14 else "white")
+        ax.set_xticks(range(len(rules)), [label(r) for r in rules], fontsize=8, rotation=20)
+        ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+        ax.set_title(f"{hostile} hostile client{'s' if hostile > 1 else ''} of {clients} per "
+                     "round", fontsize="medium")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8,
+                     label="change in settled accuracy (points)")
+    fig.suptitle("Attacks against aggregation rules (CPU reference, 60 rounds, seed 0)")
+    fig.savefig(path, dpi=110)
+
+
 def score_table(rows: Sequence[dict[str, Any]], rules: Sequence[str]) -> str:
     by = {(r["rule"], r["attack"], r["setting"]): r for r in rows}
     rules = [r for r in SCORE_RULES if r in rules]
@@ -335,9 +387,13 @@ def report(clean: Sequence[dict[str, Any]], attacked: Sequence[dict[str, Any]],
                  "Each seed's change against the same rule's honest run of that seed: a "
                  "single seed's change at 5 clients per round moves by about as much as the "
                  "honest runs' spread.", "", seeded, ""]
+    attack_figure(attacked, rules, attacks, out / "robustness_attacks.png")
+    text += ["![The attack tables as heat maps](robustness_attacks.png)", ""]
     text += ["Rules:", ""] + [f"- `{r}`: {RULE_TEXT[r]}" for r in rules]
     (out / "robustness.md").write_text("\n".join(text) + "\n")
-    write_into_doc("\n".join(line.replace("## ", "#### ", 1) if line.startswith("## ") else line
+    write_into_doc("\n".join(line.replace("## ", "#### ", 1) if line.startswith("## ") else
+                             line.replace("](robustness_attacks.png)",
+                                          "](../benchmarks/results/robustness_attacks.png)")
                              for line in text[2:]))
     (out / "robustness.json").write_text(json.dumps(
         {"attack_rounds": rounds, "runs": [*clean, *attacked, *more_seeds]}, indent=1) + "\n")
