@@ -24,6 +24,7 @@ from ssfl.algorithms.robust import (
     is_plain_mean,
     krum_scores,
     krum_select,
+    repeated_rows,
     trim_count,
     trimmed_mean,
 )
@@ -521,7 +522,7 @@ def test_a_refused_reply_counts_as_one_of_the_hostile_clients_auto_tolerates() -
     # out. One reply refused at screening: that was the hostile one the default tolerates, so
     # the four are averaged (the far one clipped to twice the median norm, not left out).
     ref = torch.zeros(2)
-    updates = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]),
+    updates = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.1]), torch.tensor([1.0, -0.1]),
                torch.tensor([0.0, 3.0])]
     left_out: list[int] = []
     combine(updates, [1] * 4, ref, after_refusals(_rule("auto", adaptive=2.0), 0), None,
@@ -532,7 +533,8 @@ def test_a_refused_reply_counts_as_one_of_the_hostile_clients_auto_tolerates() -
     left_out = []
     out = combine(updates, [1] * 4, ref, tolerated, None, left_out)
     assert left_out == []
-    assert torch.allclose(out, torch.tensor([0.75, 0.5]))  # (3 x (1, 0) + (0, 2)) / 4
+    bound = 2 * float(updates[1].norm())  # twice the median change norm
+    assert torch.allclose(out, torch.tensor([0.75, bound / 4]))  # ((3, 0) + (0, bound)) / 4
     # More refusals than f never go below 0; explicit Krum rules keep their configured f.
     assert after_refusals(_rule("auto"), 3).byzantine == 0
     assert after_refusals(_rule("multi_krum"), 1).byzantine == 1
@@ -550,3 +552,36 @@ def test_a_client_refused_for_its_sample_claim_costs_no_honest_update_in_a_run()
         # The first client asked claims 10^9 samples: refused; the other four all count.
         assert [x["client"] for x in row["rejected"]] == [row["clients"][0]], row
         assert "left_out" not in row.get("diagnostics", {}), row
+
+
+def test_auto_counts_copies_of_one_update_once() -> None:
+    # Three honest changes, as far from each other as high-dimensional ones are (squared
+    # distance 2), and two clients sending the same stale change (squared distance 2.44 to
+    # each honest one). Krum (f = 1) scores each by its 2 nearest others: the twins 0 + 2.44,
+    # the honest ones 2 + 2; so multi-Krum alone keeps both twins and leaves an honest change
+    # out. "auto" counts the copy once (repeats: [4]); the stale change is then the
+    # farthest (2.44 against 2 with 1 neighbour) and is left out.
+    ref = torch.zeros(4)
+    near = [torch.eye(4)[i] for i in range(3)]
+    stale = torch.tensor([0.0, 0.0, 0.0, 1.2])
+    updates = [*near, stale, stale.clone()]
+    assert repeated_rows(torch.stack(updates)) == [4]
+    left_out: list[int] = []
+    combine(updates, [1] * 5, ref, _rule("multi_krum"), None, left_out)
+    assert left_out == [2]  # the last honest one (ties kept in client order); the twins in
+    left_out, repeats, clipped = [], [], []
+    out = combine(updates, [1] * 5, ref, _rule("auto", adaptive=2.0), clipped, left_out, None,
+                  repeats)
+    assert (repeats, left_out, clipped) == ([4], [3], [])
+    assert torch.allclose(out, torch.stack(near).mean(0))
+    # Per-client masks: the same, and a copy must match on what it holds too.
+    held_out, weight = combine_held(torch.stack(updates), None, [1] * 5, ref, _rule("auto"))
+    assert torch.allclose(held_out, torch.stack(near).mean(0))
+    assert torch.equal(weight, torch.full((4,), 3.0, dtype=torch.float64))
+    held = torch.ones(5, 4, dtype=torch.bool)
+    held[4, 0] = False  # the same values, but the copy holds only one coordinate
+    assert repeated_rows(torch.stack(updates), held) == []
+    # Without copies "auto" is unchanged, bit for bit.
+    assert torch.equal(combine(updates[:4], [1] * 4, ref, _rule("auto", adaptive=2.0)),
+                       combine(updates[:4], [1] * 4, ref, _rule("auto", adaptive=2.0), None,
+                               None, None, []))

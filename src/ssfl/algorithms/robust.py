@@ -18,7 +18,8 @@ new global vector; all arithmetic is float64 and deterministic (ties by client o
   (multi-Krum) and average those weighted by sample count (Blanchard et al., NeurIPS 2017).
 - ``auto`` (the default): multi-Krum where the round has more than the ``f + 2`` replies
   Krum needs, else the weighted mean; a reply refused at screening counts as one of the ``f``
-  (``after_refusals``). The config's "auto" also clips every change first (to
+  (``after_refusals``); exact copies of one update sent under several names count once
+  (``repeated_rows``). The config's "auto" also clips every change first (to
   twice the round's median change norm, ``federation.adaptive_clip``), so whatever multi-Krum
   lets through, and every reply of a round too small for it, moves the model a bounded step.
 
@@ -179,16 +180,37 @@ def aggregate_vectors(values: torch.Tensor, weights: Sequence[float], rule: str,
     return out.to(torch.float32)
 
 
+def repeated_rows(rows: torch.Tensor, held: torch.Tensor | None = None) -> list[int]:
+    """The rows that repeat an earlier row exactly (values and, if given, held coordinates):
+    honest clients, with their own data and their own random batches, never send the same
+    update twice, so all but the first copy are one hostile update sent under several names
+    (colluding clients replaying one stale model). Under ``auto`` the copies count once: a
+    group of identical updates would otherwise be each other's nearest neighbours, the most
+    typical updates to Krum."""
+    seen: set[bytes] = set()
+    repeats = []
+    for i in range(rows.shape[0]):
+        key = rows[i].contiguous().numpy().tobytes()
+        if held is not None:
+            key += held[i].contiguous().numpy().tobytes()
+        if key in seen:
+            repeats.append(i)
+        seen.add(key)
+    return repeats
+
+
 def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: torch.Tensor,
             settings: Any, clipped: list[int] | None = None,
             left_out: list[int] | None = None,
-            krum_ratios: list[float | None] | None = None) -> torch.Tensor:
+            krum_ratios: list[float | None] | None = None,
+            repeats: list[int] | None = None) -> torch.Tensor:
     """The round's aligned update vectors combined as ``settings`` (the config's
     ``[federation]``: ``update_clip_norm``, ``adaptive_clip``, ``aggregator``,
     ``trim_fraction``, ``byzantine``) says; the new global vector. ``clipped`` and
     ``left_out``, if given, get the positions (in ``updates``) of the updates that clipping
     scaled back and of those a Krum rule left out; ``krum_ratios`` how far each of those
-    stood out (``aggregate_vectors``).
+    stood out (``aggregate_vectors``); ``repeats`` the exact copies of an earlier update that
+    ``auto`` counted once (``repeated_rows``).
 
     Plain FedAvg (``mean`` without adaptive clipping) keeps its running float64 sum over the
     replies in order, so its results are those of every run before robust rules existed."""
@@ -204,11 +226,29 @@ def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: 
                         clipped.append(i)
             mean.add(values, float(n))
         return mean.result()
-    rows = clip_updates(torch.stack(list(updates)), reference, norm=settings.update_clip_norm,
-                        adaptive=settings.adaptive_clip, clipped=clipped)
-    return aggregate_vectors(rows, [float(n) for n in samples], settings.aggregator,
-                             trim_fraction=settings.trim_fraction, byzantine=settings.byzantine,
-                             left_out=left_out, krum_ratios=krum_ratios)
+    stacked = torch.stack(list(updates))
+    weights = [float(n) for n in samples]
+    kept = list(range(len(weights)))
+    if settings.aggregator == "auto":
+        copies = repeated_rows(stacked)
+        if copies:
+            if repeats is not None:
+                repeats.extend(copies)
+            kept = [i for i in kept if i not in copies]
+            stacked, weights = stacked[kept], [weights[i] for i in kept]
+    # Clipped with the copies gone: the median change norm is over distinct updates.
+    local_clipped: list[int] = []
+    rows = clip_updates(stacked, reference, norm=settings.update_clip_norm,
+                        adaptive=settings.adaptive_clip, clipped=local_clipped)
+    local_left_out: list[int] = []
+    out = aggregate_vectors(rows, weights, settings.aggregator,
+                            trim_fraction=settings.trim_fraction, byzantine=settings.byzantine,
+                            left_out=local_left_out, krum_ratios=krum_ratios)
+    if clipped is not None:
+        clipped.extend(kept[i] for i in local_clipped)
+    if left_out is not None:
+        left_out.extend(kept[i] for i in local_left_out)
+    return out
 
 
 def is_plain_mean(settings: Any) -> bool:
@@ -235,7 +275,8 @@ def combine_held(rows: torch.Tensor, held: torch.Tensor | None, samples: Sequenc
     - ``krum`` / ``multi_krum``: clients are scored on their vectors with the coordinates they
       do not hold at the reference (no change there); the holders-weighted mean is then taken
       over the selected clients only (the returned weights count only those).
-    - ``auto``: ``multi_krum`` with more than ``byzantine + 2`` clients, else ``mean``.
+    - ``auto``: exact copies of an earlier reply counted once (``repeated_rows``), then
+      ``multi_krum`` with more than ``byzantine + 2`` clients, else ``mean``.
 
     A coordinate with no holder keeps its reference value (callers may override). Float64
     arithmetic, deterministic (clients in row order)."""
@@ -246,6 +287,11 @@ def combine_held(rows: torch.Tensor, held: torch.Tensor | None, samples: Sequenc
         held = torch.ones((n, size), dtype=torch.bool)
     # A coordinate a client does not hold counts as no change, for clipping and Krum alike.
     x = torch.where(held, rows.to(torch.float64), ref)
+    if settings.aggregator == "auto":
+        copies = repeated_rows(x, held)  # counted once (``repeated_rows``)
+        if copies:
+            distinct = [i for i in range(n) if i not in copies]
+            x, held, weights, n = x[distinct], held[distinct], weights[distinct], len(distinct)
     x = clip_updates(x, ref, norm=settings.update_clip_norm, adaptive=settings.adaptive_clip)
     rule = resolved_rule(settings.aggregator, n, settings.byzantine)
     if rule in ("krum", "multi_krum"):

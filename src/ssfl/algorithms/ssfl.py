@@ -162,15 +162,17 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         clipped: list[int] = []
         left_out: list[int] = []
         ratios: list[float | None] = []
+        repeats: list[int] = []
         values = combine([r.update for r in replies], [r.num_samples for r in replies],
                          state.values, after_refusals(self.robust, len(refused)), clipped,
-                         left_out, ratios)
-        # Whose changes the clipping scaled back and whose multi-Krum left out, and how far
-        # those stood out (the metrics row's diagnostics): what the default costs an honest
-        # run, and whom it stopped.
+                         left_out, ratios, repeats)
+        # Whose changes the clipping scaled back, whose multi-Krum left out and how far those
+        # stood out, and whose update copied another's (the metrics row's diagnostics): what
+        # the default costs an honest run, and whom it stopped.
         info: dict[str, Any] = {key: [replies[i].client_id for i in positions]
                                 for key, positions in (("clipped", clipped),
-                                                       ("left_out", left_out)) if positions}
+                                                       ("left_out", left_out),
+                                                       ("repeats", repeats)) if positions}
         if ratios:
             info["krum_ratio"] = ratios
         return replace(state, values=values, round=round), info
