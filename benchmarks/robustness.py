@@ -194,11 +194,15 @@ def run_row(job: Job, folder: Path) -> dict[str, Any] | None:
     evaluated = [m["accuracy"] for m in metrics if m.get("accuracy") is not None]
     hostile = job.per_round[1] if job.attack not in ("none", "poison_scores") else 0
     if hostile:
-        # The hostile replies multi-Krum left out: the first ``hostile`` clients of each round
-        # are the hostile ones (ssfl/attacks.py); the metrics row names whom it left out.
-        row["hostile_left_out"] = sum(
-            len(set(m["clients"][:hostile]) & set(m.get("diagnostics", {}).get("left_out", [])))
-            for m in metrics)
+        # The hostile replies the rule left out: the first ``hostile`` clients of each round
+        # are the hostile ones (ssfl/attacks.py); the metrics row names whom multi-Krum left
+        # out and whose update was a copy of another's (counted once).
+        def dropped(m: dict[str, Any]) -> set[int]:
+            diagnostics = m.get("diagnostics", {})
+            return set(diagnostics.get("left_out", [])) | set(diagnostics.get("repeats", []))
+
+        row["hostile_left_out"] = sum(len(set(m["clients"][:hostile]) & dropped(m))
+                                      for m in metrics)
         row["hostile_replies"] = hostile * len(metrics)
     return {**row, "completed": completed,
             "final_accuracy": evaluated[-1] if evaluated else None,
