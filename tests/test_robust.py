@@ -499,12 +499,17 @@ def test_a_round_reports_which_clients_clipping_scaled_back() -> None:
     assert fixed == [0, 1, 2, 3]
 
 
+#: a two-round run of five clients, all asked each round, the first of them hostile
+ONE_HOSTILE_OF_FIVE = ["run.rounds=2", "run.threads=1", "run.progress=false",
+                       "federation.num_clients=5", "federation.clients_per_round=5",
+                       "train.local_epochs=1", "algorithm.density=0.5",
+                       "attack.hostile_per_round=1", "run.eval_every=0"]
+
+
 def test_the_diagnostics_name_the_clipped_and_left_out_clients_in_a_run() -> None:
     from ssfl.sim import run_experiment
 
-    base = ["run.rounds=2", "run.threads=1", "run.progress=false", "federation.num_clients=5",
-            "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5",
-            "attack.kind=boost", "attack.hostile_per_round=1", "run.eval_every=0"]
+    base = [*ONE_HOSTILE_OF_FIVE, "attack.kind=boost"]
     result = run_experiment(load_config(None, base), write=False)
     for row in result.metrics:
         # The hostile client is the first one asked (the round's sample is sorted): the
@@ -544,9 +549,7 @@ def test_a_refused_reply_counts_as_one_of_the_hostile_clients_auto_tolerates() -
 def test_a_client_refused_for_its_sample_claim_costs_no_honest_update_in_a_run() -> None:
     from ssfl.sim import run_experiment
 
-    base = ["run.rounds=2", "run.threads=1", "run.progress=false", "federation.num_clients=5",
-            "federation.clients_per_round=5", "train.local_epochs=1", "algorithm.density=0.5",
-            "attack.kind=inflate_samples", "attack.hostile_per_round=1", "run.eval_every=0"]
+    base = [*ONE_HOSTILE_OF_FIVE, "attack.kind=inflate_samples"]
     result = run_experiment(load_config(None, base), write=False)
     for row in result.metrics:
         # The first client asked claims 10^9 samples: refused; the other four all count.

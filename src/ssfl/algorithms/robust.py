@@ -39,6 +39,7 @@ keeps on its own, older code path, so their results do not change.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -190,9 +191,11 @@ def repeated_rows(rows: torch.Tensor, held: torch.Tensor | None = None) -> list[
     seen: set[bytes] = set()
     repeats = []
     for i in range(rows.shape[0]):
-        key = rows[i].contiguous().numpy().tobytes()
+        # A digest of each row's buffer, not a copy of its bytes: rows can be whole models.
+        digest = hashlib.blake2b(rows[i].contiguous().numpy().data, digest_size=16)
         if held is not None:
-            key += held[i].contiguous().numpy().tobytes()
+            digest.update(held[i].contiguous().numpy().data)
+        key = digest.digest()
         if key in seen:
             repeats.append(i)
         seen.add(key)
