@@ -4,6 +4,7 @@ with and without SecAgg+ on one local deployment, and accuracy parity on the qui
     python benchmarks/secagg.py                         # both parts; results/secagg.{json,md}
     python benchmarks/secagg.py deployment --rounds 3 --densities 1.0 0.1 0.05
     python benchmarks/secagg.py parity --rounds 50 --densities 0.5
+    python benchmarks/secagg.py parity --config configs/cifar10_cpu.toml   # the CPU reference
     python benchmarks/secagg.py report                  # the tables again from secagg.json
 
 ``deployment``: the quickstart (``configs/quickstart.toml``: digits, 20 clients, 5 per round,
@@ -18,7 +19,8 @@ shares: ``secagg``), the round's seconds, the four stages' seconds, and once per
 message as Flower serialises it (``message_wire_bytes``). The SuperNodes' workers are started
 by the first run, so the first run's mask round is slower; the rounds are not affected.
 
-``parity``: the full quickstart (50 rounds unless ``--rounds``), plain vs SecAgg+, in process:
+``parity``: a full run of ``--config`` (the quickstart unless given; its rounds and density
+unless ``--rounds``/``--densities``), plain vs SecAgg+, in process:
 the real ServerApp and ClientApp code with every message through Flower's serialisation
 (``tests/flower_grid.py``'s in-memory Grid, one node per client), so that 50 rounds take
 minutes, not the hours of 200 SecAgg+ messages per round through Flower's process-per-message
@@ -178,7 +180,8 @@ def read_run(run_dir: Path, density: float, secure: bool, per_round: int) -> dic
 # ---- part 2: accuracy parity, in process --------------------------------------------------
 
 
-def parity(densities: Sequence[float], rounds: int) -> list[dict[str, Any]]:
+def parity(densities: Sequence[float], rounds: int,
+           config_path: Path = CONFIG) -> list[dict[str, Any]]:
     sys.path.insert(0, str(REPO / "tests"))
     from flower_grid import InMemoryGrid  # Flower's message path without processes
     from flwr.supercore.task_identity import TaskIdentity
@@ -204,7 +207,7 @@ def parity(densities: Sequence[float], rounds: int) -> list[dict[str, Any]]:
     for density in densities:
         # Round 1 alone: both runs start from the same global values and the same mask, so
         # their difference after it is SecAgg+'s quantisation (bounded), nothing else.
-        one = load_config(str(CONFIG), [*BASE, "run.rounds=1", *method(density)])
+        one = load_config(str(config_path), [*BASE, "run.rounds=1", *method(density)])
         plain_1, secure_1 = run(one, False)[0], run(one, True)[0]
         sizes = [len(p) for p in prepare(one).parts]
         first = sample_clients(one.run.seed, 1, one.federation.num_clients,
@@ -212,12 +215,13 @@ def parity(densities: Sequence[float], rounds: int) -> list[dict[str, Any]]:
         defaults = FlowerSettings()
         step = 2 * defaults.secagg_clipping_range / defaults.secagg_quantization_range
         bound = len(first) * step / (sum(sizes[c] for c in first) / max(sizes))
-        config = load_config(str(CONFIG), [*BASE, f"run.rounds={rounds}", *method(density)])
+        config = load_config(str(config_path), [*BASE, f"run.rounds={rounds}",
+                                                 *method(density)])
         (plain, t_plain), (secure, t_secure) = run(config, False), run(config, True)
         acc_p = [r["accuracy"] for r in plain["metrics"]]
         acc_s = [r["accuracy"] for r in secure["metrics"]]
         record = {
-            "density": density, "rounds": rounds,
+            "config": config_name(config_path), "density": density, "rounds": rounds,
             "accuracy_plain": acc_p, "accuracy_secure": acc_s,
             "final_accuracy": {"plain": acc_p[-1], "secure": acc_s[-1]},
             "best_accuracy": {"plain": max(acc_p), "secure": max(acc_s)},
@@ -230,11 +234,27 @@ def parity(densities: Sequence[float], rounds: int) -> list[dict[str, Any]]:
             "seconds": {"plain": t_plain, "secure": t_secure},
         }
         out.append(record)
-        print(f"parity density {density}, {rounds} rounds: final accuracy plain "
+        print(f"parity {record['config']} density {density}, {rounds} rounds: final accuracy plain "
               f"{acc_p[-1]:.4f} / SecAgg+ {acc_s[-1]:.4f}, largest per-round difference "
               f"{record['max_accuracy_difference']:.4f}; values after round 1 differ by "
               f"{record['values_difference_after_round_1']:.2e} (bound {bound:.2e})", flush=True)
     return out
+
+
+def config_name(path: Path) -> str:
+    """A config as the tables name it: relative to the repository when it lies inside."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def merge_parity(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """The recorded parity rows with ``new`` replacing those of the same config and density
+    (rows recorded before the config was named were the quickstart's)."""
+    def key(row: dict[str, Any]) -> tuple[str, float]:
+        return row.get("config", "configs/quickstart.toml"), row["density"]
+    replaced = {key(r) for r in new}
+    return [r for r in old if key(r) not in replaced] + list(new)
 
 
 # ---- the tables ----------------------------------------------------------------------------
@@ -284,14 +304,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     par = results.get("parity") or []
     if par:
-        lines += ["## Accuracy parity on the quickstart (in process)", "",
-                  "| density | rounds | final plain | final SecAgg+ | best plain | best SecAgg+ | "
+        lines += ["## Accuracy parity (in process)", "",
+                  "| config | density | rounds | final plain | final SecAgg+ | best plain | "
+                  "best SecAgg+ | "
                   "largest per-round difference | values after round 1: difference (bound) | "
-                  "values at the end |", "|---|---|---|---|---|---|---|---|---|"]
+                  "values at the end |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in par:
             d1 = r["values_difference_after_round_1"]
             lines.append(
-                f"| {r['density']} | {r['rounds']} | {r['final_accuracy']['plain']:.4f} | "
+                f"| {r.get('config', 'configs/quickstart.toml')} | {r['density']} | "
+                f"{r['rounds']} | {r['final_accuracy']['plain']:.4f} | "
                 f"{r['final_accuracy']['secure']:.4f} | {r['best_accuracy']['plain']:.4f} | "
                 f"{r['best_accuracy']['secure']:.4f} | {r['max_accuracy_difference']:.4f} | "
                 f"{d1:.2e} ({r['quantisation_bound_round_1']:.2e}) | "
@@ -306,12 +328,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("part", nargs="?", default="all",
                         choices=["all", "deployment", "parity", "report"])
     parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds per run (deployment: 3; parity: 50)")
+                        help="rounds per run (deployment: 3; parity: the config's)")
     parser.add_argument("--densities", type=float, nargs="+", default=None,
-                        help="deployment: 1.0 0.1 0.05; parity: 0.5 (the quickstart's)")
+                        help="deployment: 1.0 0.1 0.05; parity: the config's density")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--out", default=str(OUT), help="writes OUT.json and OUT.md")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="parity: the experiment (default the quickstart; "
+                             "configs/cifar10_cpu.toml for the CPU reference)")
     args = parser.parse_args(argv)
+    from ssfl.config import load_config
+
     out = Path(args.out)
     results: dict[str, Any] = (json.loads(out.with_suffix(".json").read_text())
                                if out.with_suffix(".json").exists() else {})
@@ -326,9 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"SuperNodes with their workers, 127.0.0.1, the {os.cpu_count()}-core "
                        f"machine shared with other jobs"}
     if args.part in ("all", "parity"):
-        results["parity"] = parity(args.densities if args.part == "parity" and args.densities
-                                   else [0.5], args.rounds if args.part == "parity"
-                                   and args.rounds else 50)
+        rounds = (args.rounds if args.part == "parity" and args.rounds
+                  else load_config(str(args.config)).run.rounds)
+        densities = (args.densities if args.part == "parity" and args.densities
+                     else [load_config(str(args.config)).algorithm.density])
+        results["parity"] = merge_parity(results.get("parity") or [],
+                                         parity(densities, rounds, args.config))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
