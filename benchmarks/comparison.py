@@ -542,6 +542,31 @@ def last_step_noise(rows) -> float | None:
     return statistics.mean(steps) if steps else None
 
 
+def late_gain(rows) -> float | None:
+    """How much the mean curve still climbs over the last fifth of the run (points): the mean
+    accuracy at the last evaluation minus that at the last evaluation at or before 80% of the
+    last round. Under 1 point counts as settled (issue 16's test for dense FedAvg); None
+    without an evaluation at or before that round."""
+    curve = mean_curve(rows)
+    if len(curve) < 2:
+        return None
+    last_round, last = curve[-1]
+    earlier = [acc for rnd, acc in curve if rnd <= 0.8 * last_round]
+    return last - earlier[-1] if earlier else None
+
+
+def settling_table(rows, densities: Sequence[float]) -> str:
+    """Per method and density, the late gain of the mean curve (global accuracy)."""
+    lines = ["| method | density | gain over the last fifth (points) | settled (< 1 point) |",
+             "|---|---|---|---|"]
+    for m in _methods(rows):
+        for d in method_densities(m, densities):
+            gain = late_gain(_select(rows, m, d, REFERENCE_SPLIT))
+            if gain is not None:
+                lines.append(f"| {m} | {d:g} | {gain:+.2f} | {'yes' if gain < 1 else 'no'} |")
+    return "\n".join(lines)
+
+
 def leading_spread(rows, densities: Sequence[float], n: int = 3) -> float | None:
     """The largest, over densities, gap (points) between the best and the n-th best method's
     mean final global accuracy (dense FedAvg left out)."""
@@ -684,6 +709,9 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
                "rough estimate):\n\n"
                + spread_table(data["seed_spread"], rows, densities) + "\n"
                if data["seed_spread"] else "")
+            + "\nHas each curve settled? The mean global accuracy at the last evaluation "
+            "minus that at the last evaluation at or before 80% of the rounds (issue 16 asks "
+            "dense FedAvg for under 1 point):\n\n" + settling_table(rows, densities) + "\n"
             + tuning_text(tuning_rows, tuned or {}))
         setting = setting_title(config, extra)
         plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png",
@@ -693,6 +721,10 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
         plot_accuracy_vs_round(rows, TUNING_DENSITY, out / "comparison_accuracy_vs_round.png",
                                setting)
         data["last_step_noise"] = last_step_noise(rows)
+        data["late_gain"] = {f"{m}@{d:g}": g for m in _methods(rows)
+                             for d in method_densities(m, densities)
+                             for g in [late_gain(_select(rows, m, d, REFERENCE_SPLIT))]
+                             if g is not None}
         data["leading_spread"] = leading_spread(rows, densities)
     else:
         labels = [split_label(s) for s in splits]

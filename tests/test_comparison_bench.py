@@ -173,6 +173,22 @@ def test_curves_noise_and_leading_spread_by_hand(comparison) -> None:
     assert comparison.leading_spread(rows, [0.1], n=4) is None
 
 
+def test_late_gain_is_the_climb_over_the_last_fifth_by_hand(comparison) -> None:
+    # 100 rounds: the last evaluation at or before round 80 is round 75 (two seeds: 50, 54),
+    # the last is round 100 (51, 55): a gain of 1.0 point, not settled; round 80 exactly
+    # would count.
+    rows = [_row("fedavg", 1.0, 0.51, curve=[[25, 0.3], [50, 0.45], [75, 0.50], [100, 0.51]]),
+            _row("fedavg", 1.0, 0.55, seed=1, curve=[[75, 0.54], [100, 0.55]])]
+    assert comparison.late_gain(rows) == pytest.approx(1.0)
+    assert comparison.late_gain([_row("ssfl", 0.1, 0.4, curve=[[80, 0.42], [90, 0.41],
+                                                                [100, 0.40]])]) == \
+        pytest.approx(-2.0)
+    assert comparison.late_gain([_row("ssfl", 0.1, 0.4, curve=[[100, 0.40]])]) is None
+    assert comparison.late_gain([_row("ssfl", 0.1, 0.4, curve=[[90, 0.3], [100, 0.4]])]) is None
+    table = comparison.settling_table(rows, [0.1])
+    assert table.splitlines()[2:] == ["| fedavg | 1 | +1.00 | no |"]
+
+
 def test_seed_spread_by_hand(comparison) -> None:
     rows = [_row("ssfl", 0.1, 0.40), _row("ssfl", 0.1, 0.42, seed=1),
             _row("ssfl", 0.05, 0.30), _row("ssfl", 0.05, 0.36, seed=1),
