@@ -128,6 +128,28 @@ def comparison_section(data: dict[str, Any] | None) -> str:
             "comparison_accuracy_vs_round.png)\n")
 
 
+#: issue 16's deep CPU reference: the methods and densities the paper's claims are about
+DEEP_CONFIG = "configs/cifar10_resnet18_cpu.toml"
+DEEP_COMMAND = ("python benchmarks/comparison.py main --config configs/cifar10_resnet18_cpu.toml "
+                "--algorithms fedavg,ssfl,snip_single,random_erk,feddst,sparsyfed,prunefl,"
+                "dispfl --densities 0.5,0.1 --seeds 0,1 --jobs 2")
+
+
+def deep_section(data: dict[str, Any] | None) -> str:
+    """The deep CPU reference: its tables once runs exist, else what it is and how to run it."""
+    intro = (f"`{DEEP_CONFIG}`: the paper's CIFAR-10 setting (100 clients, 10 per round, "
+             "balanced Dirichlet 0.3) with ResNet-18 (GroupNorm) at a quarter of its width and "
+             "the authors' local recipe with one local epoch instead of five, so that the "
+             "paper's comparison can be rerun on a CPU: about 30 s per round on one core. "
+             f"Every run: `{DEEP_COMMAND}` (runs in `runs/comparison-cifar10_resnet18_cpu/`, "
+             "tables in `benchmarks/results/cifar10_resnet18_cpu/`; resumable).\n\n")
+    if data is None:
+        return intro + ("_Not yet measured._ Its round count (80) is provisional: dense "
+                        "FedAvg's curve is measured first (`--algorithms fedavg`), and the "
+                        "rounds are set so that its last fifth gains under 1 point.\n")
+    return intro + (RESULTS / "cifar10_resnet18_cpu" / "comparison.md").read_text()
+
+
 def _spread_note(data: dict[str, Any]) -> str:
     spread = data.get("seed_spread") or {}
     single = [m for m in ("snip_single", "prunefl") if m in spread]
@@ -405,6 +427,8 @@ def main() -> None:
         "`benchmarks/results/cifar10_resnet18_paper/`). It has not run: no GPU has been lent "
         "to this project so far.\n\n"
         + comparison_section(_load("comparison.json"))
+        + "\n## The deep CPU reference (ResNet-18)\n\n"
+        + deep_section(_load("cifar10_resnet18_cpu/comparison.json"))
         + "\n## Non-IID sweep\n\n`python benchmarks/comparison.py noniid`: the same setting "
         "at density 0.2 over balanced Dirichlet splits (alpha 0.1 to 1; smaller is more "
         "skewed) and the pathological split (2 classes per client), for dense FedAvg, SSFL, "
