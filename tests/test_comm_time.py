@@ -3,24 +3,17 @@ and a short loopback run on a real local deployment (no namespace, no shaping)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "comm_time.py"
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def comm_time():
-    spec = importlib.util.spec_from_file_location("comm_time", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comm_time"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("comm_time")
 
 
 @pytest.fixture(autouse=True)

@@ -3,23 +3,18 @@ runs it schedules, which it reuses, the tuned rate it picks and the goal figure 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_loader import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "comparison.py"
 
 
 @pytest.fixture(scope="module")
 def comparison():
-    spec = importlib.util.spec_from_file_location("comparison", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comparison"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("comparison")
 
 
 def _row(algorithm: str, density: float, acc: float, seed: int = 0, **extra) -> dict:
@@ -120,9 +115,7 @@ def test_readme_headline_by_hand(comparison) -> None:
 def test_readme_headline_matches_the_committed_results() -> None:
     """The README's comparison summary is what render_docs writes from comparison.json."""
     root = BENCH.parents[1]
-    spec = importlib.util.spec_from_file_location("render_docs", BENCH.parent / "render_docs.py")
-    render_docs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render_docs)
+    render_docs = load_benchmark("render_docs")
     readme = (root / "README.md").read_text()
     data = json.loads((BENCH.parent / "results" / "comparison.json").read_text())
     assert render_docs.readme_with_headline(readme, data) == readme, (

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def lean_mask():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports its sibling comparison.py
-    try:
-        spec = importlib.util.spec_from_file_location("lean_mask", BENCHMARKS / "lean_mask.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["lean_mask"] = module  # its dataclasses look themselves up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark("lean_mask")
 
 
 def _summary(folder: Path, accuracy: float, one_time: dict, total: int) -> None:

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def robustness():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports its sibling comparison.py
-    try:
-        spec = importlib.util.spec_from_file_location("robustness", BENCHMARKS / "robustness.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["robustness"] = module  # its dataclasses look themselves up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark("robustness")
 
 
 def _row(rule: str, attack: str, setting: str, seed: int, acc: float) -> dict:
