@@ -353,26 +353,22 @@ def train_rows(runs_dir: Path, recorded: Mapping[tuple[str, float, int], Mapping
         for density in densities:
             for seed in seeds:
                 path = runs_dir / LeanJob(setting, density, seed).name / "summary.json"
+                paper = recorded.get(("ssfl", density, seed)) if setting == REFERENCE else None
                 row = {"setting": setting, "density": density, "seed": seed}
                 if path.exists():
                     summary = json.loads(path.read_text())
                     row.update(source=str(path.parent.name),
                                final_accuracy=summary["final_accuracy"],
-                               one_time_bytes=summary["one_time_bytes"],
+                               one_time_bytes=sum(summary["one_time_bytes"].values()),
                                total_bytes=summary["total_bytes"])
-                    if setting == REFERENCE and ("ssfl", density, seed) in recorded:
-                        # the same command as the recorded run: a check that it reproduces
-                        row["recorded_final_accuracy"] = \
-                            recorded[("ssfl", density, seed)]["final_accuracy"]
-                elif setting == REFERENCE and ("ssfl", density, seed) in recorded:
-                    r = recorded[("ssfl", density, seed)]
-                    row.update(source="comparison.json", final_accuracy=r["final_accuracy"],
-                               one_time_bytes=sum(r["one_time_bytes"].values()),
-                               total_bytes=r["total_bytes"])
+                    if paper:  # the same command as the recorded run: does it reproduce?
+                        row["recorded_final_accuracy"] = paper["final_accuracy"]
+                elif paper:
+                    row.update(source="comparison.json", final_accuracy=paper["final_accuracy"],
+                               one_time_bytes=sum(paper["one_time_bytes"].values()),
+                               total_bytes=paper["total_bytes"])
                 else:
                     continue
-                if isinstance(row["one_time_bytes"], Mapping):
-                    row["one_time_bytes"] = sum(row["one_time_bytes"].values())
                 random = recorded.get(("random", density, seed))
                 row["random_mask_total_bytes"] = random["total_bytes"] if random else None
                 rows.append(row)

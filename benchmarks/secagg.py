@@ -220,9 +220,10 @@ def parity(densities: Sequence[float], rounds: int,
         (plain, t_plain), (secure, t_secure) = run(config, False), run(config, True)
         # Only the evaluated rounds have an accuracy (run.eval_every; the quickstart
         # evaluates every round, the CPU reference every tenth).
-        evaluated = [r["round"] for r in plain["metrics"] if r["accuracy"] is not None]
-        acc_p = [r["accuracy"] for r in plain["metrics"] if r["accuracy"] is not None]
-        acc_s = [r["accuracy"] for r in secure["metrics"] if r["accuracy"] is not None]
+        rows_p, rows_s = ([r for r in run["metrics"] if r["accuracy"] is not None]
+                          for run in (plain, secure))
+        evaluated = [r["round"] for r in rows_p]
+        acc_p, acc_s = [r["accuracy"] for r in rows_p], [r["accuracy"] for r in rows_s]
         record = {
             "config": config_name(config_path), "density": density, "rounds": rounds,
             "evaluated_rounds": evaluated,
