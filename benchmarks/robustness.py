@@ -16,7 +16,8 @@ attack comes from the simulator's ``[attack]`` section (``ssfl/attacks.py``): in
 the first ``hostile_per_round`` sampled clients are hostile, so exactly that many hostile
 replies reach the server each round.
 
-Options: --seeds 0,1,2 (the attack table uses the first)  --rules plain,clip,...
+Options: --seeds 0,1,2 (the attack table shows the first; attacks on the others go to the
+table of more seeds)  --rules plain,clip,...
 --attacks huge,...  --settings 5x1,10x2  --jobs 2  --runs-dir runs/robustness
 --out benchmarks/results  --rounds N (a shorter trial; run names carry it).
 
@@ -64,6 +65,9 @@ RULES: dict[str, list[str]] = {
     "krum": ["federation.aggregator=krum", "federation.adaptive_clip=0", PAPER_SCORES],
     "multi_krum": ["federation.aggregator=multi_krum", "federation.adaptive_clip=0",
                    PAPER_SCORES],
+    # FLTrust: the server's own change on a clean sample sets each round's direction and step
+    "fltrust": ["federation.aggregator=fltrust", "federation.adaptive_clip=0",
+                "algorithm.ssfl.score_rule=clipped"],
     "scores_normalised": [*PLAIN, "algorithm.ssfl.score_rule=normalised"],
     "scores_trimmed": [*PLAIN, "algorithm.ssfl.score_rule=trimmed_mean"],
     "scores_median": [*PLAIN, "algorithm.ssfl.score_rule=median"],
@@ -83,16 +87,22 @@ RULE_TEXT = {
     "median": "coordinate-wise median",
     "krum": "Krum (f = hostile per round)",
     "multi_krum": "multi-Krum (f = hostile per round)",
+    "fltrust": "FLTrust: each change scaled to the server's own change on a clean sample of "
+               "a client's size and weighted by its cosine with it (negative: 0); side "
+               "information no other rule has; the default's score rule",
     "scores_normalised": "FedAvg; scores normalised per client before the mean",
     "scores_trimmed": "FedAvg; trimmed mean of scores",
     "scores_median": "FedAvg; median of scores",
 }
 #: the columns of the attack table: update rules
 UPDATE_RULES = ["plain", "default", "default_f2", "clip", "trimmed", "clip_trimmed", "median",
-                "krum", "multi_krum"]
+                "krum", "multi_krum", "fltrust"]
 ATTACKS = ["huge", "boost", "sign_flip", "zeros", "inflate_samples", "poison_scores", "replay"]
 #: (clients per round, hostile clients per round)
 SETTINGS = {"5x1": (5, 1), "10x2": (10, 2)}
+#: the seeds the report looks for (the first is the attack table's; the others go to the
+#: table of more seeds)
+REPORT_SEEDS = range(5)
 CLEAN_SETTING = "10x0"
 #: evaluations: every 5 rounds; a figure is the mean of the last SETTLE of them
 EVAL_EVERY = 5
@@ -481,18 +491,20 @@ def main() -> None:
                  if "settled_accuracy" in r} if recorded_path.exists() else {})
     jobs = clean_jobs(rules, seeds, None)
     if args.sweep == "attacks":
-        jobs = attack_jobs(rules, attacks, seeds[0], args.rounds, settings)
+        jobs = [job for seed in seeds
+                for job in attack_jobs(rules, attacks, seed, args.rounds, settings)]
     if args.sweep != "report":
         # A stopped run is an outcome (it has metrics and a log), not work left to do.
         done = {j.name for j in jobs if run_row(j, args.runs_dir / j.name) is not None}
         run_jobs(jobs, args.runs_dir, args.jobs, [], {**recorded, **dict.fromkeys(done)},
                  args.config)
-    clean = collect([*clean_jobs(list(RULES), [0, 1, 2], None),
-                     *(Job(rule, "none", "5x0", seed) for seed in (0, 1, 2) for rule in RULES)],
+    clean = collect([*clean_jobs(list(RULES), REPORT_SEEDS, None),
+                     *(Job(rule, "none", "5x0", seed) for seed in REPORT_SEEDS
+                       for rule in RULES)],
                     args.runs_dir, recorded)
     attacked = collect(attack_jobs(list(RULES), ATTACKS, seeds[0], args.rounds), args.runs_dir,
                        recorded)
-    more_seeds = collect([job for seed in (1, 2) for job in
+    more_seeds = collect([job for seed in REPORT_SEEDS[1:] for job in
                           attack_jobs(list(RULES), ATTACKS, seed, args.rounds)
                           if job.attack != "none"], args.runs_dir, recorded)
     args.out.mkdir(parents=True, exist_ok=True)

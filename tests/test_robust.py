@@ -21,6 +21,7 @@ from ssfl.algorithms.robust import (
     combine,
     combine_held,
     coordinate_median,
+    fltrust,
     is_plain_mean,
     krum_scores,
     krum_select,
@@ -588,3 +589,105 @@ def test_auto_counts_copies_of_one_update_once() -> None:
     assert torch.equal(combine(updates[:4], [1] * 4, ref, _rule("auto", adaptive=2.0)),
                        combine(updates[:4], [1] * 4, ref, _rule("auto", adaptive=2.0), None,
                                None, None, []))
+
+
+# ------------------------------------------------ fltrust: the server's own clean-sample change
+
+
+def test_fltrust_by_hand() -> None:
+    # The server's change g0 = (1, 0), |g0| = 1. Client changes: (3, 4) has cosine 0.6 and is
+    # scaled to length 1: (0.6, 0.8); (-1, 0) points away (cosine -1: trust 0); (0, 2) is
+    # orthogonal (trust 0). The new vector: reference + 0.6 * (0.6, 0.8) / 0.6.
+    ref = torch.tensor([10.0, 20.0])
+    rows = ref + torch.tensor([[3.0, 4.0], [-1.0, 0.0], [0.0, 2.0]])
+    trust: list[float] = []
+    out = fltrust(rows, ref, ref + torch.tensor([1.0, 0.0]), trust)
+    assert trust == [0.6, 0.0, 0.0]
+    assert torch.allclose(out, torch.tensor([10.6, 20.8], dtype=torch.float64))
+    # Two trusted clients: each scaled to |g0| = 2, weighted by its cosine (1 and 0.8).
+    rows = ref + torch.tensor([[5.0, 0.0], [0.4, 0.3]])
+    out = fltrust(rows, ref, ref + torch.tensor([2.0, 0.0]))
+    expected = (1.0 * torch.tensor([2.0, 0.0]) + 0.8 * torch.tensor([1.6, 1.2])) / 1.8
+    assert torch.allclose(out, (ref + expected).double())
+
+
+def test_fltrust_with_no_trusted_change_keeps_the_model() -> None:
+    ref = torch.tensor([1.0, 2.0, 3.0])
+    away = ref - torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert torch.equal(fltrust(away, ref, ref + torch.tensor([1.0, 1.0, 0.0])), ref.double())
+    # The server did not move (g0 = 0): nothing sets a direction.
+    assert torch.equal(fltrust(ref + away, ref, ref.clone()), ref.double())
+    # A client that did not move carries no direction, and no division by its zero norm.
+    trust: list[float] = []
+    out = fltrust(torch.stack([ref, ref + 1]), ref, ref + 1, trust)
+    assert trust[0] == 0.0 and bool(torch.isfinite(out).all())
+
+
+def test_fltrust_bounds_any_client_by_the_servers_step_and_drops_a_reversed_change() -> None:
+    """Whatever a client sends, it moves the model by at most |g0|, and the reverse of a
+    change the server trusts gets no weight."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(50, generator=gen)
+    g0 = torch.randn(50, generator=gen)
+    honest = g0 + 0.5 * torch.randn(4, 50, generator=gen)
+    hostile = torch.stack([-honest[0] * 1e6, -honest[1]])
+    trust: list[float] = []
+    out = fltrust(ref + torch.cat([honest, hostile]), ref, ref + g0, trust)
+    assert trust[4:] == [0.0, 0.0] and min(trust[:4]) > 0
+    assert float((out - ref.double()).norm()) <= float(g0.norm()) * (1 + 1e-9)
+    honest_only = fltrust(ref + honest, ref, ref + g0)
+    assert torch.allclose(out, honest_only)
+
+
+def test_combine_runs_fltrust_and_needs_the_servers_update() -> None:
+    ref = torch.zeros(2)
+    updates = [torch.tensor([3.0, 4.0]), torch.tensor([-1.0, 0.0])]
+    left_out: list[int] = []
+    trust: list[float] = []
+    out = combine(updates, [10, 1], ref, _rule("fltrust"), None, left_out,
+                  trusted=torch.tensor([1.0, 0.0]), trust=trust)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.tensor([0.6, 0.8]))  # sample counts do not weigh
+    assert (left_out, trust) == ([1], [0.6, 0.0])
+    with pytest.raises(ValueError, match="server's own update"):
+        combine(updates, [1, 1], ref, _rule("fltrust"))
+
+
+def test_fltrust_is_refused_where_it_cannot_run() -> None:
+    with pytest.raises(ConfigError, match="'feddst' is not one"):
+        load_config(None, ["algorithm.name=feddst", "federation.aggregator=fltrust"])
+    with pytest.raises(ConfigError, match="federation.root_samples must be in"):
+        load_config(None, ["federation.aggregator=fltrust", "federation.root_samples=-1"])
+    from ssfl.flower.server_app import check_supported
+
+    with pytest.raises(ConfigError, match="only the simulator has"):
+        check_supported(load_config(None, ["federation.aggregator=fltrust"]))
+
+
+def test_fltrust_in_a_run_trusts_the_honest_and_not_the_reversed_change() -> None:
+    """A whole run (digits, 1 hostile client of 5 reversing its change): the server trains
+    on a sample the size of a client's (0: the default) every round, and the hostile reply,
+    the first asked, gets the least trust in every round, none in most. Same seed, same run."""
+    from ssfl.sim import InProcessTransport, prepare, run_experiment
+
+    base = [*ONE_HOSTILE_OF_FIVE, "attack.kind=sign_flip", "federation.aggregator=fltrust",
+            "run.rounds=4"]
+    config = load_config(None, base)
+    result = run_experiment(config, write=False)
+    zero = 0
+    for row in result.metrics:
+        trust = row["diagnostics"]["trust"]
+        assert len(trust) == 5 and all(0.0 <= t <= 1.0 for t in trust), row
+        assert trust[0] == min(trust) and max(trust[1:]) > 0, row
+        zero += trust[0] == 0.0
+        assert (row["clients"][0] in row["diagnostics"].get("left_out", [])) == (trust[0] == 0)
+    assert zero >= 3
+    again = run_experiment(load_config(None, base), write=False)
+    assert torch.equal(result.final_values, again.final_values)
+    # The clean sample: a client's size by default, or as configured.
+    transport = InProcessTransport(prepare(config))
+    state = transport.algorithm.init()
+    payload = transport.algorithm.configure(state, 1, [99], 1)[99]
+    sizes = [len(transport.exp.client(c)) for c in range(5)]
+    assert transport.trusted_update(transport.algorithm, 1, 0.1, payload, None)[1] == \
+        sum(sizes) // 5

@@ -29,7 +29,8 @@ AUTO = -1.0
 AUTO_ADAPTIVE_CLIP = 2.0
 #: ``federation.aggregator``'s choices; "auto" (the default) is multi-Krum after adaptive
 #: clipping, the plain mean where the server cannot or need not see each update
-AGGREGATOR_CHOICES = ("auto", "mean", "median", "trimmed_mean", "krum", "multi_krum")
+AGGREGATOR_CHOICES = ("auto", "mean", "median", "trimmed_mean", "krum", "multi_krum",
+                      "fltrust")
 #: the learning rate inside a round (``train.local_lr_schedule``)
 LOCAL_LR_SCHEDULES = ("constant", "cosine_restarts")
 AUGMENTATIONS = ("auto", "none", "crop_flip")
@@ -155,10 +156,16 @@ class FederationSection:
     # median, then multi-Krum where the round has more than byzantine + 2 valid replies, else
     # the mean; the plain "mean" under [privacy], Flower's secure aggregation and methods that
     # do not declare robust aggregation), "mean" (FedAvg, the paper's), "median",
-    # "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum"
+    # "trimmed_mean" (trim_fraction from each end), "krum", "multi_krum", "fltrust" (the
+    # server trains on root_samples clean images of its own and trusts each change by its
+    # cosine with the server's change; simulator only: the server holds data)
     aggregator: str = "auto"
     trim_fraction: float = 0.1  # trimmed mean: ceil(fraction x replies) dropped from each end
     byzantine: int = 1  # Krum, "auto": hostile replies per round tolerated (refused ones count)
+    # fltrust: the size of the server's clean sample, drawn (seeded) from the whole training
+    # set; 0 (the default): as many as the average client holds, so that the server's step,
+    # whose length every client's change is scaled to, is as long as a typical client's
+    root_samples: int = 0
     # A round needs at least this many valid client updates; with fewer it is retried (the
     # same clients, a new attempt) up to `max_round_attempts` times, then the run stops with
     # its last checkpoint intact. Never silently skipped.
@@ -481,6 +488,9 @@ def validate(config: Config, *, secure_aggregation: bool = False) -> None:
             raise ConfigError(f"{key} must be at most {limit:_}, got {value:_} (a generous "
                               f"limit that keeps a typo from running for days"
                               f"{'; ' + why if why else ''})")
+    if not 0 <= config.federation.root_samples <= 1_000_000:
+        raise ConfigError(f"federation.root_samples must be in [0, 1_000_000] (0: as many as "
+                          f"the average client holds), got {config.federation.root_samples}")
     if config.run.checkpoint_every < 0:
         raise ConfigError("run.checkpoint_every must be >= 0 (0: no checkpoints)")
     if config.run.threads < 0:
@@ -605,7 +615,7 @@ def check_registered(config: Config, *, secure_aggregation: bool = False) -> Non
     settings = algorithms.settings_of(config)
     resolve_robust_defaults(config, cls.robust_aggregation,
                             secure_aggregation=secure_aggregation)
-    check_robust_aggregation(config, cls.robust_aggregation)
+    check_robust_aggregation(config, cls.robust_aggregation, cls.trusted_reference)
     if config.privacy.mode != "none":
         check_privacy_applies(config, cls)
     if config.attack.kind != "none":
@@ -674,10 +684,16 @@ def resolve_robust_defaults(config: Config, supported: bool, *,
         fed.adaptive_clip = AUTO_ADAPTIVE_CLIP if fed.aggregator == "auto" else 0.0
 
 
-def check_robust_aggregation(config: Config, supported: bool) -> None:
-    """``federation.aggregator`` and its parameters (``ssfl.algorithms.robust``)."""
+def check_robust_aggregation(config: Config, supported: bool, trusted: bool = False) -> None:
+    """``federation.aggregator`` and its parameters (``ssfl.algorithms.robust``); ``trusted``:
+    the method can take the server's own update (``fltrust``)."""
     fed = config.federation
     _choice("federation.aggregator", fed.aggregator, AGGREGATOR_CHOICES)
+    if fed.aggregator == "fltrust" and not trusted:
+        raise ConfigError(
+            f"federation.aggregator = 'fltrust' needs a method whose clients all train one "
+            f"shared vector (dense FedAvg, SSFL and the other fixed-mask methods); "
+            f"{config.algorithm.name!r} is not one: choose another rule")
     if fed.adaptive_clip != AUTO:
         _positive("federation.adaptive_clip", fed.adaptive_clip, allow_zero=True)
     if not 0.0 <= fed.trim_fraction < 0.5:

@@ -37,6 +37,10 @@ __all__ = ["InProcessTransport", "RunResult", "learning_rate", "make_run_dir", "
            "sample_clients"]
 
 
+#: the random stream that draws fltrust's clean sample (apart from the split's and clients')
+ROOT_SAMPLE_STREAM = 7
+
+
 class InProcessTransport(Transport):
     """Runs each client's code in this process, on the experiment's one shared model."""
 
@@ -50,6 +54,7 @@ class InProcessTransport(Transport):
         self.settings: TrainSettings = train_settings(exp.config)
         self.states: dict[int, bytes] = {}
         self.local_model_hook: Callable[[int, Any], None] | None = None
+        self.root: LocalData | None = None  # fltrust's clean sample, drawn at first use
         # Simulated hostile clients ([attack]); None in an honest run.
         self.attacker = attacker_for(exp.config, [
             math.prod(s) for s in self.algorithm.setup.prunable_shapes.values()])
@@ -108,6 +113,22 @@ class InProcessTransport(Transport):
                            t.mean, t.std)
         ctx = self._context(len(self.clients), 0, 0.0, pooled)
         return algorithm.client_setup(kind, ctx, b"", None).reply
+
+    def trusted_update(self, algorithm: Algorithm[Any], round: int, lr: float, payload: bytes,
+                       state: bytes | None) -> tuple[bytes, int]:
+        if self.root is None:
+            # Drawn once, uniformly from the whole training set (seeded by the run's seed):
+            # a small sample of the task's distribution, as FLTrust's server holds.
+            t = self.exp.train_set
+            pool = np.concatenate(self.exp.parts)
+            rng = np.random.default_rng([self.exp.config.run.seed, ROOT_SAMPLE_STREAM])
+            size = min(self.exp.config.federation.root_samples
+                       or max(1, len(pool) // len(self.exp.parts)), len(pool))
+            picked = np.sort(rng.choice(len(pool), size=size, replace=False))
+            self.root = LocalData(t.images, t.labels, torch.from_numpy(pool[picked]), t.mean,
+                                  t.std)
+        ctx = self._context(len(self.clients) + 1, round, lr, self.root)
+        return algorithm.handle(TRAIN, ctx, payload, state).reply, len(self.root)
 
     def client_states(self) -> dict[int, bytes]:
         return dict(self.states)

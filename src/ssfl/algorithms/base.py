@@ -216,6 +216,10 @@ class Algorithm(ABC, Generic[S]):
     #: rules of ``ssfl.algorithms.robust``) wherever it averages models (the server's aggregate;
     #: DisPFL: each client's neighbour average); the config refuses them for other methods
     robust_aggregation: ClassVar[bool] = False
+    #: its ``aggregate`` takes ``trusted``: the server's own update on a clean sample, which
+    #: ``federation.aggregator = "fltrust"`` computes with the method's own client step, from
+    #: the state ``trusted_client_state`` gives
+    trusted_reference: ClassVar[bool] = False
 
     def __init__(self, setup: Setup, settings: Any) -> None:
         self.setup = setup
@@ -260,7 +264,14 @@ class Algorithm(ABC, Generic[S]):
         """The new state from the round's valid replies (in sampled order), and diagnostics
         for the round's metrics row (empty: none). ``sampled`` also lists clients whose reply
         failed or was rejected; ``refused`` those whose reply screening rejected (the robust
-        default counts them among the hostile clients it tolerates: ``robust.after_refusals``)."""
+        default counts them among the hostile clients it tolerates: ``robust.after_refusals``).
+        Methods with ``trusted_reference`` also take ``trusted`` (a ``Reply``: the server's own
+        update on its clean sample) under ``federation.aggregator = "fltrust"``."""
+
+    def trusted_client_state(self, state: S) -> bytes | None:
+        """The client state the server's own client step starts from (``fltrust``: what any
+        client holds after the set-up phase); only methods with ``trusted_reference``."""
+        raise NotImplementedError(f"{self.name} takes no server-side reference update")
 
     @abstractmethod
     def eval_weights(self, state: S, client: int | None = None) -> dict[str, torch.Tensor]:

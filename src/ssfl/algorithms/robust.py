@@ -16,6 +16,11 @@ new global vector; all arithmetic is float64 and deterministic (ties by client o
 - ``krum`` / ``multi_krum``: score each update by the summed squared distance to its
   ``n - f - 2`` nearest other updates, keep the best one (Krum) or the best ``m = n - f``
   (multi-Krum) and average those weighted by sample count (Blanchard et al., NeurIPS 2017).
+- ``fltrust``: the server's own change on a small clean sample it holds (``trusted``) sets the
+  direction and the step (Cao et al., NDSS 2021): each client's change is scaled to that
+  change's norm and weighted by its cosine with it, negative cosines counting 0, unweighted by
+  sample count. The only rule here with side information: a reversed change points away from
+  the server's own, however far honest changes spread (simulator only; ``combine``).
 - ``auto`` (the default): multi-Krum where the round has more than the ``f + 2`` replies
   Krum needs, else the weighted mean; a reply refused at screening counts as one of the ``f``
   (``after_refusals``); exact copies of one update sent under several names count once
@@ -50,7 +55,7 @@ import torch
 from ssfl.algorithms.base import SetupFailed
 from ssfl.algorithms.common import WeightedMean, average_over_holders
 
-AGGREGATORS = ("auto", "mean", "median", "trimmed_mean", "krum", "multi_krum")
+AGGREGATORS = ("auto", "mean", "median", "trimmed_mean", "krum", "multi_krum", "fltrust")
 
 
 def clip_updates(values: torch.Tensor, reference: torch.Tensor, *, norm: float = 0.0,
@@ -124,6 +129,34 @@ def krum_select(values: torch.Tensor, byzantine: int, keep: int,
     scores = krum_scores(values, byzantine) if scores is None else scores
     order = torch.sort(scores, stable=True).indices[:keep]
     return sorted(int(i) for i in order)
+
+
+def fltrust(values: torch.Tensor, reference: torch.Tensor, trusted: torch.Tensor,
+            trust: list[float] | None = None) -> torch.Tensor:
+    """FLTrust's step (Cao et al., NDSS 2021): with ``g0 = trusted - reference`` (the server's
+    change on its clean sample) and ``gi`` each row's change, the new vector is
+    ``reference + sum_i t_i * (|g0| / |gi|) * gi / sum_i t_i``, ``t_i = max(0, cos(gi, g0))``.
+    Every row moves the model by at most ``|g0|``, and a row pointing away from ``g0`` not at
+    all. No row with positive trust (or ``g0 = 0``): ``reference`` unchanged. ``trust``, if
+    given, gets each row's ``t_i``. Float64, rows summed in order."""
+    ref = reference.to(torch.float64)
+    g0 = trusted.to(torch.float64) - ref
+    g0_norm = float(g0.norm())
+    changes = values.to(torch.float64) - ref
+    norms = changes.norm(dim=1)
+    cosines = (changes @ g0) / (norms * g0_norm).clamp(min=1e-300)
+    weights = cosines.clamp(min=0.0)
+    weights[norms == 0] = 0.0  # a client that did not move carries no direction
+    if trust is not None:
+        trust.extend(round(float(w), 6) for w in weights)
+    total = float(weights.sum())
+    if total <= 0 or g0_norm == 0:
+        return ref.clone()
+    step = torch.zeros_like(ref)
+    for i in range(values.shape[0]):
+        if weights[i] > 0:
+            step += changes[i] * (float(weights[i]) * g0_norm / float(norms[i]))
+    return ref + step / total
 
 
 def resolved_rule(rule: str, replies: int, byzantine: int) -> str:
@@ -206,14 +239,17 @@ def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: 
             settings: Any, clipped: list[int] | None = None,
             left_out: list[int] | None = None,
             krum_ratios: list[float | None] | None = None,
-            repeats: list[int] | None = None) -> torch.Tensor:
+            repeats: list[int] | None = None, trusted: torch.Tensor | None = None,
+            trust: list[float] | None = None) -> torch.Tensor:
     """The round's aligned update vectors combined as ``settings`` (the config's
     ``[federation]``: ``update_clip_norm``, ``adaptive_clip``, ``aggregator``,
     ``trim_fraction``, ``byzantine``) says; the new global vector. ``clipped`` and
     ``left_out``, if given, get the positions (in ``updates``) of the updates that clipping
     scaled back and of those a Krum rule left out; ``krum_ratios`` how far each of those
     stood out (``aggregate_vectors``); ``repeats`` the exact copies of an earlier update that
-    ``auto`` counted once (``repeated_rows``).
+    ``auto`` counted once (``repeated_rows``). ``trusted``: the server's own update on its clean
+    sample, which ``fltrust`` needs (``trust`` gets each reply's weight; a reply of weight 0 is
+    also in ``left_out``).
 
     Plain FedAvg (``mean`` without adaptive clipping) keeps its running float64 sum over the
     replies in order, so its results are those of every run before robust rules existed."""
@@ -244,9 +280,19 @@ def combine(updates: Sequence[torch.Tensor], samples: Sequence[int], reference: 
     rows = clip_updates(stacked, reference, norm=settings.update_clip_norm,
                         adaptive=settings.adaptive_clip, clipped=local_clipped)
     local_left_out: list[int] = []
-    out = aggregate_vectors(rows, weights, settings.aggregator,
-                            trim_fraction=settings.trim_fraction, byzantine=settings.byzantine,
-                            left_out=local_left_out, krum_ratios=krum_ratios)
+    if settings.aggregator == "fltrust":
+        if trusted is None:
+            raise ValueError("fltrust needs the server's own update on its clean sample")
+        weights_out: list[float] = []
+        out = fltrust(rows, reference, trusted, weights_out).to(torch.float32)
+        local_left_out = [i for i, w in enumerate(weights_out) if w <= 0]
+        if trust is not None:
+            trust.extend(weights_out)
+    else:
+        out = aggregate_vectors(rows, weights, settings.aggregator,
+                                trim_fraction=settings.trim_fraction,
+                                byzantine=settings.byzantine, left_out=local_left_out,
+                                krum_ratios=krum_ratios)
     if clipped is not None:
         clipped.extend(kept[i] for i in local_clipped)
     if left_out is not None:

@@ -96,6 +96,7 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
     mask in ``run_setup`` (the default: dense, no set-up)."""
 
     robust_aggregation = True
+    trusted_reference = True
 
     def __init__(self, setup: Setup, settings: Any) -> None:
         super().__init__(setup, settings)
@@ -117,6 +118,11 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
             payload = self.codec.encode(state.mask)
             ask.deliver("mask", {c: payload for c in range(self.setup.num_clients)},
                         label=label)
+
+    def trusted_client_state(self, state: FixedMaskState) -> bytes | None:
+        """What a client holds after the set-up phase (the mask bitmap; dense: nothing), for
+        the server's own client step under ``fltrust``."""
+        return self.codec.encode(state.mask) if mask_density(state.mask) < 1.0 else None
 
     def resync(self, state: FixedMaskState, ask: Ask) -> FixedMaskState:
         self.deliver_mask(state, ask, label="resync_mask")
@@ -152,20 +158,23 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
         return values
 
     def aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply],
-                  sampled: Sequence[int], refused: Sequence[int] = ()
-                  ) -> tuple[FixedMaskState, dict[str, Any]]:
+                  sampled: Sequence[int], refused: Sequence[int] = (),
+                  trusted: Reply | None = None) -> tuple[FixedMaskState, dict[str, Any]]:
         """Weighted by sample count, or by the robust rule of ``federation.aggregator``; any
         mean of vectors on one mask stays on the mask. With ``[privacy]``: DP-FedAvg over the
-        values (``ssfl.privacy.private_mean``: clipped changes, unweighted, Gaussian noise)."""
+        values (``ssfl.privacy.private_mean``: clipped changes, unweighted, Gaussian noise).
+        ``trusted``: the server's own update on its clean sample (``fltrust``)."""
         if self.setup.config.privacy.mode != "none":
             return self.private_aggregate(state, round, replies)
         clipped: list[int] = []
         left_out: list[int] = []
         ratios: list[float | None] = []
         repeats: list[int] = []
+        trust: list[float] = []
         values = combine([r.update for r in replies], [r.num_samples for r in replies],
                          state.values, after_refusals(self.robust, len(refused)), clipped,
-                         left_out, ratios, repeats)
+                         left_out, ratios, repeats,
+                         trusted=trusted.update if trusted is not None else None, trust=trust)
         # Whose changes the clipping scaled back, whose multi-Krum left out and how far those
         # stood out, and whose update copied another's (the metrics row's diagnostics): what
         # the default costs an honest run, and whom it stopped.
@@ -175,6 +184,8 @@ class FixedMaskFedAvg(Algorithm[FixedMaskState]):
                                                        ("repeats", repeats)) if positions}
         if ratios:
             info["krum_ratio"] = ratios
+        if trust:
+            info["trust"] = trust
         return replace(state, values=values, round=round), info
 
     def private_aggregate(self, state: FixedMaskState, round: int, replies: Sequence[Reply]

@@ -268,6 +268,10 @@ def check_supported(config: Config, settings: FlowerSettings | None = None) -> N
     """Refuse, before any process or message, a method that cannot run on Flower (or not
     with the Flower settings asked for: secure aggregation)."""
     refuse_unsupported(algorithms.get(config.algorithm.name))
+    if config.federation.aggregator == "fltrust":
+        raise ConfigError(
+            "federation.aggregator = 'fltrust' trains on a clean sample held by the server, "
+            "which only the simulator has: run it with `ssfl run`, or choose another rule")
     if settings is not None:
         secagg.check_secure_aggregation(config, settings)
 

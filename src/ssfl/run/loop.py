@@ -116,6 +116,14 @@ class Transport(ABC):
     def pooled(self, algorithm: Algorithm[Any], kind: str) -> bytes:
         raise NotImplementedError("this transport has no pooled data (the simulator has)")
 
+    def trusted_update(self, algorithm: Algorithm[Any], round: int, lr: float, payload: bytes,
+                       state: bytes | None) -> tuple[bytes, int]:
+        """``fltrust``: the method's client step run by the server on its own clean sample
+        (``federation.root_samples`` images), from ``payload`` and client ``state``; the reply
+        and the sample's size. Nothing travels, so nothing is counted."""
+        raise NotImplementedError("this transport holds no clean sample on the server (the "
+                                  "simulator does)")
+
     def client_states(self) -> dict[int, bytes]:
         """The clients' states, to save with a checkpoint (where this transport keeps them)."""
         return {}
@@ -459,7 +467,9 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
     # client's id, or a second one beside a valid reply, says nothing about who is left).
     accepted = {x.client_id for x in valid}
     refused = sorted({x.client_id for x in rejected if x.client_id in chosen} - accepted)
-    r.state, diagnostics = r.algorithm.aggregate(r.state, rnd, valid, chosen, refused)
+    extra = ({"trusted": server_reference(r, rnd, lr)}
+             if config.federation.aggregator == "fltrust" else {})
+    r.state, diagnostics = r.algorithm.aggregate(r.state, rnd, valid, chosen, refused, **extra)
     aggregation_seconds = time.perf_counter() - screened_at
     down, up = r.ledger.round_bytes(rnd)
     losses = valid_losses(replies, counted)
@@ -481,6 +491,17 @@ def play_round(r: Run, rnd: int) -> dict[str, Any]:
     if config.privacy.mode != "none":  # the guarantee after this round's release
         row["epsilon"] = privacy.report(privacy.config_epsilon(config, rnd))
     return row
+
+
+def server_reference(r: Run, rnd: int, lr: float) -> Reply:
+    """``fltrust``'s reference: the server trains the round's global model on its own clean
+    sample with the method's own client step, as a client numbered after every real one (and
+    after the pooled data's virtual client), so its random stream is its own."""
+    client = r.config.federation.num_clients + 1
+    payload = r.algorithm.configure(r.state, rnd, [client], 1)[client]
+    reply, samples = r.transport.trusted_update(r.algorithm, rnd, lr, payload,
+                                                r.algorithm.trusted_client_state(r.state))
+    return Reply(client, samples, r.algorithm.check(r.state, rnd, client, reply))
 
 
 def send_and_collect(r: Run, rnd: int, lr: float, chosen: Sequence[int], attempt: int,
