@@ -78,6 +78,36 @@ def test_relative_error_goal_by_hand(comparison) -> None:
     assert published["relative_error_reduction"] == pytest.approx(1 - 39 / 50)
 
 
+def test_paper_claims_point_by_point_by_hand(comparison) -> None:
+    rows = [_row("ssfl", 0.5, 0.80), _row("ssfl", 0.5, 0.82, seed=1),
+            _row("fedavg", 1.0, 0.805), _row("fedavg", 1.0, 0.815, seed=1),
+            _row("dispfl", 0.5, 0.70), _row("dispfl", 0.5, 0.72, seed=1),
+            _row("sparsyfed", 0.5, 0.90), _row("ssfl", 0.1, 0.99)]
+    claims = {c["claim"].split(" at ")[0]: c for c in comparison.paper_claims(rows)}
+    # Dense: 81.0 +- 1.41 vs 81.0 +- 0.71: within noise; DisPFL 71: holds; SparsyFed 90:
+    # reversed.
+    dense = claims["SSFL above dense FedAvg"]
+    assert dense["diff"] == pytest.approx(0.0)
+    assert dense["spread"] == pytest.approx((2.0 + 0.5) ** 0.5)  # std 1.41 and 0.71
+    assert dense["verdict"].startswith("within seed noise")
+    assert dense["paper"] == "88.3 vs 86.0 (+2.3)"
+    assert claims["SSFL above DisPFL"]["verdict"] == "holds"
+    assert claims["SSFL above SparsyFed"]["verdict"] == "reversed"  # one seed: no spread
+    # Error: SSFL 19 %, the strongest published method (SparsyFed) 10 %: 1 - 19/10 < 0;
+    # the paper's 1 - 11.7/14.9 against DisPFL.
+    error = claims["SSFL's relative error reduction against the strongest published sparse "
+                   "method"]
+    assert error["paper"] == "21.5% (against DisPFL)"
+    assert error["ours"] == "-90.0% (against SparsyFed)" and error["verdict"] == "reversed"
+    assert "| holds |" in comparison.claims_table(comparison.paper_claims(rows))
+    assert comparison.paper_claims([_row("fedavg", 1.0, 0.8)]) == []
+    # Only the ResNet-18 CIFAR-10 configs are held against the paper's figures.
+    configs = BENCH.parents[1] / "configs"
+    assert comparison.is_paper_setting(configs / "cifar10_resnet18_cpu.toml")
+    assert comparison.is_paper_setting(configs / "cifar10_resnet18_paper.toml")
+    assert not comparison.is_paper_setting(comparison.CONFIG)
+
+
 def test_recorded_rows_count_as_done_and_are_reported(comparison, tmp_path: Path) -> None:
     out = tmp_path / "results"
     out.mkdir()
