@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,31 @@ DEEP_CONFIG = "configs/cifar10_resnet18_cpu.toml"
 DEEP_COMMAND = ("python benchmarks/comparison.py main --config configs/cifar10_resnet18_cpu.toml "
                 "--algorithms fedavg,ssfl,snip_single,random_erk,feddst,sparsyfed,prunefl,"
                 "dispfl --densities 0.5,0.1 --seeds 0,1 --jobs 2")
+
+
+#: CIFAR-10's training images, which the paper's split shares out among the clients
+CIFAR10_TRAIN = 50_000
+
+
+def paper_run_time(config: Path = HERE.parent / "configs" / "cifar10_resnet18_paper.toml",
+                   samples_per_second: float = 5_000.0) -> str:
+    """What one paper-scale run costs, from its config: the training images it passes through
+    (rounds x clients per round x local epochs x a client's share) over a GPU's rate, which
+    ``scripts/gpu_check.sh`` measures (its speed.txt); ``samples_per_second`` is the example
+    rate the sentence works out, not a measurement."""
+    with open(config, "rb") as f:
+        c = tomllib.load(f)
+    images = (c["run"]["rounds"] * c["federation"]["clients_per_round"]
+              * c["train"]["local_epochs"] * CIFAR10_TRAIN // c["federation"]["num_clients"])
+    hours = images / samples_per_second / 3600
+    return (f"Expected time per run: it trains on {images / 1e6:g} M images ({c['run']['rounds']} "
+            f"rounds x {c['federation']['clients_per_round']} clients x "
+            f"{c['train']['local_epochs']} local epochs x "
+            f"{CIFAR10_TRAIN // c['federation']['num_clients']} images), so at "
+            f"{samples_per_second:,.0f} images/s (`scripts/gpu_check.sh` measures a GPU's "
+            f"ResNet-18 rate into its `speed.txt`) about {hours:.1f} h plus the evaluations; "
+            "a sweep takes that times its runs (`--algorithms`, `--densities` and `--seeds` "
+            "choose them; `--jobs` runs several on one GPU at once).")
 
 
 def deep_section(data: dict[str, Any] | None) -> str:
@@ -425,7 +451,7 @@ def main() -> None:
         "--config configs/cifar10_resnet18_paper.toml --jobs 1` (every run trains on the GPU, "
         "`run.device = \"auto\"`; runs in `runs/comparison-cifar10_resnet18_paper/`, tables in "
         "`benchmarks/results/cifar10_resnet18_paper/`). It has not run: no GPU has been lent "
-        "to this project so far.\n\n"
+        "to this project so far. " + paper_run_time() + "\n\n"
         + comparison_section(_load("comparison.json"))
         + "\n## The deep CPU reference (ResNet-18)\n\n"
         + deep_section(_load("cifar10_resnet18_cpu/comparison.json"))

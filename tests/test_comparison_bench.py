@@ -224,3 +224,13 @@ def test_seed_spread_by_hand(comparison) -> None:
     assert "prunefl" not in spread
     table = comparison.spread_table(spread, rows, [0.1, 0.05])
     assert table.splitlines()[2:] == ["| ssfl | 2.83 | 0.1, 0.05 |", "| fedavg | 7.07 | 1 |"]
+
+
+def test_paper_run_time_is_worked_out_from_the_config(tmp_path: Path) -> None:
+    render_docs = load_benchmark("render_docs")
+    config = tmp_path / "paper.toml"
+    config.write_text("[run]\nrounds = 100\n[federation]\nnum_clients = 50\n"
+                      "clients_per_round = 5\n[train]\nlocal_epochs = 2\n")
+    # 100 rounds x 5 clients x 2 epochs x 1000 images = 1 M images; at 1000/s 0.3 h.
+    text = render_docs.paper_run_time(config, samples_per_second=1000.0)
+    assert "1 M images" in text and "1000 images)" in text and "about 0.3 h" in text
