@@ -375,9 +375,11 @@ def worker_comparison(new: dict[str, Any] | None, old: dict[str, Any] | None) ->
     return "\n".join(lines) + "\n"
 
 
-def readme_with_headline(readme: str, data: dict[str, Any]) -> str:
+def readme_with_headline(readme: str, data: dict[str, Any],
+                         deep: dict[str, Any] | None = None) -> str:
     """``readme`` with the block between the headline markers replaced by the summary of the
-    main sweep's runs in ``data`` (a comparison.json)."""
+    main sweep's runs in ``data`` (a comparison.json) and, where ``deep`` (the deep CPU
+    reference's comparison.json) holds the paper's claims, their verdicts."""
     sys.path.insert(0, str(HERE))
     from comparison import readme_headline
 
@@ -386,7 +388,21 @@ def readme_with_headline(readme: str, data: dict[str, Any]) -> str:
         raise SystemExit(f"README.md lacks the lines {HEADLINE_START!r} ... {HEADLINE_END!r} "
                          "around the comparison headline; put them back where it belongs")
     body = textwrap.fill(readme_headline(data["runs"]), width=100)
+    if deep and deep.get("paper_claims"):
+        body += "\n\n" + textwrap.fill(deep_headline(deep), width=100)
     return readme[:start] + HEADLINE_START + "\n" + body + "\n" + readme[end:]
+
+
+def deep_headline(deep: dict[str, Any]) -> str:
+    """The README's sentence on the deep CPU reference: each of the paper's claims, our
+    figure and the verdict."""
+    seeds = sorted({r["seed"] for r in deep["runs"]})
+    rounds = max(r["rounds"] for r in deep["runs"])
+    return ("On the deep CPU reference (ResNet-18 with GroupNorm at a quarter width, "
+            f"{rounds} rounds, seeds {', '.join(map(str, seeds))}; `{DEEP_COMMAND}`), the "
+            "paper's claims at density 0.5: "
+            + "; ".join(f"{c['claim']}: ours {c['ours']}, the paper's {c['paper']}: "
+                        f"{c['verdict']}" for c in deep["paper_claims"]) + ".")
 
 
 def threads_section(data: dict[str, Any] | None) -> str:
@@ -499,7 +515,8 @@ def main() -> None:
     print(f"written {DOC}")
     comparison = _load("comparison.json")
     if comparison is not None:
-        README.write_text(readme_with_headline(README.read_text(), comparison))
+        README.write_text(readme_with_headline(README.read_text(), comparison,
+                                               _load("cifar10_resnet18_cpu/comparison.json")))
         print(f"written the comparison headline in {README}")
 
 

@@ -148,7 +148,9 @@ def test_readme_headline_matches_the_committed_results() -> None:
     render_docs = load_benchmark("render_docs")
     readme = (root / "README.md").read_text()
     data = json.loads((BENCH.parent / "results" / "comparison.json").read_text())
-    assert render_docs.readme_with_headline(readme, data) == readme, (
+    deep_path = BENCH.parent / "results" / "cifar10_resnet18_cpu" / "comparison.json"
+    deep = json.loads(deep_path.read_text()) if deep_path.exists() else None
+    assert render_docs.readme_with_headline(readme, data, deep) == readme, (
         "README's headline is stale: run python benchmarks/render_docs.py")
 
 
@@ -224,6 +226,22 @@ def test_seed_spread_by_hand(comparison) -> None:
     assert "prunefl" not in spread
     table = comparison.spread_table(spread, rows, [0.1, 0.05])
     assert table.splitlines()[2:] == ["| ssfl | 2.83 | 0.1, 0.05 |", "| fedavg | 7.07 | 1 |"]
+
+
+def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
+    render_docs = load_benchmark("render_docs")
+    rows = [dict(_row("ssfl", 0.5, 0.80), rounds=80), dict(_row("fedavg", 1.0, 0.70), rounds=80),
+            dict(_row("ssfl", 0.5, 0.82, seed=1), rounds=80)]
+    deep = {"runs": rows, "paper_claims": comparison.paper_claims(rows)}
+    text = render_docs.deep_headline(deep)
+    assert "80 rounds, seeds 0, 1" in text
+    assert ("SSFL above dense FedAvg at density 0.5: ours 81.00 ± 1.41 vs 70.00 (n=1) (+11.00), "
+            "the paper's 88.3 vs 86.0 (+2.3): holds") in text
+    readme = "a\n" + render_docs.HEADLINE_START + "\nold\n" + render_docs.HEADLINE_END + "\nb"
+    data = {"runs": rows}
+    assert render_docs.deep_headline(deep)[:40] in render_docs.readme_with_headline(
+        readme, data, deep).replace("\n", " ")
+    assert "deep" not in render_docs.readme_with_headline(readme, data, None)
 
 
 def test_paper_run_time_is_worked_out_from_the_config(tmp_path: Path) -> None:
