@@ -660,8 +660,20 @@ def test_fltrust_is_refused_where_it_cannot_run() -> None:
         load_config(None, ["federation.aggregator=fltrust", "federation.root_samples=-1"])
     from ssfl.flower.server_app import check_supported
 
+    config = load_config(None, ["federation.aggregator=fltrust"])
     with pytest.raises(ConfigError, match="only the simulator has"):
-        check_supported(load_config(None, ["federation.aggregator=fltrust"]))
+        check_supported(config)
+    # Any transport whose clients do not run in this process holds no sample: refused before
+    # the set-up phase.
+    from ssfl.run.loop import run
+    from ssfl.sim import InProcessTransport, prepare
+
+    class Remote(InProcessTransport):
+        in_process = False
+
+    exp = prepare(config)
+    with pytest.raises(ConfigError, match="only the simulator has"):
+        run(exp, Remote(exp), None, write=False)
 
 
 def test_fltrust_in_a_run_trusts_the_honest_and_not_the_reversed_change() -> None:

@@ -36,7 +36,7 @@ from ssfl.algorithms.common import load_weights_
 from ssfl.checkpoint import FILENAME as CHECKPOINT, CheckpointError, load_checkpoint
 from ssfl.client import evaluate_samples
 from ssfl.comm import PayloadError, encode_values, payload_parts, read_header
-from ssfl.config import Config
+from ssfl.config import Config, ConfigError
 from ssfl.loggers import RoundLogger, open_loggers
 from ssfl.masks import Mask, layer_densities, mask_density, mask_digest
 from ssfl.run.checkpoints import restore, save, verify
@@ -262,6 +262,9 @@ def run(
             logger.warning("privacy.noise_seed = 'run': the noise is drawn from run.seed, "
                            "which every client knows, so any client can subtract it; set "
                            "privacy.noise_seed = 'secret' for a deployment (docs/privacy.md)")
+    if exp.config.federation.aggregator == "fltrust" and not transport.in_process:
+        raise ConfigError("federation.aggregator = 'fltrust' trains on a clean sample held by "
+                          "the server, which only the simulator has: choose another rule")
     algorithm = algorithms.build(exp.config, make_setup(exp))
     transport.check_supported(type(algorithm))
     transport.bind(algorithm)
