@@ -417,6 +417,34 @@ def is_paper_setting(config: Path) -> bool:
             and table.get("model", {}).get("name") == "resnet18")
 
 
+def third_seed_cells(rows, densities: Sequence[float],
+                     split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
+    """Where the seeds so far do not settle the question (issue 16 asks for a third seed
+    there): per density, SSFL against the best other federated method (dense FedAvg and the
+    oracle left out), when their gap is under two of their combined standard deviations, or
+    either has fewer than two seeds. Each entry names the two methods, the gap, the seeds so
+    far and the options that add the next seed."""
+    out = []
+    for d in densities:
+        ssfl = _cells(_select(rows, "ssfl", d, split), "final_accuracy")
+        others = {m: _cells(_select(rows, m, d, split), "final_accuracy")
+                  for m in _methods(rows) if m not in ("ssfl", "fedavg", ORACLE)}
+        others = {m: v for m, v in others.items() if v}
+        if not ssfl or not others:
+            continue
+        best = max(others, key=lambda m: statistics.mean(others[m]))
+        gap = statistics.mean(ssfl) - statistics.mean(others[best])
+        few = min(len(ssfl), len(others[best])) < 2
+        spread = 0.0 if few else math.hypot(statistics.stdev(ssfl),
+                                             statistics.stdev(others[best]))
+        if few or abs(gap) < 2 * spread:
+            seeds = sorted({r["seed"] for m in ("ssfl", best) for r in _select(rows, m, d, split)})
+            out.append({"density": d, "best_other": best, "gap": gap, "spread": spread,
+                        "seeds": seeds, "command": f"--algorithms ssfl,{best} --densities "
+                                                   f"{d:g} --seeds {seeds[-1] + 1}"})
+    return out
+
+
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| the paper's claim (CIFAR-10, ResNet-18, density 0.5) | paper (%) | "
              "ours (%, mean ± std over seeds) | verdict |", "|---|---|---|---|"]
@@ -788,6 +816,16 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             "minus that at the last evaluation at or before 80% of the rounds (issue 16 asks "
             "dense FedAvg for under 1 point):\n\n" + settling_table(rows, densities) + "\n"
             + tuning_text(tuning_rows, tuned or {}))
+        third = third_seed_cells(rows, densities)
+        data["third_seed"] = third
+        if third:
+            text += ("\nWhere the seeds so far do not settle SSFL against the best other method "
+                     "(a gap under two combined standard deviations): the next seed is the "
+                     "same command with these options:\n\n" + "\n".join(
+                         f"- density {t['density']:g}: SSFL {t['gap']:+.2f} points against "
+                         f"{LABELS.get(t['best_other'], t['best_other'])} (spread "
+                         f"{t['spread']:.2f}, seeds {', '.join(map(str, t['seeds']))}): "
+                         f"`{t['command']}`" for t in third) + "\n")
         claims = paper_claims(rows) if is_paper_setting(config) else []
         if claims:
             data["paper_claims"] = claims

@@ -228,6 +228,25 @@ def test_seed_spread_by_hand(comparison) -> None:
     assert table.splitlines()[2:] == ["| ssfl | 2.83 | 0.1, 0.05 |", "| fedavg | 7.07 | 1 |"]
 
 
+def test_third_seed_cells_by_hand(comparison) -> None:
+    rows = [_row("ssfl", 0.5, 0.80), _row("ssfl", 0.5, 0.82, seed=1),
+            _row("feddst", 0.5, 0.79), _row("feddst", 0.5, 0.81, seed=1),
+            _row("fedavg", 1.0, 0.95), _row("snip_oracle", 0.5, 0.99),  # never the rival
+            _row("ssfl", 0.1, 0.70), _row("ssfl", 0.1, 0.71, seed=1),
+            _row("prunefl", 0.1, 0.50), _row("prunefl", 0.1, 0.51, seed=1),
+            _row("ssfl", 0.05, 0.6), _row("random", 0.05, 0.5)]
+    cells = {c["density"]: c for c in comparison.third_seed_cells(rows, [0.5, 0.1, 0.05])}
+    # 0.5: gap 1 point, spread hypot(1.41, 1.41) = 2: under 2 x 2. 0.1: gap 20 points, settled.
+    # 0.05: one seed each: cannot tell yet.
+    assert set(cells) == {0.5, 0.05}
+    assert cells[0.5]["best_other"] == "feddst"
+    assert cells[0.5]["gap"] == pytest.approx(1.0)
+    assert cells[0.5]["spread"] == pytest.approx(2.0)
+    assert cells[0.5]["command"] == "--algorithms ssfl,feddst --densities 0.5 --seeds 2"
+    assert cells[0.05]["spread"] == 0.0 and cells[0.05]["seeds"] == [0]
+    assert cells[0.05]["command"].endswith("--seeds 1")
+
+
 def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     render_docs = load_benchmark("render_docs")
     rows = [dict(_row("ssfl", 0.5, 0.80), rounds=80), dict(_row("fedavg", 1.0, 0.70), rounds=80),
