@@ -301,6 +301,20 @@ def bytes_table(rows, densities: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def best_other(rows, density: float, split: str, key: str,
+               candidates: Sequence[str] | None = None) -> tuple[str, list[float]] | None:
+    """The federated method other than SSFL with the best mean ``key`` at ``density`` (among
+    ``candidates`` if given; dense FedAvg and the oracle never count) and its cells; None if
+    no such run exists."""
+    cells = {m: _cells(_select(rows, m, density, split), key) for m in _methods(rows)
+             if m not in ("ssfl", "fedavg", ORACLE) and (candidates is None or m in candidates)}
+    cells = {m: v for m, v in cells.items() if v}
+    if not cells:
+        return None
+    best = max(cells, key=lambda m: statistics.mean(cells[m]))
+    return best, cells[best]
+
+
 def relative_error_goal(rows, densities: Sequence[float], key: str,
                         split: str = REFERENCE_SPLIT,
                         candidates: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -309,24 +323,21 @@ def relative_error_goal(rows, densities: Sequence[float], key: str,
     out = []
     for d in densities:
         ssfl = _cells(_select(rows, "ssfl", d, split), key)
-        baselines = {m: _cells(_select(rows, m, d, split), key) for m in _methods(rows)
-                     if m not in ("ssfl", "fedavg", ORACLE)
-                     and (candidates is None or m in candidates)}
-        baselines = {m: v for m, v in baselines.items() if v}
-        if not ssfl or not baselines:
+        strongest = best_other(rows, d, split, key, candidates)
+        if not ssfl or strongest is None:
             continue
-        best = max(baselines, key=lambda m: statistics.mean(baselines[m]))
+        best, best_cells = strongest
         err_ssfl = 100 - statistics.mean(ssfl)
-        err_best = 100 - statistics.mean(baselines[best])
+        err_best = 100 - statistics.mean(best_cells)
         dense = _cells(_select(rows, "fedavg", 1.0, split), key)
         out.append({"density": d, "split": split, "protocol": key,
                     "ssfl": statistics.mean(ssfl),
-                    "strongest_baseline": best, "baseline": statistics.mean(baselines[best]),
+                    "strongest_baseline": best, "baseline": statistics.mean(best_cells),
                     "relative_error_reduction": 1 - err_ssfl / err_best,
                     # What dense FedAvg itself would reduce: the room a sparse method has.
                     "dense_relative_error_reduction":
                         1 - (100 - statistics.mean(dense)) / err_best if dense else None,
-                    "seeds": (len(ssfl), len(baselines[best]))})
+                    "seeds": (len(ssfl), len(best_cells))})
     return out
 
 
@@ -427,16 +438,13 @@ def third_seed_cells(rows, densities: Sequence[float],
     out = []
     for d in densities:
         ssfl = _cells(_select(rows, "ssfl", d, split), "final_accuracy")
-        others = {m: _cells(_select(rows, m, d, split), "final_accuracy")
-                  for m in _methods(rows) if m not in ("ssfl", "fedavg", ORACLE)}
-        others = {m: v for m, v in others.items() if v}
-        if not ssfl or not others:
+        strongest = best_other(rows, d, split, "final_accuracy")
+        if not ssfl or strongest is None:
             continue
-        best = max(others, key=lambda m: statistics.mean(others[m]))
-        gap = statistics.mean(ssfl) - statistics.mean(others[best])
-        few = min(len(ssfl), len(others[best])) < 2
-        spread = 0.0 if few else math.hypot(statistics.stdev(ssfl),
-                                             statistics.stdev(others[best]))
+        best, best_cells = strongest
+        gap = statistics.mean(ssfl) - statistics.mean(best_cells)
+        few = min(len(ssfl), len(best_cells)) < 2
+        spread = 0.0 if few else math.hypot(statistics.stdev(ssfl), statistics.stdev(best_cells))
         if few or abs(gap) < 2 * spread:
             seeds = sorted({r["seed"] for m in ("ssfl", best) for r in _select(rows, m, d, split)})
             out.append({"density": d, "best_other": best, "gap": gap, "spread": spread,
