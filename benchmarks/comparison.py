@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,8 @@ ORACLE = "snip_oracle"
 #: method trains the same parameters with the same optimiser, so they share the config's rate.
 TUNED = {"sparsyfed": [0.05, 0.1, 0.2]}
 TUNING_DENSITY = 0.1
+#: each sweep's results file in --out
+RESULT_FILES = {"main": "comparison.json", "noniid": "noniid.json"}
 #: the published sparse FL methods among the baselines (the rest are the SSFL paper's ablations:
 #: random masks and SNIP on one client)
 PUBLISHED = ["feddst", "prunefl", "dispfl", "sparsyfed"]
@@ -143,9 +145,12 @@ def jobs_for(sweep: str, algorithms: Sequence[str], densities: Sequence[float],
 
 
 def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[str],
-             recorded: Mapping[str, Any] | None = None, config: Path = CONFIG) -> None:
+             recorded: Mapping[str, Any] | None = None, config: Path = CONFIG,
+             on_finish: Callable[[], None] | None = None) -> None:
     """Run the unfinished jobs, ``workers`` processes at a time, each pinned to one thread.
-    A job is finished when its run folder has a summary or ``recorded`` holds its row."""
+    A job is finished when its run folder has a summary or ``recorded`` holds its row.
+    ``on_finish`` is called after each run ends (a sweep writes its results files there, so
+    the runs that finished are on file however the sweep itself ends)."""
     todo = [j for j in jobs if not (runs_dir / j.name / "summary.json").exists()
             and j.name not in (recorded or {})]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs done; running {len(todo)} "
@@ -179,6 +184,8 @@ def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[
             durations.append(time.time() - started)
             print(f"{job.name}: {status} in {durations[-1]:.0f} s; {len(todo)} queued"
                   f"{time_left(durations, len(todo) + len(running), workers)}", flush=True)
+            if on_finish is not None:
+                on_finish()
     if failed:
         print(f"{len(failed)} run(s) failed, see their .log in {runs_dir}: {failed}")
 
@@ -224,10 +231,23 @@ def load_summaries(jobs: Iterable[Job], runs_dir: Path,
     return rows
 
 
+def kept_rows(results: Path, jobs: Iterable[Job], algorithms: Iterable[str]
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of a sweep's results file that this invocation does not cover, as (runs,
+    tuning runs): an invocation for a few methods or seeds adds to the file instead of
+    replacing what earlier invocations recorded there."""
+    if not results.exists():
+        return [], []
+    data = json.loads(results.read_text())
+    names, methods = {j.name for j in jobs}, set(algorithms)
+    return ([r for r in data.get("runs", []) if r["name"] not in names],
+            [r for r in data.get("tuning", []) if r["algorithm"] not in methods])
+
+
 def recorded_runs(out: Path) -> dict[str, dict[str, Any]]:
     """Rows of the results files already in ``out``, by run name."""
     rows: dict[str, dict[str, Any]] = {}
-    for name in ("comparison.json", "noniid.json"):
+    for name in RESULT_FILES.values():
         path = out / name
         if path.exists():
             data = json.loads(path.read_text())
@@ -867,7 +887,7 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
                           for g in relative_error_goal(rows, [NONIID_DENSITY], "final_accuracy",
                                                        s)], by="split") + "\n")
         plot_noniid(rows, splits, out / "noniid_accuracy.png", setting_title(config, extra))
-    (out / f"{'comparison' if sweep == 'main' else 'noniid'}.json").write_text(
+    (out / RESULT_FILES[sweep]).write_text(
         json.dumps(data, indent=1))
     (out / f"{'comparison' if sweep == 'main' else 'noniid'}.md").write_text(text)
     return text
@@ -918,20 +938,30 @@ def main() -> None:
     recorded = recorded_runs(Path(args.out))
     tuning = [Job(a, TUNING_DENSITY, REFERENCE_SPLIT, seeds[0], lr)
               for a in algorithms if a in TUNED for lr in TUNED[a]]
+
+    def write_report() -> str:
+        """The results files from every run finished so far; rows that an earlier invocation
+        recorded for methods or seeds outside this one stay in them."""
+        tuning_rows = load_summaries(tuning, runs_dir, recorded)
+        tuned = tuned_rates(tuning_rows)
+        jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
+        other_runs, other_tuning = kept_rows(Path(args.out) / RESULT_FILES[args.sweep], jobs,
+                                             algorithms)
+        return report(args.sweep, load_summaries(jobs, runs_dir, recorded) + other_runs,
+                      densities, splits, Path(args.out), args.overrides,
+                      tuning_rows + other_tuning, {**tuned_rates(other_tuning), **tuned}, config)
+
     if not args.report_only and tuning:
         # Untuned runs fill the workers that the tuning runs leave idle.
         filler = [j for j in jobs_for(args.sweep, algorithms, densities, splits, seeds)
                   if j.algorithm not in TUNED][: (-len(tuning)) % args.jobs]
-        run_jobs(tuning + filler, runs_dir, args.jobs, args.overrides, recorded, config)
-    tuning_rows = load_summaries(tuning, runs_dir, recorded)
-    tuned = tuned_rates(tuning_rows)
-    jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
+        run_jobs(tuning + filler, runs_dir, args.jobs, args.overrides, recorded, config,
+                 write_report)
     if not args.report_only:
-        run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded, config)
-    rows = load_summaries(jobs, runs_dir, recorded)
-    print(report(args.sweep, rows, densities, splits, Path(args.out), args.overrides,
-                 tuning_rows, tuned, config))
-
+        tuned = tuned_rates(load_summaries(tuning, runs_dir, recorded))
+        jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
+        run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded, config, write_report)
+    print(write_report())
 
 if __name__ == "__main__":
     main()

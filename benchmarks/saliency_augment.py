@@ -13,7 +13,8 @@ it pins ``saliency_augment = "off"``, the setting its recorded tables were measu
 ``mask`` step builds both masks exactly as ``ssfl run`` does (``lean_mask.mask_round``: the run
 loop's set-up phase, nothing trained). ``train`` runs the headline subset with
 ``algorithm.ssfl.saliency_augment="train"`` into --runs-dir (a finished run is reused, a killed
-one resumes) and compares each run's final accuracy with the unaugmented run of the same
+one resumes, one recorded in saliency_augment.json is skipped; the file is rewritten after
+every run) and compares each run's final accuracy with the unaugmented run of the same
 density and seed in benchmarks/results/comparison.json.
 
 Writes results/saliency_augment.{json,md}. Run it with one thread, under nice.
@@ -141,14 +142,22 @@ def main() -> None:
         measure_masks(densities, seeds, args.config, data.get("masks", []), save)
     if args.step == "train":
         todo = jobs(densities, seeds)
-        run_jobs(todo, args.runs_dir, args.jobs, AUGMENTED, None, args.config)
-        recorded = recorded_runs(args.out)  # the unaugmented runs, by the same names
-        data["train"] = [
-            {"density": row["target_density"], "seed": row["seed"],
-             "train": row["final_accuracy"],
-             "off": recorded.get(row["name"], {}).get("final_accuracy")}
-            for row in load_summaries(todo, args.runs_dir)]
-        path.write_text(json.dumps(data, indent=1) + "\n")
+        off = recorded_runs(args.out)  # the unaugmented runs, by the same names
+        done = {r["name"]: r for r in data.get("train", []) if "name" in r}
+
+        def save_train() -> None:
+            """Every augmented run finished so far, with its unaugmented twin: a fresh
+            checkout skips the runs recorded here."""
+            rows = {r["name"]: r for r in load_summaries(todo, args.runs_dir)}
+            data["train"] = [*(r for n, r in done.items() if n not in rows), *(
+                {"name": n, "density": r["target_density"], "seed": r["seed"],
+                 "train": r["final_accuracy"], "off": off.get(n, {}).get("final_accuracy")}
+                for n, r in rows.items())]
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data, indent=1) + "\n")
+
+        run_jobs(todo, args.runs_dir, args.jobs, AUGMENTED, done, args.config, save_train)
+        save_train()
     print(report(data, args.out))
 
 

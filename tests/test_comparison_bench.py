@@ -121,6 +121,32 @@ def test_recorded_rows_count_as_done_and_are_reported(comparison, tmp_path: Path
     assert comparison.load_summaries(jobs, tmp_path / "runs", rows) == [recorded]
 
 
+def test_a_partial_invocation_keeps_the_rows_it_does_not_cover(comparison, tmp_path: Path
+                                                               ) -> None:
+    ssfl, dispfl = _row("ssfl", 0.5, 0.6), _row("dispfl", 0.5, 0.5)
+    ssfl["name"], dispfl["name"] = "ssfl-d0.5-bdir0.3-s0", "dispfl-d0.5-bdir0.3-s0"
+    tune = _row("sparsyfed", 0.1, 0.4, lr=0.1)
+    results = tmp_path / "comparison.json"
+    results.write_text(json.dumps({"runs": [ssfl, dispfl], "tuning": [tune]}))
+    jobs = comparison.jobs_for("main", ["ssfl"], [0.5], [], [0])
+    # Running SSFL again replaces its own row only; DisPFL's row and SparsyFed's tuning stay.
+    assert comparison.kept_rows(results, jobs, ["ssfl"]) == ([dispfl], [tune])
+    jobs = comparison.jobs_for("main", ["sparsyfed"], [0.5], [], [0], {"sparsyfed": 0.1})
+    assert comparison.kept_rows(results, jobs, ["sparsyfed"]) == ([ssfl, dispfl], [])
+    assert comparison.kept_rows(tmp_path / "none.json", jobs, ["ssfl"]) == ([], [])
+
+
+def test_the_sweep_is_told_after_every_run_even_a_failed_one(comparison, tmp_path: Path
+                                                            ) -> None:
+    calls: list[int] = []
+    jobs = comparison.jobs_for("main", ["ssfl"], [0.5, 0.1], [], [0])
+    # A config that does not exist: each run fails at once, and each failure is reported.
+    comparison.run_jobs(jobs, tmp_path / "runs", 2, [], None, tmp_path / "missing.toml",
+                        lambda: calls.append(1))
+    assert len(calls) == 2
+    assert not any((tmp_path / "runs" / j.name / "summary.json").exists() for j in jobs)
+
+
 def test_readme_headline_by_hand(comparison) -> None:
     rows = [_row("ssfl", 0.1, 0.60, ratio_to_dense=0.1003),
             _row("ssfl", 0.1, 0.62, seed=1, ratio_to_dense=0.1003),
