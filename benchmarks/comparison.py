@@ -22,7 +22,9 @@ so an interrupted sweep resumes where it stopped, and the two sweeps share the r
 common (balanced Dirichlet 0.3 at density 0.2). Runs already recorded in the results files of
 --out count as done too, so a sweep spread over several machines or checkouts goes on where the
 committed results stop. Tables (mean and standard deviation over seeds,
-both evaluation protocols, bytes), plots and a JSON of every run are written to --out.
+both evaluation protocols, bytes), plots and a JSON of every run are written to --out after
+every finished run, so a sweep that is stopped keeps every run it finished; an invocation for a
+few methods or seeds adds its rows to those files and keeps the others.
 """
 
 from __future__ import annotations
