@@ -389,9 +389,12 @@ PAPER_DENSITY = 0.5
 PAPER_ACCURACY = {"ssfl": 88.3, "fedavg": 86.0, "dispfl": 85.1, "sparsyfed": 80.9}
 
 
-def verdict(diff: float, spread: float) -> str:
+def verdict(diff: float, spread: float, seeds: int = 2) -> str:
     """How a measured lead (SSFL minus the other, points) reads against the seeds' spread
-    (the two standard deviations combined; 0 with one seed each)."""
+    (the two standard deviations combined); ``seeds``, the fewer seeds of the two sides, under
+    2 says there is no spread to read it against yet."""
+    if seeds < 2:
+        return f"SSFL {'ahead' if diff > 0 else 'behind'} on one seed (no spread yet)"
     if abs(diff) <= spread:
         return f"within seed noise ({diff:+.2f} ± {spread:.2f})"
     return "holds" if diff > 0 else "reversed"
@@ -423,7 +426,8 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
             "paper": f"{PAPER_ACCURACY['ssfl']:.1f} vs {PAPER_ACCURACY[other]:.1f} "
                      f"({PAPER_ACCURACY['ssfl'] - PAPER_ACCURACY[other]:+.1f})",
             "ours": f"{mean_std(ssfl)} vs {mean_std(theirs)} ({diff:+.2f})",
-            "verdict": verdict(diff, spread), "diff": diff, "spread": spread})
+            "verdict": verdict(diff, spread, min(len(ssfl), len(theirs))), "diff": diff,
+            "spread": spread})
     published = [m for m in PAPER_ACCURACY if m not in ("ssfl", "fedavg")]
     goals = relative_error_goal(rows, [d], "final_accuracy", split, candidates=published)
     if goals:
@@ -436,8 +440,9 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
                      "method",
             "paper": f"{paper * 100:.1f}% (against {LABELS[best]})",
             "ours": f"{ours * 100:.1f}% (against {LABELS[goal['strongest_baseline']]})",
-            "verdict": "holds" if ours >= paper else (
-                "smaller: SSFL leads by less" if ours > 0 else "reversed"),
+            "verdict": ("holds" if ours >= paper else (
+                "smaller: SSFL leads by less" if ours > 0 else "reversed"))
+            + ("" if len(ssfl) > 1 else " (one seed so far)"),
             "diff": ours - paper, "spread": 0.0})
     return claims
 

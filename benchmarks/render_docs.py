@@ -131,9 +131,26 @@ def comparison_section(data: dict[str, Any] | None) -> str:
 
 #: issue 16's deep CPU reference: the methods and densities the paper's claims are about
 DEEP_CONFIG = "configs/cifar10_resnet18_cpu.toml"
-DEEP_COMMAND = ("python benchmarks/comparison.py main --config configs/cifar10_resnet18_cpu.toml "
-                "--algorithms fedavg,ssfl,snip_single,random_erk,feddst,sparsyfed,prunefl,"
-                "dispfl --densities 0.5,0.1 --seeds 0,1 --jobs 2")
+DEEP_METHODS = ["fedavg", "ssfl", "snip_single", "random_erk", "feddst", "sparsyfed", "prunefl",
+                "dispfl"]
+DEEP_DENSITIES = [0.5, 0.1]
+DEEP_SEEDS = [0, 1]
+DEEP_COMMAND = (f"python benchmarks/comparison.py main --config {DEEP_CONFIG} "
+                f"--algorithms {','.join(DEEP_METHODS)} --densities "
+                f"{','.join(f'{d:g}' for d in DEEP_DENSITIES)} --seeds "
+                f"{','.join(map(str, DEEP_SEEDS))} --jobs 2")
+#: the runs that command makes: dense FedAvg once per seed, every other method per density
+DEEP_RUNS = len(DEEP_SEEDS) * (1 + (len(DEEP_METHODS) - 1) * len(DEEP_DENSITIES))
+
+
+def deep_progress(deep: dict[str, Any]) -> str:
+    """How much of the deep sweep its results hold, e.g. "7 of 30 runs, seed 0"."""
+    seeds = sorted({r["seed"] for r in deep["runs"]})
+    planned = [r for r in deep["runs"] if r["algorithm"] in DEEP_METHODS
+               and r["seed"] in DEEP_SEEDS
+               and (r["algorithm"] == "fedavg" or r["target_density"] in DEEP_DENSITIES)]
+    return (f"{len(planned)} of {DEEP_RUNS} runs, seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}")
 
 
 #: CIFAR-10's training images, which the paper's split shares out among the clients
@@ -176,10 +193,12 @@ def deep_section(data: dict[str, Any] | None) -> str:
              f"Every run: `{DEEP_COMMAND}` (runs in `runs/comparison-cifar10_resnet18_cpu/`, "
              "tables in `benchmarks/results/cifar10_resnet18_cpu/`; resumable).\n\n")
     if data is None:
-        return intro + ("_Not yet measured:_ the sweep is running (30 runs of about 40 "
-                        "minutes each); its tables, the paper's claims point by point and the "
-                        "verdicts land here as it finishes.\n")
-    return intro + (RESULTS / "cifar10_resnet18_cpu" / "comparison.md").read_text()
+        return intro + (f"_Not yet measured:_ the sweep is running ({DEEP_RUNS} runs of about "
+                        "40 minutes each); its tables, the paper's claims point by point and "
+                        "the verdicts land here as it finishes.\n")
+    return intro + (f"**So far: {deep_progress(data)}** (the results files are rewritten as "
+                    "each run finishes; empty cells are runs still to come).\n\n"
+                    + (RESULTS / "cifar10_resnet18_cpu" / "comparison.md").read_text())
 
 
 def _spread_note(data: dict[str, Any]) -> str:
@@ -402,10 +421,9 @@ def readme_with_headline(readme: str, data: dict[str, Any],
 def deep_headline(deep: dict[str, Any]) -> str:
     """The README's sentence on the deep CPU reference: each of the paper's claims, our
     figure and the verdict."""
-    seeds = sorted({r["seed"] for r in deep["runs"]})
     rounds = max(r["rounds"] for r in deep["runs"])
     return ("On the deep CPU reference (ResNet-18 with GroupNorm at a quarter width, "
-            f"{rounds} rounds, seeds {', '.join(map(str, seeds))}; `{DEEP_COMMAND}`), the "
+            f"{rounds} rounds, {deep_progress(deep)}; `{DEEP_COMMAND}`), the "
             "paper's claims at density 0.5: "
             + "; ".join(f"{c['claim']}: ours {c['ours']}, the paper's {c['paper']}: "
                         f"{c['verdict']}" for c in deep["paper_claims"]) + ".")

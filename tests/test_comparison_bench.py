@@ -85,14 +85,15 @@ def test_paper_claims_point_by_point_by_hand(comparison) -> None:
             _row("sparsyfed", 0.5, 0.90), _row("ssfl", 0.1, 0.99)]
     claims = {c["claim"].split(" at ")[0]: c for c in comparison.paper_claims(rows)}
     # Dense: 81.0 +- 1.41 vs 81.0 +- 0.71: within noise; DisPFL 71: holds; SparsyFed 90:
-    # reversed.
+    # behind.
     dense = claims["SSFL above dense FedAvg"]
     assert dense["diff"] == pytest.approx(0.0)
     assert dense["spread"] == pytest.approx((2.0 + 0.5) ** 0.5)  # std 1.41 and 0.71
     assert dense["verdict"].startswith("within seed noise")
     assert dense["paper"] == "88.3 vs 86.0 (+2.3)"
     assert claims["SSFL above DisPFL"]["verdict"] == "holds"
-    assert claims["SSFL above SparsyFed"]["verdict"] == "reversed"  # one seed: no spread
+    # SparsyFed has one seed: behind, but no spread to call it reversed yet.
+    assert claims["SSFL above SparsyFed"]["verdict"] == "SSFL behind on one seed (no spread yet)"
     # Error: SSFL 19 %, the strongest published method (SparsyFed) 10 %: 1 - 19/10 < 0;
     # the paper's 1 - 11.7/14.9 against DisPFL.
     error = claims["SSFL's relative error reduction against the strongest published sparse "
@@ -279,9 +280,14 @@ def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
             dict(_row("ssfl", 0.5, 0.82, seed=1), rounds=80)]
     deep = {"runs": rows, "paper_claims": comparison.paper_claims(rows)}
     text = render_docs.deep_headline(deep)
-    assert "80 rounds, seeds 0, 1" in text
+    assert "80 rounds, 3 of 30 runs, seeds 0, 1" in text
+    # Dense FedAvg has one seed: no spread to read the lead against yet.
     assert ("SSFL above dense FedAvg at density 0.5: ours 81.00 ± 1.41 vs 70.00 (n=1) (+11.00), "
-            "the paper's 88.3 vs 86.0 (+2.3): holds") in text
+            "the paper's 88.3 vs 86.0 (+2.3): SSFL ahead on one seed (no spread yet)") in text
+    rows.append(dict(_row("fedavg", 1.0, 0.72, seed=1), rounds=80))
+    (claim,) = comparison.paper_claims(rows)
+    # 81 +- 1.41 against 71 +- 1.41: a 10-point lead, far beyond hypot(1.41, 1.41) = 2.
+    assert claim["verdict"] == "holds" and claim["spread"] == pytest.approx(2.0)
     readme = "a\n" + render_docs.HEADLINE_START + "\nold\n" + render_docs.HEADLINE_END + "\nb"
     data = {"runs": rows}
     assert render_docs.deep_headline(deep)[:40] in render_docs.readme_with_headline(
