@@ -480,6 +480,29 @@ def third_seed_cells(rows, densities: Sequence[float],
     return out
 
 
+#: methods whose mask changes during training: their mask.json's last mask is shown
+EVOLVING_MASKS = {"feddst", "prunefl", "dispfl", "sparsyfed"}
+
+
+def mask_layer_table(rows, density: float, split: str = REFERENCE_SPLIT) -> str:
+    """Each sparse method's density per layer at ``density`` on its first seed (the final mask
+    for the methods whose mask evolves): where a mask puts its weights, the first thing to look
+    at when one mask trains worse than another. Empty without two such methods."""
+    methods = [m for m in _methods(rows) if m != "fedavg"
+               and any(r.get("per_layer") for r in _select(rows, m, density, split))]
+    if len(methods) < 2:
+        return ""
+    first = {m: min((r for r in _select(rows, m, density, split) if r.get("per_layer")),
+                    key=lambda r: r["seed"])["per_layer"] for m in methods}
+    layers = list(first[methods[0]])
+    lines = ["| layer | " + " | ".join(m + (" (final)" if m in EVOLVING_MASKS else "")
+                                      for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    lines += [f"| {layer} | " + " | ".join(f"{first[m].get(layer, float('nan')):.3f}"
+                                          for m in methods) + " |" for layer in layers]
+    return "\n".join(lines)
+
+
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| the paper's claim (CIFAR-10, ResNet-18, density 0.5) | paper (%) | "
              "ours (%, mean ± std over seeds) | verdict |", "|---|---|---|---|"]
@@ -867,6 +890,15 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             text += ("\nThe paper's claims, point by point (its figures: 500 rounds of the "
                      "full-width ResNet-18; ours: this config; a lead within the seeds' combined "
                      "standard deviation reads as noise):\n\n" + claims_table(claims) + "\n")
+            for d in densities:
+                layers = mask_layer_table(rows, d)
+                if layers:
+                    text += (f"\nWhere each mask puts its weights at density {d:g}: the "
+                             "fraction kept per layer (first seed), input to output:\n\n"
+                             + layers + "\n")
+            plot_accuracy_vs_round(rows, PAPER_DENSITY,
+                                   out / f"comparison_accuracy_vs_round_d{PAPER_DENSITY:g}.png",
+                                   setting_title(config, extra))
         setting = setting_title(config, extra)
         plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png",
                                  setting)

@@ -196,9 +196,13 @@ def deep_section(data: dict[str, Any] | None) -> str:
         return intro + (f"_Not yet measured:_ the sweep is running ({DEEP_RUNS} runs of about "
                         "40 minutes each); its tables, the paper's claims point by point and "
                         "the verdicts land here as it finishes.\n")
+    plots = "../benchmarks/results/cifar10_resnet18_cpu/comparison_accuracy_vs"
     return intro + (f"**So far: {deep_progress(data)}** (the results files are rewritten as "
                     "each run finishes; empty cells are runs still to come).\n\n"
-                    + (RESULTS / "cifar10_resnet18_cpu" / "comparison.md").read_text())
+                    + (RESULTS / "cifar10_resnet18_cpu" / "comparison.md").read_text()
+                    + f"\n![accuracy during training at density 0.5]({plots}_round_d0.5.png)\n"
+                    f"![accuracy during training at density 0.1]({plots}_round.png)\n"
+                    f"![accuracy against bytes]({plots}_bytes.png)\n")
 
 
 def _spread_note(data: dict[str, Any]) -> str:

@@ -274,6 +274,19 @@ def test_third_seed_cells_by_hand(comparison) -> None:
     assert cells[0.05]["command"].endswith("--seeds 1")
 
 
+def test_mask_layer_table_by_hand(comparison) -> None:
+    layers = {"conv1.weight": 1.0, "fc.weight": 0.25}
+    rows = [_row("ssfl", 0.5, 0.8, seed=1, per_layer={"conv1.weight": 0.0, "fc.weight": 0.0}),
+            _row("ssfl", 0.5, 0.8, per_layer=layers),
+            _row("feddst", 0.5, 0.7, per_layer={"conv1.weight": 0.5, "fc.weight": 0.5}),
+            _row("fedavg", 1.0, 0.9, per_layer={"conv1.weight": 1.0, "fc.weight": 1.0})]
+    # The first seed's mask; dense FedAvg is no mask; FedDST's mask evolves: its last one.
+    assert comparison.mask_layer_table(rows, 0.5).splitlines() == [
+        "| layer | ssfl | feddst (final) |", "|---|---|---|",
+        "| conv1.weight | 1.000 | 0.500 |", "| fc.weight | 0.250 | 0.500 |"]
+    assert comparison.mask_layer_table(rows[:2], 0.5) == ""  # one method: nothing to compare
+
+
 def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     render_docs = load_benchmark("render_docs")
     rows = [dict(_row("ssfl", 0.5, 0.80), rounds=80), dict(_row("fedavg", 1.0, 0.70), rounds=80),
