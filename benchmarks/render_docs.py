@@ -178,6 +178,35 @@ def paper_run_time(config: Path = HERE.parent / "configs" / "cifar10_resnet18_pa
             "choose them; `--jobs` runs several on one GPU at once).")
 
 
+def calibration_note(data: dict[str, Any] | None) -> str:
+    """What the 80-round calibration runs (dense FedAvg and SSFL at 0.5, seed 0, decay 0.97)
+    showed, from their results file."""
+    if data is None:
+        return ""
+    rows = {r["algorithm"]: r for r in data["runs"]}
+    dense = dict(rows["fedavg"]["curve"])
+    last = max(dense)
+    fifth = max(r for r in dense if r <= 0.8 * last)
+    ssfl = f", and SSFL's beside it {rows['ssfl']['final_accuracy'] * 100:.1f}%" \
+        if "ssfl" in rows else ""
+    return (f"{last} rounds with 0.97 gained {(dense[last] - dense[fifth]) * 100:.1f} "
+            f"({dense[fifth] * 100:.1f}% at round {fifth}, {dense[last] * 100:.1f}% at {last}, "
+            f"moving by up to {max_step(dense) * 100:.1f} points between its last evaluations; "
+            f"that run{ssfl}: `benchmarks/results/{CALIBRATION}/`, from the "
+            "command below with `--algorithms fedavg,ssfl --densities 0.5 --seeds 0 "
+            f"run.rounds={last} train.lr_decay=0.97 --out benchmarks/results/{CALIBRATION}`)")
+
+
+def max_step(curve: dict[int, float], last: int = 4) -> float:
+    """The largest change between consecutive evaluations among a curve's ``last`` ones."""
+    values = [curve[r] for r in sorted(curve)][-last:]
+    return max(abs(b - a) for a, b in zip(values, values[1:]))
+
+
+#: the deep reference's calibration runs (80 rounds, decay 0.97)
+CALIBRATION = "cifar10_resnet18_cpu_80rounds"
+
+
 def deep_section(data: dict[str, Any] | None) -> str:
     """The deep CPU reference: its tables once runs exist, else what it is and how to run it."""
     intro = (f"`{DEEP_CONFIG}`: the paper's CIFAR-10 setting (100 clients, 10 per round, "
@@ -188,14 +217,9 @@ def deep_section(data: dict[str, Any] | None) -> str:
              "over 1000. About 20 s a round and 42 minutes a run on one quiet core. The decay "
              "and the rounds are chosen so that dense FedAvg's curve settles within the run: "
              "on seed 0, 80 rounds with the authors' 0.998 still gained 5.8 points over the "
-             "last fifth, and 80 rounds with 0.97 gained 4.1 (34.7% at round 64, 38.8% at 80, "
-             "with 2-4 points between evaluations at that learning rate; that run and SSFL's "
-             "beside it, 36.3%, are in `benchmarks/results/cifar10_resnet18_cpu_80rounds/`, "
-             "from the command below with `run.rounds=80 train.lr_decay=0.97`, `--out` and "
-             "`--algorithms fedavg,ssfl --densities 0.5 --seeds 0`); the settling table "
-             "below holds the measurement for this config (`run.rounds=R train.lr_decay=D` on "
-             "the command below with `--algorithms fedavg --densities 1.0 --seeds 0` reruns "
-             "the others). "
+             "last fifth, and " + calibration_note(_load(f"{CALIBRATION}/comparison.json"))
+             + "; the settling table below holds the measurement for this config "
+             "(`run.rounds=R train.lr_decay=D` reruns the others). "
              f"Every run: `{DEEP_COMMAND}` (runs in `runs/comparison-cifar10_resnet18_cpu/`, "
              "tables in `benchmarks/results/cifar10_resnet18_cpu/`; resumable).\n\n")
     if data is None:

@@ -316,3 +316,17 @@ def test_paper_run_time_is_worked_out_from_the_config(tmp_path: Path) -> None:
     # 100 rounds x 5 clients x 2 epochs x 1000 images = 1 M images; at 1000/s 0.3 h.
     text = render_docs.paper_run_time(config, samples_per_second=1000.0)
     assert "1 M images" in text and "1000 images)" in text and "about 0.3 h" in text
+
+
+def test_calibration_note_by_hand() -> None:
+    render_docs = load_benchmark("render_docs")
+    curve = [[8, 0.10], [16, 0.30], [24, 0.33], [32, 0.31], [40, 0.35]]
+    data = {"runs": [{"algorithm": "fedavg", "curve": curve},
+                     {"algorithm": "ssfl", "final_accuracy": 0.3}]}
+    note = render_docs.calibration_note(data)
+    # The last fifth starts after round 32 (80% of 40): 31% -> 35%, a 4-point gain; the last
+    # four evaluations move by at most 4 points (the early 20-point climb is not counted).
+    assert note.startswith("40 rounds with 0.97 gained 4.0 (31.0% at round 32, 35.0% at 40, "
+                           "moving by up to 4.0 points")
+    assert "SSFL's beside it 30.0%" in note
+    assert render_docs.calibration_note(None) == ""
