@@ -364,7 +364,10 @@ def relative_error_goal(rows, densities: Sequence[float], key: str,
 
 
 def goal_table(goals: list[dict[str, Any]], by: str = "density") -> str:
-    """One row per goal entry; the first column is its density or (``by="split"``) its split."""
+    """One row per goal entry; the first column is its density or (``by="split"``) its split.
+    Without entries (no SSFL run beside a sparse baseline yet) a line that says so."""
+    if not goals:
+        return "_No SSFL run beside a sparse baseline yet._"
     lines = [f"| {by} | protocol | SSFL (%) | strongest sparse baseline | its accuracy (%) | "
              "relative error reduction | dense FedAvg's reduction (the ceiling) | "
              "seeds (SSFL, baseline) |", "|---|---|---|---|---|---|---|---|"]

@@ -330,3 +330,7 @@ def test_calibration_note_by_hand() -> None:
                            "moving by up to 4.0 points")
     assert "SSFL's beside it 30.0%" in note
     assert render_docs.calibration_note(None) == ""
+
+
+def test_goal_table_without_a_pair_says_so(comparison) -> None:
+    assert comparison.goal_table([]) == "_No SSFL run beside a sparse baseline yet._"
