@@ -91,7 +91,12 @@ def test_paper_claims_point_by_point_by_hand(comparison) -> None:
     assert dense["spread"] == pytest.approx((2.0 + 0.5) ** 0.5)  # std 1.41 and 0.71
     assert dense["verdict"].startswith("within seed noise")
     assert dense["paper"] == "88.3 vs 86.0 (+2.3)"
-    assert claims["SSFL above DisPFL"]["verdict"] == "holds"
+    assert claims["SSFL above DisPFL (personalised protocol)"]["verdict"] == "holds"
+    # DisPFL is held to SSFL on its own protocol: its clients' own models, not the consensus.
+    consensus_only = [dict(r, final_accuracy=0.1) if r["algorithm"] == "dispfl" else r
+                      for r in rows]
+    (dispfl,) = [c for c in comparison.paper_claims(consensus_only) if "DisPFL" in c["claim"]]
+    assert dispfl["diff"] == pytest.approx(10.0) and dispfl["ours"].startswith("81.00")
     # SparsyFed has one seed: behind, but no spread to call it reversed yet.
     assert claims["SSFL above SparsyFed"]["verdict"] == "SSFL behind on one seed (no spread yet)"
     # Error: SSFL 19 %, the strongest published method (SparsyFed) 10 %: 1 - 19/10 < 0;
