@@ -460,7 +460,10 @@ def deep_headline(deep: dict[str, Any]) -> str:
             f"{rounds} rounds, {deep_progress(deep)}; `{DEEP_COMMAND}`), the "
             "paper's claims at density 0.5: "
             + "; ".join(f"{c['claim']}: ours {c['ours']}, the paper's {c['paper']}: "
-                        f"{c['verdict']}" for c in deep["paper_claims"]) + ".")
+                        f"{c['verdict']}" + (f" (ahead at {c['ahead'][0]} of {c['ahead'][1]} "
+                                             "evaluations, paired by seed)"
+                                             if c.get("ahead") else "")
+                        for c in deep["paper_claims"]) + ".")
 
 
 def threads_section(data: dict[str, Any] | None) -> str:

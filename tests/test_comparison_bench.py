@@ -337,5 +337,16 @@ def test_calibration_note_by_hand() -> None:
     assert render_docs.calibration_note(None) == ""
 
 
+def test_evaluations_ahead_pairs_runs_by_seed_and_round(comparison) -> None:
+    ours = [dict(_row("ssfl", 0.5, 0.5), curve=[[8, 0.2], [16, 0.4]]),
+            dict(_row("ssfl", 0.5, 0.5, seed=1), curve=[[8, 0.1], [16, 0.3]]),
+            dict(_row("ssfl", 0.5, 0.5, seed=2), curve=[[8, 0.9]])]  # no partner: left out
+    theirs = [dict(_row("fedavg", 1.0, 0.5), curve=[[8, 0.3], [16, 0.3]]),
+              dict(_row("fedavg", 1.0, 0.5, seed=1), curve=[[8, 0.0], [16, 0.3]])]
+    # Seed 0: behind at 8, ahead at 16; seed 1: ahead at 8, a tie at 16 (not ahead).
+    assert comparison.evaluations_ahead(ours, theirs) == (2, 4)
+    assert comparison.evaluations_ahead(ours[2:], theirs) is None
+
+
 def test_goal_table_without_a_pair_says_so(comparison) -> None:
     assert comparison.goal_table([]) == "_No SSFL run beside a sparse baseline yet._"
