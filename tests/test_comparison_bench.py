@@ -97,6 +97,10 @@ def test_paper_claims_point_by_point_by_hand(comparison) -> None:
                       for r in rows]
     (dispfl,) = [c for c in comparison.paper_claims(consensus_only) if "DisPFL" in c["claim"]]
     assert dispfl["diff"] == pytest.approx(10.0) and dispfl["ours"].startswith("81.00")
+    # So is the error reduction: 1 - 19/29 against DisPFL's own models (not 1 - 19/90).
+    no_sparsyfed = [r for r in consensus_only if r["algorithm"] != "sparsyfed"]
+    error = comparison.paper_claims(no_sparsyfed)[-1]
+    assert error["ours"] == f"{(1 - 19 / 29) * 100:.1f}% (against DisPFL)"
     # SparsyFed has one seed: behind, but no spread to call it reversed yet.
     assert claims["SSFL above SparsyFed"]["verdict"] == "SSFL behind on one seed (no spread yet)"
     # Error: SSFL 19 %, the strongest published method (SparsyFed) 10 %: 1 - 19/10 < 0;
