@@ -453,17 +453,24 @@ def readme_with_headline(readme: str, data: dict[str, Any],
 
 
 def deep_headline(deep: dict[str, Any]) -> str:
-    """The README's sentence on the deep CPU reference: each of the paper's claims, our
-    figure and the verdict."""
+    """The README's sentence on the deep CPU reference: each of the paper's claims with the
+    paper's figure, then our figure and verdict on each protocol it is held to."""
     rounds = max(r["rounds"] for r in deep["runs"])
+    by_claim: dict[str, list[dict[str, Any]]] = {}
+    for c in deep["paper_claims"]:
+        by_claim.setdefault(c["claim"], []).append(c)
+
+    def reading(c: dict[str, Any]) -> str:
+        ahead = (f", ahead at {c['ahead'][0]} of {c['ahead'][1]} evaluations paired by seed"
+                 if c.get("ahead") else "")
+        return f"{c.get('protocol', 'global')} protocol {c['ours']}: {c['verdict']}{ahead}"
+
     return ("On the deep CPU reference (ResNet-18 with GroupNorm at a quarter width, "
             f"{rounds} rounds, {deep_progress(deep)}; `{DEEP_COMMAND}`), the "
             "paper's claims at density 0.5: "
-            + "; ".join(f"{c['claim']}: ours {c['ours']}, the paper's {c['paper']}: "
-                        f"{c['verdict']}" + (f" (ahead at {c['ahead'][0]} of {c['ahead'][1]} "
-                                             "evaluations, paired by seed)"
-                                             if c.get("ahead") else "")
-                        for c in deep["paper_claims"]) + ".")
+            + "; ".join(f"{claim} (the paper's {cs[0]['paper']}): ours on the "
+                        + ", on the ".join(reading(c) for c in cs)
+                        for claim, cs in by_claim.items()) + ".")
 
 
 def threads_section(data: dict[str, Any] | None) -> str:

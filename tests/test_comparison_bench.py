@@ -91,7 +91,9 @@ def test_paper_claims_point_by_point_by_hand(comparison) -> None:
     assert dense["spread"] == pytest.approx((2.0 + 0.5) ** 0.5)  # std 1.41 and 0.71
     assert dense["verdict"].startswith("within seed noise")
     assert dense["paper"] == "88.3 vs 86.0 (+2.3)"
-    assert claims["SSFL above DisPFL (personalised protocol)"]["verdict"] == "holds"
+    assert claims["SSFL above DisPFL"]["verdict"] == "holds"
+    assert claims["SSFL above DisPFL"]["protocol"] == "personalised"
+    assert claims["SSFL above dense FedAvg"]["protocol"] == "global"
     # DisPFL is held to SSFL on its own protocol: its clients' own models, not the consensus.
     consensus_only = [dict(r, final_accuracy=0.1) if r["algorithm"] == "dispfl" else r
                       for r in rows]
@@ -304,8 +306,9 @@ def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     text = render_docs.deep_headline(deep)
     assert "80 rounds, 3 of 30 runs, seeds 0, 1" in text
     # Dense FedAvg has one seed: no spread to read the lead against yet.
-    assert ("SSFL above dense FedAvg at density 0.5: ours 81.00 ± 1.41 vs 70.00 (n=1) (+11.00), "
-            "the paper's 88.3 vs 86.0 (+2.3): SSFL ahead on one seed (no spread yet)") in text
+    assert ("SSFL above dense FedAvg at density 0.5 (the paper's 88.3 vs 86.0 (+2.3)): ours on "
+            "the global protocol 81.00 ± 1.41 vs 70.00 (n=1) (+11.00): SSFL ahead on one seed "
+            "(no spread yet)") in text
     rows.append(dict(_row("fedavg", 1.0, 0.72, seed=1), rounds=80))
     (claim,) = comparison.paper_claims(rows)
     # 81 +- 1.41 against 71 +- 1.41: a 10-point lead, far beyond hypot(1.41, 1.41) = 2.
@@ -339,6 +342,39 @@ def test_calibration_note_by_hand() -> None:
                            "moving by up to 4.0 points")
     assert "SSFL's beside it 30.0%" in note
     assert render_docs.calibration_note(None) == ""
+
+
+def test_paper_claims_on_the_authors_protocol_beside_the_global_one(comparison) -> None:
+    # Each client's last local model on its own split (the authors' protocol) can read the
+    # other way round from the global model: here SSFL is behind dense FedAvg globally (60 vs
+    # 62) but ahead on local models (75 vs 70), and DisPFL's own models (50) trail SSFL's (75).
+    rows = [_row("ssfl", 0.5, 0.60, final_local_accuracy=0.75,
+                 curve=[[8, 0.5], [16, 0.6]], local_curve=[[8, 0.7], [16, 0.75]]),
+            _row("fedavg", 1.0, 0.62, final_local_accuracy=0.70,
+                 curve=[[8, 0.55], [16, 0.62]], local_curve=[[8, 0.72], [16, 0.70]]),
+            _row("dispfl", 0.5, 0.20, final_personal_accuracy=0.65, final_local_accuracy=0.50)]
+    claims = {(c["claim"], c["protocol"]): c for c in comparison.paper_claims(rows)}
+    dense = "SSFL above dense FedAvg at density 0.5"
+    assert claims[dense, "global"]["diff"] == pytest.approx(-2.0)
+    assert claims[dense, "global"]["ahead"] == (0, 2)
+    assert claims[dense, "authors'"]["diff"] == pytest.approx(5.0)
+    # Round 8: 70 < 72; round 16: 75 > 70.
+    assert claims[dense, "authors'"]["ahead"] == (1, 2)
+    assert claims["SSFL above DisPFL", "personalised"]["diff"] == pytest.approx(60 - 65)
+    assert claims["SSFL above DisPFL", "authors'"]["diff"] == pytest.approx(75 - 50)
+    error = "SSFL's relative error reduction against the strongest published sparse method"
+    # Global reading: DisPFL's own models (35 % error) against SSFL's global model (40 %);
+    # authors': 25 % against 50 %.
+    assert claims[error, "global (DisPFL: personalised)"]["ours"] == (
+        f"{(1 - 40 / 35) * 100:.1f}% (against DisPFL)")
+    assert claims[error, "authors'"]["ours"] == "50.0% (against DisPFL)"
+    assert claims[error, "authors'"]["verdict"] == "holds (one seed so far)"
+    table = comparison.claims_table(list(claims.values()))
+    assert "| SSFL above DisPFL | authors' | 88.3 vs 85.1 (+3.2) | 75.00 (n=1) vs 50.00" in table
+    # Runs from before the authors' protocol existed give no such rows.
+    older = [{k: v for k, v in r.items() if k != "final_local_accuracy"} for r in rows]
+    assert {c["protocol"] for c in comparison.paper_claims(older)} == {
+        "global", "personalised", "global (DisPFL: personalised)"}
 
 
 def test_evaluations_ahead_pairs_runs_by_seed_and_round(comparison) -> None:
