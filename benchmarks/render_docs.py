@@ -230,9 +230,40 @@ def deep_section(data: dict[str, Any] | None) -> str:
     return intro + (f"**So far: {deep_progress(data)}** (the results files are rewritten as "
                     "each run finishes; empty cells are runs still to come).\n\n"
                     + (RESULTS / "cifar10_resnet18_cpu" / "comparison.md").read_text()
+                    + protocol_note(data)
                     + f"\n![accuracy during training at density 0.5]({plots}_round_d0.5.png)\n"
                     f"![accuracy during training at density 0.1]({plots}_round.png)\n"
                     f"![accuracy against bytes]({plots}_bytes.png)\n")
+
+
+def protocol_note(data: dict[str, Any], density: float = 0.5) -> str:
+    """Why the DisPFL claim reads one way on the personalised protocol and the other on the
+    authors': the three figures side by side, from the deep reference's run rows (means over
+    the seeds each method has); empty until SSFL and DisPFL both have a run with local
+    models scored."""
+    def mean(method: str, key: str) -> float | None:
+        values = [r[key] * 100 for r in data["runs"] if r["algorithm"] == method
+                  and abs(r["target_density"] - density) < 1e-9 and r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    dispfl = mean("dispfl", "final_personal_accuracy")
+    ssfl_global = mean("ssfl", "final_personal_accuracy")
+    ssfl_local = mean("ssfl", "final_local_accuracy")
+    if None in (dispfl, ssfl_global, ssfl_local):
+        return ""
+    return (f"\nThe two readings of the DisPFL claim at density {density:g} differ because "
+            "personalisation, not the sparse network, decides them. On each client's own test "
+            f"split DisPFL's own models reach {dispfl:.2f}%, SSFL's one global model "
+            f"{ssfl_global:.2f}%, and SSFL's clients' models after one local epoch on top of "
+            f"that global model (the authors' protocol, which the paper's figures use) "
+            f"{ssfl_local:.2f}%. A client's test split follows its own few classes, so a model "
+            "fitted to them wins there; DisPFL's models are fitted to their clients but each "
+            "learns from its neighbours only when its client is sampled (about one round in "
+            "ten; the authors train every client every round, see docs/dispfl.md), while every "
+            "SSFL client starts each round from a model that all clients trained. Held to the "
+            "same protocol, each method with its own clients' models, SSFL is "
+            + (f"{ssfl_local - dispfl:.2f} points ahead" if ssfl_local > dispfl
+               else f"{dispfl - ssfl_local:.2f} points behind") + ".\n")
 
 
 def _spread_note(data: dict[str, Any]) -> str:

@@ -390,3 +390,21 @@ def test_evaluations_ahead_pairs_runs_by_seed_and_round(comparison) -> None:
 
 def test_goal_table_without_a_pair_says_so(comparison) -> None:
     assert comparison.goal_table([]) == "_No SSFL run beside a sparse baseline yet._"
+
+
+def test_protocol_note_puts_the_three_personalised_figures_side_by_side() -> None:
+    render_docs = load_benchmark("render_docs")
+    rows = [_row("ssfl", 0.5, 0.43, final_personal_accuracy=0.432, final_local_accuracy=0.66),
+            _row("ssfl", 0.5, 0.45, seed=1, final_personal_accuracy=0.452,
+                 final_local_accuracy=0.68),
+            _row("dispfl", 0.5, 0.18, final_personal_accuracy=0.49, final_local_accuracy=0.49)]
+    note = render_docs.protocol_note({"runs": rows})
+    # Means over seeds: SSFL global 44.20 and local 67.00, DisPFL 49.00: 18 points ahead.
+    assert "DisPFL's own models reach 49.00%, SSFL's one global model 44.20%" in note
+    assert "(the authors' protocol, which the paper's figures use) 67.00%" in note
+    assert note.rstrip().endswith("SSFL is 18.00 points ahead.")
+    behind = [dict(r, final_local_accuracy=0.40) if r["algorithm"] == "ssfl" else r
+              for r in rows]
+    assert render_docs.protocol_note({"runs": behind}).rstrip().endswith("9.00 points behind.")
+    # Runs from before local models were scored: nothing to say.
+    assert render_docs.protocol_note({"runs": rows[2:]}) == ""
