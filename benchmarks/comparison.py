@@ -737,12 +737,13 @@ def plot_accuracy_vs_bytes(rows, densities, path: Path,
                   "mean ± std over seeds)", subtitle=setting)
 
 
-def curve_stats(rows) -> list[tuple[int, float, float]]:
-    """Global accuracy (%) at each evaluated round: mean and standard deviation (0 for one run)
-    over the rows that have a curve."""
+def curve_stats(rows, curve: str = "curve") -> list[tuple[int, float, float]]:
+    """Accuracy (%) at each evaluated round (``curve``: the global one, or ``local_curve``, the
+    authors' protocol): mean and standard deviation (0 for one run) over the rows that have
+    that curve."""
     by_round: dict[int, list[float]] = {}
     for r in rows:
-        for rnd, acc in r.get("curve") or []:
+        for rnd, acc in r.get(curve) or []:
             by_round.setdefault(rnd, []).append(acc * 100)
     return [(rnd, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
             for rnd, v in sorted(by_round.items())]
@@ -821,14 +822,24 @@ def spread_table(spread: Mapping[str, float], rows, densities: Sequence[float]) 
     return "\n".join(lines)
 
 
+#: The curves the accuracy-against-rounds plot can draw: (row key, y label, title's protocol).
+ROUND_CURVES = {
+    "global": ("curve", "global test accuracy (%)", "Global accuracy"),
+    "authors'": ("local_curve", "accuracy of each client's last local model on its own split "
+                 "(%)", "Accuracy on the authors' protocol"),
+}
+
+
 def plot_accuracy_vs_round(rows, density: float, path: Path,
-                           setting: str = "CIFAR-10 CPU reference") -> None:
+                           setting: str = "CIFAR-10 CPU reference",
+                           protocol: str = "global") -> None:
+    key, ylabel, name = ROUND_CURVES[protocol]
     fig, ax = _figure()
     for method in _methods(rows):
         style = method_style(method)
         d = 1.0 if method == "fedavg" else density
         chosen = _select(rows, method, d, REFERENCE_SPLIT)
-        curve = curve_stats(chosen)
+        curve = curve_stats(chosen, key)
         if curve:
             rounds = [c[0] for c in curve]
             means = [c[1] for c in curve]
@@ -839,8 +850,8 @@ def plot_accuracy_vs_round(rows, density: float, path: Path,
                                 [m + c[2] for m, c in zip(means, curve)], color=style.color,
                                 alpha=0.15, linewidth=0)
     integer_ticks(ax.xaxis)
-    _finish(fig, ax, path, xlabel="round", ylabel="global test accuracy (%)",
-            title=f"Global accuracy during training at density {density:g} "
+    _finish(fig, ax, path, xlabel="round", ylabel=ylabel,
+            title=f"{name} during training at density {density:g} "
                   "(mean ± std over seeds)", subtitle=setting)
 
 
@@ -964,6 +975,11 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             plot_accuracy_vs_round(rows, PAPER_DENSITY,
                                    out / f"comparison_accuracy_vs_round_d{PAPER_DENSITY:g}.png",
                                    setting_title(config, extra))
+            if has_local:
+                plot_accuracy_vs_round(
+                    rows, PAPER_DENSITY,
+                    out / f"comparison_accuracy_vs_round_d{PAPER_DENSITY:g}_authors.png",
+                    setting_title(config, extra), protocol="authors'")
         setting = setting_title(config, extra)
         plot_accuracy_vs_density(rows, densities, out / "comparison_accuracy_vs_density.png",
                                  setting)

@@ -232,7 +232,11 @@ def deep_section(data: dict[str, Any] | None) -> str:
                     + (RESULTS / "cifar10_resnet18_cpu" / "comparison.md").read_text()
                     + protocol_note(data)
                     + f"\n![accuracy during training at density 0.5]({plots}_round_d0.5.png)\n"
-                    f"![accuracy during training at density 0.1]({plots}_round.png)\n"
+                    + (f"![accuracy on the authors' protocol during training at density 0.5]"
+                       f"({plots}_round_d0.5_authors.png)\n"
+                       if (RESULTS / "cifar10_resnet18_cpu"
+                           / "comparison_accuracy_vs_round_d0.5_authors.png").exists() else "")
+                    + f"![accuracy during training at density 0.1]({plots}_round.png)\n"
                     f"![accuracy against bytes]({plots}_bytes.png)\n")
 
 
