@@ -38,3 +38,20 @@ def test_recorded_augmented_runs_are_not_rerun_and_stay_on_file(saliency_augment
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("| 0.5 |"))
     assert row == "| 0.5 | 49.0 ± 1.4 | 49.5 ± 3.5 | 0.5 ± 2.1 | 2 |"
+
+
+def test_saliency_verdict_reads_the_paired_runs_by_hand() -> None:
+    render_docs = load_benchmark("render_docs")
+    rows = [{"density": 0.5, "seed": s, "train": t, "off": o}
+            for s, t, o in [(0, 0.450, 0.452), (1, 0.460, 0.458)]]
+    rows += [{"density": 0.05, "seed": s, "train": t, "off": o}
+             for s, t, o in [(0, 0.400, 0.410), (1, 0.395, 0.403)]]
+    text = render_docs.saliency_verdict(rows)
+    # 0.5: -0.2 and +0.2 (mean 0, spread 0.28): both ways, not clear; 0.05: -1.0 and -0.8.
+    assert "moves SSFL's final accuracy both ways" in text
+    assert "+0.0 ± 0.3 points at 0.5, -0.9 ± 0.1 points at 0.05" in text
+    assert "larger than its seed-to-seed spread at 0.05." in text
+    assert "config keeps" in text and "therefore" not in text
+    lower = render_docs.saliency_verdict(rows[2:])
+    assert "lowers SSFL's final accuracy at every density" in lower
+    assert "config therefore keeps" in lower
