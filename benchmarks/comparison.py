@@ -539,8 +539,13 @@ def mask_layer_table(rows, density: float, split: str = REFERENCE_SPLIT) -> str:
     first = {m: min((r for r in _select(rows, m, density, split) if r.get("per_layer")),
                     key=lambda r: r["seed"])["per_layer"] for m in methods}
     layers = list(first[methods[0]])
-    lines = ["| layer | " + " | ".join(m + (" (final)" if m in EVOLVING_MASKS else "")
-                                      for m in methods) + " |",
+    def header(m: str) -> str:
+        # A personalised method has one mask per client; its run records their union.
+        if m in PERSONALISED:
+            return f"{m} (final, union of its clients' masks)"
+        return m + (" (final)" if m in EVOLVING_MASKS else "")
+
+    lines = ["| layer | " + " | ".join(map(header, methods)) + " |",
              "|---|" + "---|" * len(methods)]
     lines += [f"| {layer} | " + " | ".join(f"{first[m].get(layer, float('nan')):.3f}"
                                           for m in methods) + " |" for layer in layers]

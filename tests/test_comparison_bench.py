@@ -296,6 +296,10 @@ def test_mask_layer_table_by_hand(comparison) -> None:
         "| layer | ssfl | feddst (final) |", "|---|---|---|",
         "| conv1.weight | 1.000 | 0.500 |", "| fc.weight | 0.250 | 0.500 |"]
     assert comparison.mask_layer_table(rows[:2], 0.5) == ""  # one method: nothing to compare
+    # DisPFL's run records the union of its clients' masks, not a mask any client trains.
+    dispfl = _row("dispfl", 0.5, 0.7, per_layer={"conv1.weight": 1.0, "fc.weight": 0.9})
+    assert comparison.mask_layer_table([*rows, dispfl], 0.5).splitlines()[0] == (
+        "| layer | ssfl | feddst (final) | dispfl (final, union of its clients' masks) |")
 
 
 def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
