@@ -780,15 +780,39 @@ def late_gain(rows) -> float | None:
     return last - earlier[-1] if earlier else None
 
 
+def late_trend(rows) -> float | None:
+    """The climb over the last fifth read from every evaluation in it, not just its two ends:
+    the least-squares slope of the mean curve from the last evaluation at or before 80% of the
+    last round to the last one, times the rounds between them (points). A curve that moves a
+    point or two between evaluations makes ``late_gain`` depend on which two it lands on; the
+    trend does not. None with fewer than two evaluations in that stretch."""
+    curve = mean_curve(rows)
+    if len(curve) < 2:
+        return None
+    last_round = curve[-1][0]
+    starts = [i for i, (rnd, _) in enumerate(curve) if rnd <= 0.8 * last_round]
+    if not starts:
+        return None
+    stretch = curve[starts[-1]:]
+    x_mean = statistics.mean(r for r, _ in stretch)
+    y_mean = statistics.mean(a for _, a in stretch)
+    slope = (sum((r - x_mean) * (a - y_mean) for r, a in stretch)
+             / sum((r - x_mean) ** 2 for r, _ in stretch))
+    return slope * (last_round - stretch[0][0])
+
+
 def settling_table(rows, densities: Sequence[float]) -> str:
-    """Per method and density, the late gain of the mean curve (global accuracy)."""
-    lines = ["| method | density | gain over the last fifth (points) | settled (< 1 point) |",
-             "|---|---|---|---|"]
+    """Per method and density, the late gain of the mean curve (global accuracy) and its
+    least-squares trend over the same stretch."""
+    lines = ["| method | density | gain over the last fifth (points) | least-squares trend over "
+             "the last fifth (points) | settled (gain < 1 point) |", "|---|---|---|---|---|"]
     for m in _methods(rows):
         for d in method_densities(m, densities):
-            gain = late_gain(_select(rows, m, d, REFERENCE_SPLIT))
+            chosen = _select(rows, m, d, REFERENCE_SPLIT)
+            gain, trend = late_gain(chosen), late_trend(chosen)
             if gain is not None:
-                lines.append(f"| {m} | {d:g} | {gain:+.2f} | {'yes' if gain < 1 else 'no'} |")
+                lines.append(f"| {m} | {d:g} | {gain:+.2f} | {trend:+.2f} | "
+                             f"{'yes' if gain < 1 else 'no'} |")
     return "\n".join(lines)
 
 
@@ -953,7 +977,9 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
                if data["seed_spread"] else "")
             + "\nHas each curve settled? The mean global accuracy at the last evaluation "
             "minus that at the last evaluation at or before 80% of the rounds (issue 16 asks "
-            "dense FedAvg for under 1 point):\n\n" + settling_table(rows, densities) + "\n"
+            "dense FedAvg for under 1 point), and the same climb read as the least-squares "
+            "trend through every evaluation of that stretch (steadier where the curve moves "
+            "between evaluations):\n\n" + settling_table(rows, densities) + "\n"
             + tuning_text(tuning_rows, tuned or {}))
         third = third_seed_cells(rows, densities)
         data["third_seed"] = third

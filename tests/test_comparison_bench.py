@@ -249,7 +249,25 @@ def test_late_gain_is_the_climb_over_the_last_fifth_by_hand(comparison) -> None:
     assert comparison.late_gain([_row("ssfl", 0.1, 0.4, curve=[[100, 0.40]])]) is None
     assert comparison.late_gain([_row("ssfl", 0.1, 0.4, curve=[[90, 0.3], [100, 0.4]])]) is None
     table = comparison.settling_table(rows, [0.1])
-    assert table.splitlines()[2:] == ["| fedavg | 1 | +1.00 | no |"]
+    # The trend from round 75 to 100 through two points is the same climb: 1.0.
+    assert table.splitlines()[2:] == ["| fedavg | 1 | +1.00 | +1.00 | no |"]
+
+
+def test_late_trend_reads_every_evaluation_of_the_last_fifth_by_hand(comparison) -> None:
+    def trend(curve):
+        return comparison.late_trend([_row("fedavg", 1.0, 0.4, curve=curve)])
+
+    # Rounds 80, 90, 100 (the fifth of 100 rounds starts at 80) at 40, 44, 41 %: round
+    # deviations -10, 0, 10 against accuracy deviations -5/3, 7/3, -2/3: a slope of
+    # (50/3 - 20/3) / 200 = 0.05 points a round, +1.0 over the 20 rounds.
+    assert trend([[60, 0.3], [80, 0.40], [90, 0.44], [100, 0.41]]) == pytest.approx(1.0)
+    assert trend([[80, 0.44], [90, 0.38], [100, 0.44]]) == pytest.approx(0.0)
+    # A lucky last evaluation: the end points read +3.0, the fit through all four less.
+    lucky = [[70, 0.40], [80, 0.40], [90, 0.41], [95, 0.39], [100, 0.43]]
+    assert comparison.late_gain([_row("fedavg", 1.0, 0.4, curve=lucky)]) == pytest.approx(3.0)
+    # Deviations from (91.25, 40.75): sum of products 21.25, of squares 218.75.
+    assert trend(lucky) == pytest.approx(21.25 / 218.75 * 20)
+    assert trend([[100, 0.4]]) is None
 
 
 def test_seed_spread_by_hand(comparison) -> None:
