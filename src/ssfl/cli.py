@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ssfl.config import Config, ConfigError, check_writable, load_config
+from ssfl.config import Config, ConfigError, check_writable, load_config, with_more_rounds
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -34,6 +34,8 @@ def _run(args: argparse.Namespace) -> int:
                                   "the config it was started with")
             run_dir = Path(args.resume)
             config = load_config(run_dir / "config.toml")
+            if args.rounds is not None:
+                config = with_more_rounds(config, args.rounds)
             check_writable(config, run_dir, "--resume")
         else:
             refuse_flower_settings(config_path, overrides)
@@ -44,6 +46,8 @@ def _run(args: argparse.Namespace) -> int:
             check_writable(config, run_dir, "--out" if run_dir is not None else "run.out_dir")
         if args.force and not args.resume:
             raise ConfigError("--force goes with --resume only")
+        if args.rounds is not None and not args.resume:
+            raise ConfigError("--rounds goes with --resume only (a new run takes run.rounds=N)")
         if args.overwrite and not args.out:
             raise ConfigError("--overwrite goes with --out only")
         show_round_lines()
@@ -290,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run from its last checkpoint")
     run.add_argument("--overwrite", action="store_true",
                      help="with --out: replace the run already in that folder")
+    run.add_argument("--rounds", type=int, metavar="N",
+                     help="with --resume: continue the run to N rounds in all, past its planned "
+                     "end (refused where its schedule reads run.rounds, e.g. a cosine learning "
+                     "rate)")
     run.add_argument("--force", action="store_true",
                      help="with --resume: continue even a checkpoint written by another ssfl "
                      "version or commit (never one of other data or another partition)")

@@ -624,6 +624,42 @@ def check_registered(config: Config, *, secure_aggregation: bool = False) -> Non
     config.algorithm.options = {config.algorithm.name: dataclasses.asdict(settings)}
 
 
+def rounds_dependence(config: Config) -> list[str]:
+    """What in ``config`` reads ``run.rounds`` in rounds already played, in words: a run of
+    such a config cannot be continued to more rounds, since a longer run would have played
+    its first rounds differently. Empty: continuing it is the same as having asked for more
+    rounds from the start."""
+    from ssfl import algorithms
+
+    reasons = []
+    if config.train.lr_schedule == "cosine":
+        reasons.append("train.lr_schedule = 'cosine' spreads the learning rate over run.rounds")
+    cls = algorithms.get(config.algorithm.name)
+    why = cls.rounds_dependence(config, algorithms.settings_of(config))
+    if why:
+        reasons.append(f"{config.algorithm.name}: {why}")
+    return reasons
+
+
+def with_more_rounds(config: Config, rounds: int) -> Config:
+    """``config`` asking for ``rounds`` rounds in all: how a finished (or interrupted) run goes
+    on past its planned end (``ssfl run --resume RUN_DIR --rounds N``). Refused, with the
+    reason, where that would not be the run a ``rounds``-round config plays."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"--rounds must be a whole number of rounds, got {rounds!r}")
+    if rounds < config.run.rounds:
+        raise ConfigError(f"--rounds {rounds} is fewer than the run's run.rounds = "
+                          f"{config.run.rounds}: a run is continued, never shortened (its "
+                          f"metrics.jsonl has every round's figures)")
+    reasons = rounds_dependence(config)
+    if reasons and rounds != config.run.rounds:
+        raise ConfigError(f"this run cannot be continued to {rounds} rounds: "
+                          + "; ".join(reasons) + f"; the rounds it played would differ from "
+                          f"those of a {rounds}-round run, so start a new run with "
+                          f"run.rounds={rounds}")
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, rounds=rounds))
+
+
 def check_attack_applies(config: Config, cls: Any) -> None:
     """The simulated attacks tamper with value vectors over the mask a client received, and
     ``poison_scores`` with the mask round's saliency scores: methods without them are refused."""

@@ -230,6 +230,14 @@ class Algorithm(ABC, Generic[S]):
         """Refuse, with ``ConfigError``, a config this method cannot run (checked before any
         work; default: nothing to check beyond the settings themselves)."""
 
+    @classmethod
+    def rounds_dependence(cls, config: Any, settings: Any) -> str | None:
+        """What of this method reads ``run.rounds`` in rounds already played (a schedule
+        spread over the whole run), in words; None if nothing does (the default). A finished
+        run of such a method cannot be continued to more rounds (``ssfl run --resume --rounds``):
+        its played rounds would differ from those of a longer run."""
+        return None
+
     # ---- server -----------------------------------------------------------------------------
     @abstractmethod
     def init(self) -> S:

@@ -270,6 +270,12 @@ class DisPFL(Algorithm[RelayState]):
         self._consensus: tuple[RelayState, dict[str, torch.Tensor]] | None = None  # a cache
 
     @classmethod
+    def rounds_dependence(cls, config: Any, settings: DisPFLSettings) -> str | None:
+        if settings.anneal == 0:
+            return None
+        return "its drop/regrow fraction anneals over run.rounds (algorithm.dispfl.anneal)"
+
+    @classmethod
     def check_config(cls, config: Any, settings: Any) -> None:
         from ssfl.config import ConfigError
 

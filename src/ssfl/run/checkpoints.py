@@ -11,6 +11,7 @@ malformed, of other data or of another partition; one written by other code only
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -37,7 +38,7 @@ from ssfl.checkpoint import (
     seal,
     unprefixed,
 )
-from ssfl.config import ConfigError, from_dict, to_toml
+from ssfl.config import ConfigError, from_dict, rounds_dependence, to_toml
 from ssfl.data.partition import class_counts
 from ssfl.run.experiment import device_name
 from ssfl.run.ledger import DOWN, RESYNC, ROUND, SETUP, UP, Ledger
@@ -177,9 +178,23 @@ def check_config(text: Any, exp: Experiment) -> None:
     except (tomllib.TOMLDecodeError, ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the checkpoint is malformed: its config does not read "
                               f"({exc})") from None
-    if config != exp.config:
+    if config == exp.config:
+        return
+    before, now = config.run.rounds, exp.config.run.rounds
+    same_but_rounds = dataclasses.replace(config, run=dataclasses.replace(config.run,
+                                                                          rounds=now))
+    if same_but_rounds != exp.config:
         raise CheckpointError("the config differs from the one the checkpoint was written "
                               "with")
+    # Only run.rounds differs: a run continued past its planned end (with_more_rounds), which
+    # is the longer run only where nothing read run.rounds in the rounds already played.
+    if now < before:
+        raise CheckpointError(f"the checkpoint's run has run.rounds = {before}; a run is "
+                              f"continued, never shortened to {now}")
+    reasons = rounds_dependence(config)
+    if reasons:
+        raise CheckpointError(f"the run cannot be continued from {before} to {now} rounds: "
+                              + "; ".join(reasons))
 
 
 def _malformed(what: str) -> CheckpointError:

@@ -33,8 +33,10 @@ class RunFolder:
             test.labels.numpy(), train_counts,
             per_client=max(1, len(test) // len(exp.parts)), seed=exp.config.run.seed)]
         folder = cls(path, tests)
-        if path is not None and fresh:
+        if path is not None:
+            # Also on a resume: a run continued past its planned end records its new rounds.
             (path / "config.toml").write_text(to_toml(exp.config))
+        if path is not None and fresh:
             (path / "partition.json").write_text(json.dumps({
                 "class_counts": train_counts.tolist(), "sizes": [len(p) for p in exp.parts],
                 "test_class_counts": class_counts(
