@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,13 +147,41 @@ def jobs_for(sweep: str, algorithms: Sequence[str], densities: Sequence[float],
     return sorted(jobs, key=lambda j: (j.seed != first, j.density > 0.1, j.seed))
 
 
+def launch_args(job: Job, folder: Path, config: Path, extra: Sequence[str],
+                continue_from: Path | None = None) -> list[str]:
+    """The ``ssfl run`` arguments that make ``job`` in ``folder``: resume a folder a killed
+    run left; else, with ``continue_from``, carry on that folder's finished run of the same
+    job to this sweep's rounds (a copy in ``folder``: the shorter run stays as it was), where
+    its method allows it (``ssfl.config.rounds_dependence``); else a fresh run."""
+    fresh = [str(config), *job.overrides(), *extra, "--out", str(folder), "--overwrite"]
+    if continue_from is None:
+        return ["--resume", str(folder)] if (folder / "checkpoint.pt").exists() else fresh
+    from ssfl.config import load_config, rounds_dependence
+
+    planned = load_config(config, [*job.overrides(), *extra])
+    more = ["--rounds", str(planned.run.rounds)]
+    if (folder / "checkpoint.pt").exists():
+        return ["--resume", str(folder), *more]
+    shorter = continue_from / job.name
+    if not (shorter / "checkpoint.pt").exists() or rounds_dependence(planned):
+        return fresh
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(shorter, folder)
+    # Not finished until carried on: a summary would make the sweep count it as done.
+    (folder / "summary.json").unlink(missing_ok=True)
+    return ["--resume", str(folder), *more]
+
+
 def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[str],
              recorded: Mapping[str, Any] | None = None, config: Path = CONFIG,
-             on_finish: Callable[[], None] | None = None) -> None:
+             on_finish: Callable[[], None] | None = None,
+             continue_from: Path | None = None) -> None:
     """Run the unfinished jobs, ``workers`` processes at a time, each pinned to one thread.
     A job is finished when its run folder has a summary or ``recorded`` holds its row.
     ``on_finish`` is called after each run ends (a sweep writes its results files there, so
-    the runs that finished are on file however the sweep itself ends)."""
+    the runs that finished are on file however the sweep itself ends). ``continue_from``: a
+    runs folder of the same sweep with fewer rounds, whose runs are carried on instead of
+    started again (``launch_args``)."""
     todo = [j for j in jobs if not (runs_dir / j.name / "summary.json").exists()
             and j.name not in (recorded or {})]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs done; running {len(todo)} "
@@ -166,11 +195,9 @@ def run_jobs(jobs: Sequence[Job], runs_dir: Path, workers: int, extra: Sequence[
             job = todo.pop(0)
             folder = runs_dir / job.name
             folder.parent.mkdir(parents=True, exist_ok=True)
-            # A folder left by a killed run resumes from its checkpoint.
-            resume = ["--resume", str(folder)] if (folder / "checkpoint.pt").exists() else \
-                [str(config), *job.overrides(), *extra, "--out", str(folder), "--overwrite"]
+            args = launch_args(job, folder, config, extra, continue_from)
             log = (runs_dir / f"{job.name}.log").open("a")
-            proc = subprocess.Popen([sys.executable, "-m", "ssfl.cli", "run", *resume,
+            proc = subprocess.Popen([sys.executable, "-m", "ssfl.cli", "run", *args,
                                      "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
                                     env=env)
             running.append((job, proc, time.time()))
@@ -1071,6 +1098,11 @@ def main() -> None:
                         "benchmarks/results/<config name> for another --config")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables from the finished runs; run nothing")
+    parser.add_argument("--continue-from", default=None, metavar="RUNS_DIR",
+                        help="a runs folder of the same sweep with fewer rounds (e.g. with "
+                        "run.rounds=160 here): its finished runs are copied and carried on to "
+                        "this sweep's rounds instead of started again, where the method "
+                        "allows it (ssfl run --resume --rounds)")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides")
     args = parser.parse_intermixed_args()
     config = Path(args.config)
@@ -1086,6 +1118,9 @@ def main() -> None:
         split_overrides(split)  # fail early on a typo
     seeds = [int(s) for s in args.seeds.split(",")]
     runs_dir = Path(args.runs_dir)
+    continue_from = Path(args.continue_from) if args.continue_from else None
+    if continue_from is not None and not continue_from.is_dir():
+        raise SystemExit(f"--continue-from {continue_from}: no such folder")
     recorded = recorded_runs(Path(args.out))
     tuning = [Job(a, TUNING_DENSITY, REFERENCE_SPLIT, seeds[0], lr)
               for a in algorithms if a in TUNED for lr in TUNED[a]]
@@ -1107,11 +1142,12 @@ def main() -> None:
         filler = [j for j in jobs_for(args.sweep, algorithms, densities, splits, seeds)
                   if j.algorithm not in TUNED][: (-len(tuning)) % args.jobs]
         run_jobs(tuning + filler, runs_dir, args.jobs, args.overrides, recorded, config,
-                 write_report)
+                 write_report, continue_from)
     if not args.report_only:
         tuned = tuned_rates(load_summaries(tuning, runs_dir, recorded))
         jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
-        run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded, config, write_report)
+        run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded, config, write_report,
+                 continue_from)
     print(write_report())
 
 if __name__ == "__main__":

@@ -159,6 +159,35 @@ def test_the_sweep_is_told_after_every_run_even_a_failed_one(comparison, tmp_pat
     assert not any((tmp_path / "runs" / j.name / "summary.json").exists() for j in jobs)
 
 
+def test_a_sweep_of_more_rounds_carries_on_the_shorter_runs(comparison, tmp_path: Path) -> None:
+    config = BENCH.parents[1] / "configs" / "quickstart.toml"
+    shorter, runs = tmp_path / "short", tmp_path / "long"
+    ssfl, feddst = (comparison.Job(m, 0.5, "bdir0.3", 0) for m in ("ssfl", "feddst"))
+    for job in (ssfl, feddst):
+        (shorter / job.name).mkdir(parents=True)
+        for name in ("checkpoint.pt", "summary.json", "metrics.jsonl"):
+            (shorter / job.name / name).write_text(name)
+    extra = ["run.rounds=80"]
+    args = comparison.launch_args(ssfl, runs / ssfl.name, config, extra, shorter)
+    assert args == ["--resume", str(runs / ssfl.name), "--rounds", "80"]
+    # A copy, without the shorter run's summary (it is not finished until carried on); the
+    # shorter run stays as it was.
+    assert sorted(p.name for p in (runs / ssfl.name).iterdir()) == ["checkpoint.pt",
+                                                                     "metrics.jsonl"]
+    assert (shorter / ssfl.name / "summary.json").exists()
+    # FedDST's mask updates run until half of run.rounds: it starts again.
+    args = comparison.launch_args(feddst, runs / feddst.name, config, extra, shorter)
+    assert args[0] == str(config) and "--resume" not in args
+    assert not (runs / feddst.name).exists()
+    # Killed while being carried on: it resumes from its own checkpoint, to the same rounds.
+    assert comparison.launch_args(ssfl, runs / ssfl.name, config, extra, shorter) == [
+        "--resume", str(runs / ssfl.name), "--rounds", "80"]
+    # Without --continue-from, as before: resume a killed run, else start.
+    assert comparison.launch_args(ssfl, runs / ssfl.name, config, extra) == [
+        "--resume", str(runs / ssfl.name)]
+    assert comparison.launch_args(ssfl, tmp_path / "new", config, extra)[0] == str(config)
+
+
 def test_readme_headline_by_hand(comparison) -> None:
     rows = [_row("ssfl", 0.1, 0.60, ratio_to_dense=0.1003),
             _row("ssfl", 0.1, 0.62, seed=1, ratio_to_dense=0.1003),
