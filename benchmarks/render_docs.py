@@ -206,22 +206,65 @@ def max_step(curve: dict[int, float], last: int = 4) -> float:
 
 #: the deep reference's calibration runs (80 rounds, decay 0.97)
 CALIBRATION = "cifar10_resnet18_cpu_80rounds"
+#: the deep reference's dense FedAvg and SSFL runs carried on from 120 to 160 rounds
+CONTINUED = "cifar10_resnet18_cpu_160rounds"
+CONTINUED_COMMAND = (f"python benchmarks/comparison.py main --config {DEEP_CONFIG} --algorithms "
+                     "fedavg,ssfl --densities 0.5 --seeds 0,1 --runs-dir "
+                     "runs/comparison-cifar10_resnet18_cpu-160 --continue-from "
+                     "runs/comparison-cifar10_resnet18_cpu --out "
+                     f"benchmarks/results/{CONTINUED} run.rounds=160")
+
+
+def continued_note(data: dict[str, Any] | None, at: int = 120) -> str:
+    """What carrying the deep reference's dense FedAvg and SSFL runs on past round ``at``
+    showed, from their results file: each method's mean accuracy at ``at`` and at the end,
+    and SSFL's lead over dense FedAvg at both, paired by seed."""
+    if data is None:
+        return ""
+    runs = [r for r in data["runs"] if r["algorithm"] in ("fedavg", "ssfl")]
+    by = {(r["algorithm"], r["seed"]): dict(map(tuple, r["curve"])) for r in runs}
+    seeds = sorted({s for m, s in by if ("fedavg", s) in by and ("ssfl", s) in by
+                    and at in by["fedavg", s] and at in by["ssfl", s]})
+    if not seeds:
+        return ""
+    end = min(max(by[m, s]) for m in ("fedavg", "ssfl") for s in seeds)
+    if end <= at:
+        return ""
+
+    def mean(method: str, rnd: int) -> float:
+        return sum(by[method, s][rnd] for s in seeds) / len(seeds) * 100
+
+    parts = [f"{LABELS[m]} {mean(m, at):.2f}% at round {at}, {mean(m, end):.2f}% at {end} "
+             f"({mean(m, end) - mean(m, at):+.2f})" for m in ("fedavg", "ssfl")]
+    lead = [mean("ssfl", r) - mean("fedavg", r) for r in (at, end)]
+    return (f"Carried on to {end} rounds (the {at}-round runs continued bit for bit, seed"
+            f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, mean over them; "
+            f"`{CONTINUED_COMMAND}`, results in `benchmarks/results/{CONTINUED}/`): "
+            + "; ".join(parts) + f". SSFL's lead over dense FedAvg: {lead[0]:+.2f} points at "
+            f"round {at}, {lead[1]:+.2f} at {end}.")
+
+
+#: How the deep notes name the two methods carried on.
+LABELS = {"fedavg": "dense FedAvg", "ssfl": "SSFL"}
 
 
 def deep_section(data: dict[str, Any] | None) -> str:
     """The deep CPU reference: its tables once runs exist, else what it is and how to run it."""
+    continued = continued_note(_load(f"{CONTINUED}/comparison.json"))
     intro = (f"`{DEEP_CONFIG}`: the paper's CIFAR-10 setting (100 clients, 10 per round, "
              "balanced Dirichlet 0.3) with ResNet-18 (GroupNorm) at a quarter of its width and "
              "the authors' local recipe, scaled down in two places so that the paper's "
              "comparison can be rerun on a CPU: one local epoch instead of five, and 120 rounds "
              "with the learning rate decayed by 0.965 a round instead of the authors' 0.998 "
              "over 1000. About 20 s a round and 42 minutes a run on one quiet core. The decay "
-             "and the rounds are chosen so that dense FedAvg's curve settles within the run: "
+             "and the rounds were chosen, within about 45 minutes a run, for dense FedAvg's "
+             "curve to settle: "
              "on seed 0, 80 rounds with the authors' 0.998 still gained 5.8 points over the "
              "last fifth, and " + calibration_note(_load(f"{CALIBRATION}/comparison.json"))
              + "; the settling table below holds the measurement for this config "
              "(`run.rounds=R train.lr_decay=D` reruns the others). "
-             f"Every run: `{DEEP_COMMAND}` (runs in `runs/comparison-cifar10_resnet18_cpu/`, "
+             + (continued + " " if continued else "")
+             + f"Every run: `{DEEP_COMMAND}` (runs in `runs/comparison-cifar10_resnet18_cpu/`, "
              "tables in `benchmarks/results/cifar10_resnet18_cpu/`; resumable).\n\n")
     if data is None:
         return intro + (f"_Not yet measured:_ the sweep is running ({DEEP_RUNS} runs of about "

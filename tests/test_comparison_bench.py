@@ -459,3 +459,25 @@ def test_protocol_note_puts_the_three_personalised_figures_side_by_side() -> Non
     assert render_docs.protocol_note({"runs": behind}).rstrip().endswith("9.00 points behind.")
     # Runs from before local models were scored: nothing to say.
     assert render_docs.protocol_note({"runs": rows[2:]}) == ""
+
+
+def test_continued_note_reads_the_carried_on_runs_by_hand() -> None:
+    render_docs = load_benchmark("render_docs")
+
+    def run(method: str, seed: int, at120: float, at160: float) -> dict:
+        return {"algorithm": method, "seed": seed,
+                "curve": [[112, at120 - 0.01], [120, at120], [160, at160]]}
+
+    data = {"runs": [run("fedavg", 0, 0.42, 0.44), run("ssfl", 0, 0.43, 0.44),
+                     run("fedavg", 1, 0.44, 0.46), run("ssfl", 1, 0.45, 0.47),
+                     run("ssfl", 2, 0.99, 0.99)]}  # no dense partner: left out
+    note = render_docs.continued_note(data)
+    # Means over seeds 0 and 1: dense 43 -> 45, SSFL 44 -> 45.5; lead +1.0, then +0.5.
+    assert "seeds 0, 1, mean over them" in note
+    assert ("dense FedAvg 43.00% at round 120, 45.00% at 160 (+2.00); SSFL 44.00% at round "
+            "120, 45.50% at 160 (+1.50)") in note
+    assert note.endswith("+1.00 points at round 120, +0.50 at 160.")
+    assert render_docs.continued_note(None) == ""
+    # Runs not carried past round 120 yet: nothing to say.
+    short = {"runs": [dict(r, curve=r["curve"][:2]) for r in data["runs"]]}
+    assert render_docs.continued_note(short) == ""
