@@ -4,13 +4,12 @@ earlier rounds read ``run.rounds`` is refused with the reason."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
+from same_run import assert_same_run, metric_rows
 
-from ssfl.checkpoint import CheckpointError, load_checkpoint
+from ssfl.checkpoint import CheckpointError
 from ssfl.cli import main
 from ssfl.config import ConfigError, load_config, rounds_dependence, with_more_rounds
 from ssfl.sim import run_experiment
@@ -21,11 +20,6 @@ RUN = ["run.progress=false", "run.checkpoint_every=3", "run.eval_every=2",
        "model.width=0.5", "run.threads=1"]
 
 
-def _rows(folder: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
-
-
 @pytest.mark.parametrize("method", [["algorithm.name=ssfl"],
                                     ["algorithm.name=fedavg", "algorithm.density=1.0"]])
 def test_a_run_continued_to_more_rounds_is_the_longer_run(tmp_path: Path,
@@ -34,23 +28,14 @@ def test_a_run_continued_to_more_rounds_is_the_longer_run(tmp_path: Path,
                             tmp_path / "nine")
     folder = tmp_path / "six"
     run_experiment(load_config(None, [*RUN, *method, "run.rounds=6"]), folder)
-    assert len(_rows(folder)) == 6
+    assert len(metric_rows(folder)) == 6
 
     assert main(["run", "--resume", str(folder), "--rounds", "9", "--no-progress"]) == 0
-    assert _rows(folder) == _rows(longer.run_dir)
-    meta, tensors = load_checkpoint(folder / "checkpoint.pt")
-    ref_meta, ref_tensors = load_checkpoint(longer.run_dir / "checkpoint.pt")
-    assert meta["round"] == ref_meta["round"] == 9
-    assert tensors.keys() == ref_tensors.keys()
-    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["rounds"] == 9
-    assert summary["final_accuracy"] == longer.summary["final_accuracy"]
-    assert summary["total_bytes"] == longer.summary["total_bytes"]
+    assert_same_run(folder, longer.run_dir, 9)
     # The folder now describes a 9-round run: a plain resume finds nothing left to play.
     assert load_config(folder / "config.toml").run.rounds == 9
     assert main(["run", "--resume", str(folder), "--no-progress"]) == 0
-    assert _rows(folder) == _rows(longer.run_dir)
+    assert metric_rows(folder) == metric_rows(longer.run_dir)
 
 
 def test_what_reads_run_rounds_is_named() -> None:
@@ -90,7 +75,7 @@ def test_the_cli_and_the_checkpoint_refuse_it_with_the_reason(
     folder = tmp_path / "cosine"
     overrides = [*RUN, "run.rounds=3", "train.lr_schedule=cosine"]
     run_experiment(load_config(None, overrides), folder)
-    before = _rows(folder)
+    before = metric_rows(folder)
     assert main(["run", "--resume", str(folder), "--rounds", "5"]) == 2
     assert "cannot be continued to 5 rounds: train.lr_schedule = 'cosine'" in (
         capsys.readouterr().err)
@@ -101,4 +86,4 @@ def test_the_cli_and_the_checkpoint_refuse_it_with_the_reason(
         run_experiment(load_config(None, [*overrides, "run.rounds=5"]), folder, resume=True)
     with pytest.raises(CheckpointError, match="never shortened to 2"):
         run_experiment(load_config(None, [*overrides, "run.rounds=2"]), folder, resume=True)
-    assert _rows(folder) == before  # nothing computed was lost
+    assert metric_rows(folder) == before  # nothing computed was lost

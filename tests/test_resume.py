@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
+from same_run import assert_same_run, metric_rows
 
 from ssfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seal
 from ssfl.cli import main
@@ -30,11 +31,6 @@ from ssfl.sim import run_experiment
 RUN = ["run.rounds=8", "run.progress=false", "run.checkpoint_every=1", "run.eval_every=2",
        "federation.num_clients=6", "federation.clients_per_round=3", "train.local_epochs=3",
        "model.width=0.5", "run.threads=1"]
-
-
-def _rows(folder: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
 @pytest.mark.slow
@@ -62,15 +58,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path: Path, algorithm:
     assert 3 <= done < 8, "the process was not killed mid-run"
 
     assert main(["run", "--resume", str(killed), "--no-progress"]) == 0
-    assert _rows(killed) == _rows(reference.run_dir)
-    meta, tensors = load_checkpoint(killed / "checkpoint.pt")
-    ref_meta, ref_tensors = load_checkpoint(reference.run_dir / "checkpoint.pt")
-    assert meta["round"] == ref_meta["round"] == 8
-    assert tensors.keys() == ref_tensors.keys()
-    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["final_accuracy"] == reference.summary["final_accuracy"]
-    assert summary["total_bytes"] == reference.summary["total_bytes"]
+    assert_same_run(killed, reference.run_dir, 8)
 
 
 def test_resume_refuses_a_changed_config_and_extra_arguments(tmp_path: Path,
@@ -423,14 +411,14 @@ def test_a_resume_after_the_last_round_writes_the_same_summary(
     result = _resume(folder)
     assert result.summary["num_values"] > 0
     assert _summary(folder) == _summary(tiny_runs["ref"])
-    assert _rows(folder) == _rows(tiny_runs["ref"])
+    assert metric_rows(folder) == metric_rows(tiny_runs["ref"])
 
 
 def test_a_resume_mid_run_ends_as_the_uninterrupted_run(tiny_runs: dict[str, Path],
                                                        tmp_path: Path) -> None:
     folder = _copy(tiny_runs, "stopped", tmp_path)
     _resume(folder)
-    assert _rows(folder) == _rows(tiny_runs["ref"])
+    assert metric_rows(folder) == metric_rows(tiny_runs["ref"])
     assert _summary(folder) == _summary(tiny_runs["ref"])
     meta, _ = load_checkpoint(folder / "checkpoint.pt")
     ref, _ = load_checkpoint(tiny_runs["ref"] / "checkpoint.pt")

@@ -41,6 +41,14 @@ class DynamicGlobalMask(Algorithm[DynamicMaskState]):
         super().__init__(setup, settings)
         self.codec = MaskCodec(setup.shapes, setup.prunable)
 
+    @classmethod
+    def rounds_dependence(cls, config: Any, settings: Any) -> str | None:
+        # Both methods update the mask while round <= update_until, 0 meaning half the run.
+        if settings.update_until:
+            return None
+        return ("its mask updates run until half of run.rounds "
+                f"(algorithm.{cls.name}.update_until = 0; set it to a round number to fix it)")
+
     # ---- server -----------------------------------------------------------------------------
     def state_with(self, weights: Mapping[str, torch.Tensor], mask: Mask,
                    held: Mapping[int, bytes] | None = None,

@@ -79,13 +79,6 @@ class FedDST(DynamicGlobalMask):
     Settings = FedDSTSettings
     robust_aggregation = True
 
-    @classmethod
-    def rounds_dependence(cls, config: Any, settings: FedDSTSettings) -> str | None:
-        if settings.update_until:
-            return None
-        return ("its mask updates run until half of run.rounds "
-                "(algorithm.feddst.update_until = 0; set it to a round number to fix it)")
-
     def __init__(self, setup: Setup, settings: FedDSTSettings) -> None:
         super().__init__(setup, settings)
         self.robust = setup.config.federation  # clipping and the aggregation rule

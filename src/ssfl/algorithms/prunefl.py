@@ -71,13 +71,6 @@ class PruneFL(DynamicGlobalMask):
     Settings = PruneFLSettings
     robust_aggregation = True
 
-    @classmethod
-    def rounds_dependence(cls, config: Any, settings: PruneFLSettings) -> str | None:
-        if settings.update_until:
-            return None
-        return ("its mask updates run until half of run.rounds "
-                "(algorithm.prunefl.update_until = 0; set it to a round number to fix it)")
-
     def __init__(self, setup: Setup, settings: PruneFLSettings) -> None:
         super().__init__(setup, settings)
         self.robust = setup.config.federation  # clipping and the aggregation rule
