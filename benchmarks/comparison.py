@@ -532,7 +532,8 @@ def third_seed_cells(rows, densities: Sequence[float],
     there): per density, SSFL against the best other federated method (dense FedAvg and the
     oracle left out), when their gap is under two of their combined standard deviations, or
     either has fewer than two seeds. Each entry names the two methods, the gap, the seeds so
-    far and the options that add the next seed."""
+    far and the options that run next: the seeds one of them lacks, else the next seed for
+    both."""
     out = []
     for d in densities:
         ssfl = _cells(_select(rows, "ssfl", d, split), "final_accuracy")
@@ -544,10 +545,17 @@ def third_seed_cells(rows, densities: Sequence[float],
         few = min(len(ssfl), len(best_cells)) < 2
         spread = 0.0 if few else math.hypot(statistics.stdev(ssfl), statistics.stdev(best_cells))
         if few or abs(gap) < 2 * spread:
-            seeds = sorted({r["seed"] for m in ("ssfl", best) for r in _select(rows, m, d, split)})
+            have = {m: {r["seed"] for r in _select(rows, m, d, split)} for m in ("ssfl", best)}
+            seeds = sorted(have["ssfl"] | have[best])
+            lacking = [m for m in ("ssfl", best) if have[m] != set(seeds)]
+            if lacking:  # the same seeds for both first: a comparison pairs them
+                missing = sorted(set(seeds) - set.intersection(*(have[m] for m in lacking)))
+                command = (f"--algorithms {','.join(lacking)} --densities {d:g} --seeds "
+                           + ",".join(map(str, missing)))
+            else:
+                command = f"--algorithms ssfl,{best} --densities {d:g} --seeds {seeds[-1] + 1}"
             out.append({"density": d, "best_other": best, "gap": gap, "spread": spread,
-                        "seeds": seeds, "command": f"--algorithms ssfl,{best} --densities "
-                                                   f"{d:g} --seeds {seeds[-1] + 1}"})
+                        "seeds": seeds, "command": command})
     return out
 
 

@@ -330,6 +330,11 @@ def test_third_seed_cells_by_hand(comparison) -> None:
     assert cells[0.5]["command"] == "--algorithms ssfl,feddst --densities 0.5 --seeds 2"
     assert cells[0.05]["spread"] == 0.0 and cells[0.05]["seeds"] == [0]
     assert cells[0.05]["command"].endswith("--seeds 1")
+    # A rival with fewer seeds than SSFL catches up first: its missing seed, not a third one.
+    (cell,) = comparison.third_seed_cells(rows[:3], [0.5])
+    assert cell["command"] == "--algorithms feddst --densities 0.5 --seeds 1"
+    (cell,) = comparison.third_seed_cells([rows[0], *rows[2:4]], [0.5])
+    assert cell["command"] == "--algorithms ssfl --densities 0.5 --seeds 1"
 
 
 def test_mask_layer_table_by_hand(comparison) -> None:
