@@ -234,14 +234,21 @@ def continued_note(data: dict[str, Any] | None, at: int = 120) -> str:
     def mean(method: str, rnd: int) -> float:
         return sum(by[method, s][rnd] for s in seeds) / len(seeds) * 100
 
+    sys.path.insert(0, str(HERE))
+    from comparison import late_gain, late_trend
+
     parts = [f"{LABELS[m]} {mean(m, at):.2f}% at round {at}, {mean(m, end):.2f}% at {end} "
              f"({mean(m, end) - mean(m, at):+.2f})" for m in ("fedavg", "ssfl")]
     lead = [mean("ssfl", r) - mean("fedavg", r) for r in (at, end)]
-    return (f"Carried on to {end} rounds (the {at}-round runs continued bit for bit, seed"
-            f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, mean over them; "
+    dense = [r for r in runs if r["algorithm"] == "fedavg" and r["seed"] in seeds]
+    which = (f"seeds {', '.join(map(str, seeds))}, mean over them" if len(seeds) > 1
+             else f"seed {seeds[0]}")
+    return (f"Carried on to {end} rounds (the {at}-round runs continued bit for bit, {which}; "
             f"`{CONTINUED_COMMAND}`, results in `benchmarks/results/{CONTINUED}/`): "
-            + "; ".join(parts) + f". SSFL's lead over dense FedAvg: {lead[0]:+.2f} points at "
-            f"round {at}, {lead[1]:+.2f} at {end}.")
+            + "; ".join(parts) + f". Over the last fifth of those {end} rounds dense FedAvg "
+            f"gained {late_gain(dense):+.2f} points (least-squares trend "
+            f"{late_trend(dense):+.2f}). SSFL's lead over dense FedAvg: {lead[0]:+.2f} points "
+            f"at round {at}, {lead[1]:+.2f} at {end}.")
 
 
 #: How the deep notes name the two methods carried on.

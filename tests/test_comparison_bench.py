@@ -482,6 +482,11 @@ def test_continued_note_reads_the_carried_on_runs_by_hand() -> None:
     assert ("dense FedAvg 43.00% at round 120, 45.00% at 160 (+2.00); SSFL 44.00% at round "
             "120, 45.50% at 160 (+1.50)") in note
     assert note.endswith("+1.00 points at round 120, +0.50 at 160.")
+    # The last fifth of 160 rounds starts at round 128: the last evaluation at or before it is
+    # 120 (43 %), the end 45 %: +2.00, and the fit through 120 and 160 says the same.
+    assert "dense FedAvg gained +2.00 points (least-squares trend +2.00)" in note
+    one = {"runs": [r for r in data["runs"] if r["seed"] == 0]}
+    assert "seed 0;" in render_docs.continued_note(one)
     assert render_docs.continued_note(None) == ""
     # Runs not carried past round 120 yet: nothing to say.
     short = {"runs": [dict(r, curve=r["curve"][:2]) for r in data["runs"]]}
