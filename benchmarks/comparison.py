@@ -459,8 +459,6 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
     reduction against the strongest of them; each on the protocols of ``claim_protocols``.
     One entry per claim and protocol whose runs exist."""
     d = PAPER_DENSITY
-    if not _cells(_select(rows, "ssfl", d, split), "final_accuracy"):
-        return []
 
     def sd(values: Sequence[float]) -> float:
         return statistics.stdev(values) if len(values) > 1 else 0.0
@@ -468,11 +466,15 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
     def runs(method: str) -> list[dict[str, Any]]:
         return _select(rows, method, 1.0 if method == "fedavg" else d, split)
 
+    ssfl_runs = runs("ssfl")
+    if not _cells(ssfl_runs, "final_accuracy"):
+        return []
+
     claims = []
     for other in [m for m in PAPER_ACCURACY if m != "ssfl"]:
         for protocol in claim_protocols(other):
             key, curve = CLAIM_PROTOCOLS[protocol]
-            ours, theirs = _cells(runs("ssfl"), key), _cells(runs(other), key)
+            ours, theirs = _cells(ssfl_runs, key), _cells(runs(other), key)
             if not theirs or not ours:
                 continue
             diff = statistics.mean(ours) - statistics.mean(theirs)
@@ -486,7 +488,7 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
                 "ours": f"{mean_std(ours)} vs {mean_std(theirs)} ({diff:+.2f})",
                 "verdict": verdict(diff, spread, min(len(ours), len(theirs))), "diff": diff,
                 "spread": spread,
-                "ahead": evaluations_ahead(runs("ssfl"), runs(other), curve) if curve else None})
+                "ahead": evaluations_ahead(ssfl_runs, runs(other), curve) if curve else None})
     published = [m for m in PAPER_ACCURACY if m not in ("ssfl", "fedavg")]
     best = max(published, key=PAPER_ACCURACY.__getitem__)
     paper = 1 - (100 - PAPER_ACCURACY["ssfl"]) / (100 - PAPER_ACCURACY[best])
@@ -497,7 +499,7 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
         for m in published:
             name = claim_protocols(m)[0] if protocol == "global" else protocol
             key = CLAIM_PROTOCOLS[name][0]
-            ours_m, theirs_m = _cells(runs("ssfl"), key), _cells(runs(m), key)
+            ours_m, theirs_m = _cells(ssfl_runs, key), _cells(runs(m), key)
             if ours_m and theirs_m:
                 errors[m] = (100 - statistics.mean(ours_m), 100 - statistics.mean(theirs_m),
                              len(ours_m))
@@ -807,12 +809,19 @@ def late_gain(rows) -> float | None:
     accuracy at the last evaluation minus that at the last evaluation at or before 80% of the
     last round. Under 1 point counts as settled (issue 16's test for dense FedAvg); None
     without an evaluation at or before that round."""
+    stretch = last_fifth(rows)
+    return stretch[-1][1] - stretch[0][1] if stretch else None
+
+
+def last_fifth(rows) -> list[tuple[int, float]] | None:
+    """The mean curve from its last evaluation at or before 80% of the last round to the end,
+    the stretch ``late_gain`` and ``late_trend`` read; None without two evaluations or one at
+    or before that round."""
     curve = mean_curve(rows)
     if len(curve) < 2:
         return None
-    last_round, last = curve[-1]
-    earlier = [acc for rnd, acc in curve if rnd <= 0.8 * last_round]
-    return last - earlier[-1] if earlier else None
+    starts = [i for i, (rnd, _) in enumerate(curve) if rnd <= 0.8 * curve[-1][0]]
+    return curve[starts[-1]:] if starts else None
 
 
 def late_trend(rows) -> float | None:
@@ -821,19 +830,14 @@ def late_trend(rows) -> float | None:
     last round to the last one, times the rounds between them (points). A curve that moves a
     point or two between evaluations makes ``late_gain`` depend on which two it lands on; the
     trend does not. None with fewer than two evaluations in that stretch."""
-    curve = mean_curve(rows)
-    if len(curve) < 2:
+    stretch = last_fifth(rows)
+    if stretch is None:
         return None
-    last_round = curve[-1][0]
-    starts = [i for i, (rnd, _) in enumerate(curve) if rnd <= 0.8 * last_round]
-    if not starts:
-        return None
-    stretch = curve[starts[-1]:]
     x_mean = statistics.mean(r for r, _ in stretch)
     y_mean = statistics.mean(a for _, a in stretch)
     slope = (sum((r - x_mean) * (a - y_mean) for r, a in stretch)
              / sum((r - x_mean) ** 2 for r, _ in stretch))
-    return slope * (last_round - stretch[0][0])
+    return slope * (stretch[-1][0] - stretch[0][0])
 
 
 def settling_table(rows, densities: Sequence[float]) -> str:

@@ -235,7 +235,7 @@ def continued_note(data: dict[str, Any] | None, at: int = 120) -> str:
         return sum(by[method, s][rnd] for s in seeds) / len(seeds) * 100
 
     sys.path.insert(0, str(HERE))
-    from comparison import late_gain, late_trend
+    from comparison import LABELS, late_gain, late_trend
 
     parts = [f"{LABELS[m]} {mean(m, at):.2f}% at round {at}, {mean(m, end):.2f}% at {end} "
              f"({mean(m, end) - mean(m, at):+.2f})" for m in ("fedavg", "ssfl")]
@@ -250,9 +250,6 @@ def continued_note(data: dict[str, Any] | None, at: int = 120) -> str:
             f"{late_trend(dense):+.2f}). SSFL's lead over dense FedAvg: {lead[0]:+.2f} points "
             f"at round {at}, {lead[1]:+.2f} at {end}.")
 
-
-#: How the deep notes name the two methods carried on.
-LABELS = {"fedavg": "dense FedAvg", "ssfl": "SSFL"}
 
 
 def deep_section(data: dict[str, Any] | None) -> str:
