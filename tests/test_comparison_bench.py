@@ -491,3 +491,79 @@ def test_continued_note_reads_the_carried_on_runs_by_hand() -> None:
     # Runs not carried past round 120 yet: nothing to say.
     short = {"runs": [dict(r, curve=r["curve"][:2]) for r in data["runs"]]}
     assert render_docs.continued_note(short) == ""
+
+
+def test_continued_note_says_why_the_sweep_keeps_its_rounds_only_when_the_lead_held() -> None:
+    render_docs = load_benchmark("render_docs")
+
+    def run(method: str, seed: int, at120: float, at160: float) -> dict:
+        return {"algorithm": method, "seed": seed, "wall_seconds": 3360.0,
+                "curve": [[120, at120], [160, at160]]}
+
+    data = {"runs": [run("fedavg", 0, 0.42, 0.44), run("ssfl", 0, 0.43, 0.44)]}
+    # The lead went from +1.00 to +0.00 points: a change of -1.00, inside a spread of 1.5.
+    note = render_docs.continued_note(data, spread=1.5)
+    assert note.endswith("The sweep stays at 120 rounds: at 160 a run takes about 56 minutes, "
+                         "over the issue's 45, and the extra rounds moved SSFL's lead by -1.00 "
+                         "points, less than the seeds' spread (1.50).")
+    # A change beyond the spread, or no spread to read it against: no such sentence.
+    assert "stays" not in render_docs.continued_note(data, spread=0.5)
+    assert "stays" not in render_docs.continued_note(data)
+
+
+def _deep_data(verdict: str = "within seed noise (-1.00 ± 1.50)") -> dict:
+    runs = [_row("fedavg", 1.0, 0.42), _row("fedavg", 1.0, 0.44, seed=1),
+            _row("ssfl", 0.5, 0.41, per_layer={"a": 1.0, "b": 0.5}),
+            _row("ssfl", 0.5, 0.43, seed=1, per_layer={"a": 0.0, "b": 0.0}),
+            _row("snip_single", 0.5, 0.425, per_layer={"a": 0.9, "b": 0.6}),
+            _row("ssfl", 0.1, 0.10),  # another density: left out
+            _row("dispfl", 0.5, 0.20)]  # personalised: no global mask to compare
+    for r in runs:
+        r["rounds"] = 120
+    claim = {"claim": "SSFL above dense FedAvg at density 0.5", "protocol": "global",
+             "diff": -1.0, "spread": 1.5, "verdict": verdict}
+    return {"runs": runs, "paper_claims": [claim]}
+
+
+def test_why_note_reads_the_masks_rounds_and_probes_by_hand() -> None:
+    render_docs = load_benchmark("render_docs")
+    data = _deep_data()
+    note = render_docs.why_note(data, None)
+    assert "ours -1.00 ± 1.50 points, the paper's +2.3" in note
+    # Dense 43.00, SSFL 42.00, SNIP on one client 42.50: the farthest is 1.00 points away,
+    # inside the spread of 1.5.
+    assert ("ends within 1.00 points of dense FedAvg's 43.00% (SSFL 42.00%, SNIP on one "
+            "client 42.50%), closer than the seeds' spread") in note
+    # Seed 0's masks per layer: |1.0 - 0.9| and |0.5 - 0.6|, 0.100 on average.
+    assert "differ by 0.100 per layer on average" in note
+    assert "The learning rate. Not yet measured" in note
+    assert "A hypothesis so far" in note and "model.width=0.125" in note
+    assert "Carried on" not in note
+
+    def run(method: str, seed: int, at120: float, at160: float) -> dict:
+        return {"algorithm": method, "seed": seed, "curve": [[120, at120], [160, at160]]}
+
+    continued = {"runs": [run("fedavg", 0, 0.42, 0.43), run("ssfl", 0, 0.41, 0.425)]}
+    probe = {"runs": [_row("fedavg", 1.0, 0.40), _row("ssfl", 0.5, 0.41),
+                      _row("ssfl", 0.5, 0.99, seed=1)]}  # no dense partner: left out
+    note = render_docs.why_note(data, continued, lr_probe=probe, width_probe=probe)
+    assert ("Carried on from 120 to 160 rounds, SSFL's lead over dense FedAvg went from -1.00 "
+            "to -0.50 points: longer training does not open the paper's gap here.") in note
+    assert ("seed 0: dense FedAvg 40.00%, SSFL 41.00%, SSFL's lead +1.00 points; at 0.1 the "
+            "lead is -1.00.") in note
+    assert note.count("seed 0: dense FedAvg 40.00%") == 2 and "hypothesis so far" not in note
+    # SSFL leading beyond the noise, or no dense run: nothing to explain.
+    assert render_docs.why_note(_deep_data("holds"), None) == ""
+    assert render_docs.why_note({"runs": data["runs"], "paper_claims": []}, None) == ""
+
+
+def test_resnet18_weight_counts_in_the_docs_are_the_library_s() -> None:
+    from ssfl.masks import prunable_parameter_names
+    from ssfl.models import build_model
+
+    render_docs = load_benchmark("render_docs")
+    for width, count in render_docs.RESNET18_WEIGHTS.items():
+        model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32,
+                            width=width, seed=0)
+        params = dict(model.named_parameters())
+        assert sum(params[n].numel() for n in prunable_parameter_names(model)) == count
