@@ -361,6 +361,7 @@ def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     deep = {"runs": rows, "paper_claims": comparison.paper_claims(rows)}
     text = render_docs.deep_headline(deep)
     assert "80 rounds, 3 of 30 runs, seeds 0, 1" in text
+    assert "what was tried" not in text  # SSFL ahead: nothing to explain
     # Dense FedAvg has one seed: no spread to read the lead against yet.
     assert ("SSFL above dense FedAvg at density 0.5 (the paper's 88.3 vs 86.0 (+2.3)): ours on "
             "the global protocol 81.00 ± 1.41 vs 70.00 (n=1) (+11.00): SSFL ahead on one seed "
@@ -374,6 +375,11 @@ def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     assert render_docs.deep_headline(deep)[:40] in render_docs.readme_with_headline(
         readme, data, deep).replace("\n", " ")
     assert "deep" not in render_docs.readme_with_headline(readme, data, None)
+    behind = [dict(r, final_accuracy=0.60) if r["algorithm"] == "ssfl" else r for r in rows]
+    deep = {"runs": behind, "paper_claims": comparison.paper_claims(behind)}
+    assert render_docs.deep_headline(deep).endswith(
+        "Why SSFL does not lead dense FedAvg here, and what was tried: [docs/benchmarks.md]"
+        "(docs/benchmarks.md#the-deep-cpu-reference-resnet-18).")
 
 
 def test_paper_run_time_is_worked_out_from_the_config(tmp_path: Path) -> None:
@@ -553,7 +559,12 @@ def test_why_note_reads_the_masks_rounds_and_probes_by_hand() -> None:
             "lead is -1.00.") in note
     assert note.count("seed 0: dense FedAvg 40.00%") == 2 and "hypothesis so far" not in note
     # SSFL leading beyond the noise, or no dense run: nothing to explain.
-    assert render_docs.why_note(_deep_data("holds"), None) == ""
+    ahead = _deep_data("holds")
+    ahead["paper_claims"][0]["diff"] = 3.0
+    assert render_docs.why_note(ahead, None) == ""
+    ahead["paper_claims"][0]["verdict"] = "within seed noise (+1.00 ± 1.50)"
+    assert render_docs.why_note(ahead, None).startswith(
+        "\nWhy SSFL's lead over dense FedAvg stays within seed noise here")
     assert render_docs.why_note({"runs": data["runs"], "paper_claims": []}, None) == ""
 
 
