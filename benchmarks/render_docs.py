@@ -292,20 +292,44 @@ def _mean_accuracy(rows: list[dict[str, Any]], method: str, density: float,
     return sum(values) / len(values) if values else None
 
 
-def probe_result(probe: dict[str, Any] | None, density: float = 0.5) -> str | None:
-    """A probe's dense FedAvg and SSFL figures and SSFL's lead, paired by seed; None until
-    both have a run on a shared seed."""
+def _leads(rows: list[dict[str, Any]], density: float) -> dict[int, tuple[float, float]]:
+    """Per seed with both runs: (dense FedAvg's, SSFL's) final global accuracy, %."""
+    acc = {(r["algorithm"], r["seed"]): r["final_accuracy"] * 100 for r in rows
+           if r["algorithm"] == "fedavg"
+           or (r["algorithm"] == "ssfl" and abs(r["target_density"] - density) < 1e-9)}
+    return {s: (acc["fedavg", s], acc["ssfl", s]) for m, s in sorted(acc)
+            if m == "ssfl" and ("fedavg", s) in acc}
+
+
+def probe_result(probe: dict[str, Any] | None, reference: list[dict[str, Any]],
+                 density: float = 0.5) -> tuple[str, list[float]] | None:
+    """A probe's dense FedAvg and SSFL figures and SSFL's lead over the seeds it shares with
+    the reference runs, against the reference's lead on those seeds, and the change of the
+    lead per seed (probe minus reference); None until a seed has all four runs."""
     if not probe:
         return None
-    rows = {(r["algorithm"], r["seed"]): r["final_accuracy"] * 100 for r in probe["runs"]
-            if r["algorithm"] == "fedavg" or abs(r["target_density"] - density) < 1e-9}
-    seeds = sorted(s for m, s in rows if m == "ssfl" and ("fedavg", s) in rows)
+    ours, ref = _leads(probe["runs"], density), _leads(reference, density)
+    seeds = [s for s in ours if s in ref]
     if not seeds:
         return None
-    dense = sum(rows["fedavg", s] for s in seeds) / len(seeds)
-    ssfl = sum(rows["ssfl", s] for s in seeds) / len(seeds)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    dense, ssfl = mean([ours[s][0] for s in seeds]), mean([ours[s][1] for s in seeds])
+    before = mean([ref[s][1] - ref[s][0] for s in seeds])
+    changes = [(ours[s][1] - ours[s][0]) - (ref[s][1] - ref[s][0]) for s in seeds]
     return (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: dense FedAvg "
-            f"{dense:.2f}%, SSFL {ssfl:.2f}%, SSFL's lead {ssfl - dense:+.2f} points")
+            f"{dense:.2f}%, SSFL {ssfl:.2f}%, SSFL's lead {ssfl - dense:+.2f} points against "
+            f"{before:+.2f} in the reference on the same seeds (change per seed: "
+            + ", ".join(f"{c:+.2f}" for c in changes) + ")", changes)
+
+
+def _against_spread(changes: list[float], spread: float) -> str:
+    shift = sum(changes) / len(changes)
+    return (f"the mean change, {shift:+.2f}, is "
+            + ("within" if abs(shift) <= spread else "beyond")
+            + f" the seeds' spread of the lead ({spread:.2f})")
 
 
 def why_title(claim: dict[str, Any]) -> str:
@@ -370,24 +394,30 @@ def why_note(data: dict[str, Any], continued: dict[str, Any] | None,
                              + ("longer training does not open the paper's gap here."
                                 if lead[1] < paper_lead else "the paper's gap opens with longer "
                                 "training."))
-    lr = probe_result(lr_probe, density)
+    lr = probe_result(lr_probe, runs, density)
     items.append("- The learning rate. "
-                 + (f"At half the authors' rate (0.05; `{LR_PROBE_COMMAND}`), {lr}; at 0.1 "
-                    f"the lead is {claim['diff']:+.2f}." if lr else
+                 + (f"At half the authors' rate (0.05; `{LR_PROBE_COMMAND}`), {lr[0]}; "
+                    + _against_spread(lr[1], claim["spread"]) + "." if lr else
                     f"Not yet measured: the probe at half the authors' rate is "
                     f"`{LR_PROBE_COMMAND}` (four runs)."))
     small, full = RESNET18_WEIGHTS[0.25], RESNET18_WEIGHTS[1.0]
-    width = probe_result(width_probe, density)
+    width = probe_result(width_probe, runs, density)
+    if width:
+        falls = all(c < 0 for c in width[1])
+        test = (f"At half our width (0.125; `{WIDTH_PROBE_COMMAND}`), {width[0]}: the lead "
+                + ("falls with the width on every seed, as the hypothesis predicts"
+                   if falls else "does not fall with the width on every seed, against the "
+                   "hypothesis")
+                + "; " + _against_spread(width[1], claim["spread"]) + ". ")
+    else:
+        test = ("A hypothesis so far: the cheap test is half our width, where the lead should "
+                f"fall if size decides (`{WIDTH_PROBE_COMMAND}`, four shorter runs). ")
     items.append(
         f"- The network's size. Width 0.25 has {small / 1e6:.2f} M Conv/Linear weights, the "
         f"paper's full width {full / 1e6:.2f} M ({full / small:.0f} times more). Halving a "
         "network that size may drop weights it does not need, and the paper's lead over dense "
         "may come from there; halving a quarter-width network removes capacity it uses. "
-        + (f"At half our width (0.125; `{WIDTH_PROBE_COMMAND}`), {width}; if size decides, "
-           "the lead falls with the width. " if width else
-           f"A hypothesis so far: the cheap test is half our width, where the lead should fall "
-           f"if size decides (`{WIDTH_PROBE_COMMAND}`, four shorter runs); ")
-        + "the paper-scale config on a GPU (top of this page) is the full test.")
+        + test + "The paper-scale config on a GPU (top of this page) is the full test.")
     return ("\n" + why_title(claim) + ", and what was tried (density "
             f"{density:g}; ours {claim['diff']:+.2f} ± {claim['spread']:.2f} points, the "
             f"paper's {paper_lead:+.1f}):\n\n" + "\n".join(items) + "\n")

@@ -555,9 +555,18 @@ def test_why_note_reads_the_masks_rounds_and_probes_by_hand() -> None:
     note = render_docs.why_note(data, continued, lr_probe=probe, width_probe=probe)
     assert ("Carried on from 120 to 160 rounds, SSFL's lead over dense FedAvg went from -1.00 "
             "to -0.50 points: longer training does not open the paper's gap here.") in note
-    assert ("seed 0: dense FedAvg 40.00%, SSFL 41.00%, SSFL's lead +1.00 points; at 0.1 the "
-            "lead is -1.00.") in note
+    # The reference's seed 0: dense 42, SSFL 41, a lead of -1.00; the probe's +1.00: +2.00.
+    assert ("seed 0: dense FedAvg 40.00%, SSFL 41.00%, SSFL's lead +1.00 points against -1.00 "
+            "in the reference on the same seeds (change per seed: +2.00); the mean change, "
+            "+2.00, is beyond the seeds' spread of the lead (1.50).") in note
     assert note.count("seed 0: dense FedAvg 40.00%") == 2 and "hypothesis so far" not in note
+    assert "does not fall with the width on every seed, against the hypothesis" in note
+    narrower = {"runs": [_row("fedavg", 1.0, 0.40), _row("ssfl", 0.5, 0.37)]}
+    note = render_docs.why_note(data, None, width_probe=narrower)
+    assert ("lead -3.00 points against -1.00 in the reference on the same seeds (change per "
+            "seed: -2.00): the lead falls with the width on every seed, as the hypothesis "
+            "predicts; the mean change, -2.00, is beyond") in note
+    assert "The learning rate. Not yet measured" in note
     # SSFL leading beyond the noise, or no dense run: nothing to explain.
     ahead = _deep_data("holds")
     ahead["paper_claims"][0]["diff"] = 3.0
