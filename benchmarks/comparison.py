@@ -565,6 +565,14 @@ def third_seed_cells(rows, densities: Sequence[float],
 EVOLVING_MASKS = {"feddst", "prunefl", "dispfl", "sparsyfed"}
 
 
+def first_per_layer(rows, method: str, density: float,
+                    split: str | None = REFERENCE_SPLIT) -> dict[str, float] | None:
+    """``method``'s density per layer at ``density`` on its first seed that recorded one."""
+    first = min((r for r in _select(rows, method, density, split) if r.get("per_layer")),
+                key=lambda r: r["seed"], default=None)
+    return first["per_layer"] if first else None
+
+
 def mask_layer_table(rows, density: float, split: str = REFERENCE_SPLIT) -> str:
     """Each sparse method's density per layer at ``density`` on its first seed (the final mask
     for the methods whose mask evolves): where a mask puts its weights, the first thing to look
@@ -573,8 +581,7 @@ def mask_layer_table(rows, density: float, split: str = REFERENCE_SPLIT) -> str:
                and any(r.get("per_layer") for r in _select(rows, m, density, split))]
     if len(methods) < 2:
         return ""
-    first = {m: min((r for r in _select(rows, m, density, split) if r.get("per_layer")),
-                    key=lambda r: r["seed"])["per_layer"] for m in methods}
+    first = {m: first_per_layer(rows, m, density, split) for m in methods}
     layers = list(first[methods[0]])
     def header(m: str) -> str:
         # A personalised method has one mask per client; its run records their union.

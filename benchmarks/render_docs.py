@@ -25,6 +25,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comparison import (  # noqa: E402  (a sibling script, not a package)
+    LABELS,
+    PAPER_ACCURACY,
+    PERSONALISED,
+    _cells,
+    _select,
+    first_per_layer,
+    late_gain,
+    late_trend,
+    readme_headline,
+)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOC = HERE.parent / "docs" / "benchmarks.md"
@@ -215,6 +228,28 @@ CONTINUED_COMMAND = (f"python benchmarks/comparison.py main --config {DEEP_CONFI
                      f"benchmarks/results/{CONTINUED} run.rounds=160")
 
 
+def carried_on(data: dict[str, Any] | None, at: int):
+    """The carried-on dense FedAvg and SSFL runs of ``data`` past round ``at``: (their rows,
+    ``mean(method, round)``, the accuracy % over the seeds where both methods reached ``at``,
+    those seeds, the last round all of them reached); None before any went past ``at``."""
+    if data is None:
+        return None
+    runs = [r for r in data["runs"] if r["algorithm"] in ("fedavg", "ssfl")]
+    by = {(r["algorithm"], r["seed"]): dict(map(tuple, r["curve"])) for r in runs}
+    seeds = sorted({s for m, s in by if ("fedavg", s) in by and ("ssfl", s) in by
+                    and at in by["fedavg", s] and at in by["ssfl", s]})
+    if not seeds:
+        return None
+    end = min(max(by[m, s]) for m in ("fedavg", "ssfl") for s in seeds)
+    if end <= at:
+        return None
+
+    def mean(method: str, rnd: int) -> float:
+        return sum(by[method, s][rnd] for s in seeds) / len(seeds) * 100
+
+    return runs, mean, seeds, end
+
+
 def continued_note(data: dict[str, Any] | None, at: int = 120,
                    spread: float | None = None) -> str:
     """What carrying the deep reference's dense FedAvg and SSFL runs on past round ``at``
@@ -222,24 +257,10 @@ def continued_note(data: dict[str, Any] | None, at: int = 120,
     and SSFL's lead over dense FedAvg at both, paired by seed. ``spread`` (the seeds' combined
     standard deviation of that lead at ``at``) adds why the sweep keeps ``at`` rounds, when the
     extra rounds moved the lead by less."""
-    if data is None:
+    carried = carried_on(data, at)
+    if carried is None:
         return ""
-    runs = [r for r in data["runs"] if r["algorithm"] in ("fedavg", "ssfl")]
-    by = {(r["algorithm"], r["seed"]): dict(map(tuple, r["curve"])) for r in runs}
-    seeds = sorted({s for m, s in by if ("fedavg", s) in by and ("ssfl", s) in by
-                    and at in by["fedavg", s] and at in by["ssfl", s]})
-    if not seeds:
-        return ""
-    end = min(max(by[m, s]) for m in ("fedavg", "ssfl") for s in seeds)
-    if end <= at:
-        return ""
-
-    def mean(method: str, rnd: int) -> float:
-        return sum(by[method, s][rnd] for s in seeds) / len(seeds) * 100
-
-    sys.path.insert(0, str(HERE))
-    from comparison import LABELS, late_gain, late_trend
-
+    runs, mean, seeds, end = carried
     parts = [f"{LABELS[m]} {mean(m, at):.2f}% at round {at}, {mean(m, end):.2f}% at {end} "
              f"({mean(m, end) - mean(m, at):+.2f})" for m in ("fedavg", "ssfl")]
     lead = [mean("ssfl", r) - mean("fedavg", r) for r in (at, end)]
@@ -287,9 +308,9 @@ RESNET18_WEIGHTS = {0.25: 699_056, 1.0: 11_164_352}
 
 def _mean_accuracy(rows: list[dict[str, Any]], method: str, density: float,
                    key: str = "final_accuracy") -> float | None:
-    values = [r[key] * 100 for r in rows if r["algorithm"] == method
-              and (method == "fedavg" or abs(r["target_density"] - density) < 1e-9)]
-    return sum(values) / len(values) if values else None
+    """``method``'s mean ``key`` (%) over its runs at ``density`` (dense FedAvg: any)."""
+    values = _cells(_select(rows, method, None if method == "fedavg" else density), key)
+    return statistics.mean(values) if values else None
 
 
 def _leads(rows: list[dict[str, Any]], density: float) -> dict[int, tuple[float, float]]:
@@ -332,6 +353,12 @@ def _against_spread(changes: list[float], spread: float) -> str:
             + f" the seeds' spread of the lead ({spread:.2f})")
 
 
+def needs_why(claim: dict[str, Any] | None) -> bool:
+    """Whether the dense claim asks why SSFL does not lead: it is behind, or ahead within the
+    seeds' noise (ahead on one seed, or beyond the noise, has nothing to explain yet)."""
+    return claim is not None and (claim["diff"] <= 0 or "noise" in claim["verdict"])
+
+
 def why_title(claim: dict[str, Any]) -> str:
     return ("Why SSFL does not lead dense FedAvg here" if claim["diff"] <= 0
             else "Why SSFL's lead over dense FedAvg stays within seed noise here")
@@ -346,11 +373,8 @@ def why_note(data: dict[str, Any], continued: dict[str, Any] | None,
     SNIP-on-one-client's), the rounds (the carried-on runs), the learning rate and the
     network's size (the probes, once run). Empty while SSFL leads beyond the seeds' noise."""
     claim = dense_claim(data)
-    if claim is None or (claim["diff"] > 0 and "noise" not in claim["verdict"]):
+    if not needs_why(claim):
         return ""
-    sys.path.insert(0, str(HERE))
-    from comparison import LABELS, PAPER_ACCURACY, PERSONALISED
-
     paper_lead = PAPER_ACCURACY["ssfl"] - PAPER_ACCURACY["fedavg"]
     runs = data["runs"]
     dense = _mean_accuracy(runs, "fedavg", density)
@@ -369,31 +393,22 @@ def why_note(data: dict[str, Any], continued: dict[str, Any] | None,
                "the result, so a better mask has little to win."
                if gap < claim["spread"] else
                f"; the seeds' spread of SSFL's lead is {claim['spread']:.2f})."))
-        first = {m: min((r for r in runs if r["algorithm"] == m and r.get("per_layer")
-                         and abs(r["target_density"] - density) < 1e-9),
-                        key=lambda r: r["seed"], default=None) for m in ("ssfl", "snip_single")}
-        if all(first.values()):
-            a, b = first["ssfl"]["per_layer"], first["snip_single"]["per_layer"]
+        a, b = (first_per_layer(runs, m, density) for m in ("ssfl", "snip_single"))
+        if a and b:
             diff = sum(abs(a[k] - b[k]) for k in a) / len(a)
             items[-1] += (" SSFL's mask keeps the first layers almost dense and prunes the last "
                           "stage hardest (per-layer table above), as SNIP on one client's data "
                           f"does: the two differ by {diff:.3f} per layer on average.")
-    if continued:
-        by = {(r["algorithm"], r["seed"]): dict(map(tuple, r["curve"]))
-              for r in continued["runs"]}
-        seeds = sorted({s for m, s in by if ("fedavg", s) in by and ("ssfl", s) in by})
-        at = runs[0]["rounds"]
-        if seeds and all(at in by[m, s] for m in ("fedavg", "ssfl") for s in seeds):
-            end = min(min(max(by["fedavg", s]), max(by["ssfl", s])) for s in seeds)
-            lead = [sum(by["ssfl", s][r] - by["fedavg", s][r] for s in seeds) / len(seeds) * 100
-                    for r in (at, end)]
-            if end > at:
-                items.append(f"- The rounds. Carried on from {at} to {end} rounds, SSFL's lead "
-                             f"over dense FedAvg went from {lead[0]:+.2f} to {lead[1]:+.2f} "
-                             "points: "
-                             + ("longer training does not open the paper's gap here."
-                                if lead[1] < paper_lead else "the paper's gap opens with longer "
-                                "training."))
+    at = runs[0]["rounds"]
+    carried = carried_on(continued, at)
+    if carried:
+        _, mean, _, end = carried
+        lead = [mean("ssfl", r) - mean("fedavg", r) for r in (at, end)]
+        items.append(f"- The rounds. Carried on from {at} to {end} rounds, SSFL's lead over "
+                     f"dense FedAvg went from {lead[0]:+.2f} to {lead[1]:+.2f} points: "
+                     + ("longer training does not open the paper's gap here."
+                        if lead[1] < paper_lead else "the paper's gap opens with longer "
+                        "training."))
     lr = probe_result(lr_probe, runs, density)
     items.append("- The learning rate. "
                  + (f"At half the authors' rate (0.05; `{LR_PROBE_COMMAND}`), {lr[0]}; "
@@ -468,14 +483,10 @@ def protocol_note(data: dict[str, Any], density: float = 0.5) -> str:
     authors': the three figures side by side, from the deep reference's run rows (means over
     the seeds each method has); empty until SSFL and DisPFL both have a run with local
     models scored."""
-    def mean(method: str, key: str) -> float | None:
-        values = [r[key] * 100 for r in data["runs"] if r["algorithm"] == method
-                  and abs(r["target_density"] - density) < 1e-9 and r.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
-    dispfl = mean("dispfl", "final_personal_accuracy")
-    ssfl_global = mean("ssfl", "final_personal_accuracy")
-    ssfl_local = mean("ssfl", "final_local_accuracy")
+    runs = data["runs"]
+    dispfl = _mean_accuracy(runs, "dispfl", density, "final_personal_accuracy")
+    ssfl_global = _mean_accuracy(runs, "ssfl", density, "final_personal_accuracy")
+    ssfl_local = _mean_accuracy(runs, "ssfl", density, "final_local_accuracy")
     if None in (dispfl, ssfl_global, ssfl_local):
         return ""
     return (f"\nThe two readings of the DisPFL claim at density {density:g} differ because "
@@ -697,9 +708,6 @@ def readme_with_headline(readme: str, data: dict[str, Any],
     """``readme`` with the block between the headline markers replaced by the summary of the
     main sweep's runs in ``data`` (a comparison.json) and, where ``deep`` (the deep CPU
     reference's comparison.json) holds the paper's claims, their verdicts."""
-    sys.path.insert(0, str(HERE))
-    from comparison import readme_headline
-
     start, end = readme.find(HEADLINE_START), readme.find(HEADLINE_END)
     if start < 0 or end < start:
         raise SystemExit(f"README.md lacks the lines {HEADLINE_START!r} ... {HEADLINE_END!r} "
@@ -714,6 +722,7 @@ def deep_headline(deep: dict[str, Any]) -> str:
     """The README's sentence on the deep CPU reference: each of the paper's claims with the
     paper's figure, then our figure and verdict on each protocol it is held to."""
     rounds = max(r["rounds"] for r in deep["runs"])
+    dense = dense_claim(deep)
     by_claim: dict[str, list[dict[str, Any]]] = {}
     for c in deep["paper_claims"]:
         by_claim.setdefault(c["claim"], []).append(c)
@@ -729,9 +738,9 @@ def deep_headline(deep: dict[str, Any]) -> str:
             + "; ".join(f"{claim} (the paper's {cs[0]['paper']}): ours on the "
                         + ", on the ".join(reading(c) for c in cs)
                         for claim, cs in by_claim.items()) + "."
-            + (f" {why_title(dense_claim(deep))}, and what was tried: "
+            + (f" {why_title(dense)}, and what was tried: "
                "[docs/benchmarks.md](docs/benchmarks.md#the-deep-cpu-reference-resnet-18)."
-               if why_note(deep, None) else ""))
+               if needs_why(dense) else ""))
 
 
 def threads_section(data: dict[str, Any] | None) -> str:
