@@ -70,6 +70,10 @@ ORACLE = "snip_oracle"
 #: method trains the same parameters with the same optimiser, so they share the config's rate.
 TUNED = {"sparsyfed": [0.05, 0.1, 0.2]}
 TUNING_DENSITY = 0.1
+#: A chosen rate on the grid's edge says only that the best may lie beyond it, so while the
+#: best finished rate is the grid's largest (smallest), the grid grows by a rate twice as large
+#: (half as large), at most this many times per method (``tuning_grid``).
+TUNING_WIDENINGS = 2
 #: each sweep's results file in --out
 RESULT_FILES = {"main": "comparison.json", "noniid": "noniid.json"}
 #: the published sparse FL methods among the baselines (the rest are the SSFL paper's ablations:
@@ -237,6 +241,46 @@ def tuned_rates(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         if old is None or acc > old[1] or (acc == old[1] and lr < old[0]):
             best[r["algorithm"]] = (lr, acc)
     return {a: lr for a, (lr, _) in best.items()}
+
+
+def tuning_grid(base: Sequence[float], accuracy: Mapping[float, float],
+                widenings: int = TUNING_WIDENINGS) -> list[float]:
+    """The rates to try for a tuned method: ``base``, widened by a factor 2 past whichever edge
+    holds the best result. ``accuracy``: the final accuracy of each finished rate. The grid
+    grows only once every rate in it has finished, so the edge is judged on the whole grid;
+    ties go to the smaller rate, as in ``tuned_rates``."""
+    grid = sorted(base)
+    for _ in range(widenings):
+        if any(lr not in accuracy for lr in grid):
+            break
+        best = max(grid, key=lambda lr: (accuracy[lr], -lr))
+        if best == grid[-1]:
+            grid.append(grid[-1] * 2)
+        elif best == grid[0]:
+            grid.insert(0, grid[0] / 2)
+        else:
+            break
+    return grid
+
+
+def tuning_jobs(algorithms: Iterable[str], seed: int, runs_dir: Path,
+                recorded: Mapping[str, dict[str, Any]] | None = None) -> list[Job]:
+    """The tuning runs of the tuned methods among ``algorithms``, on the grid that the runs
+    finished so far call for (``tuning_grid``)."""
+    jobs = []
+    for method in algorithms:
+        if method not in TUNED:
+            continue
+        base = sorted(TUNED[method])
+        reach = [base[-1] * 2 ** k for k in range(1, TUNING_WIDENINGS + 1)] + \
+                [base[0] / 2 ** k for k in range(1, TUNING_WIDENINGS + 1)]
+        candidates = [Job(method, TUNING_DENSITY, REFERENCE_SPLIT, seed, lr)
+                      for lr in base + reach]
+        accuracy = {r["lr"]: r["final_accuracy"]
+                    for r in load_summaries(candidates, runs_dir, recorded)}
+        jobs += [Job(method, TUNING_DENSITY, REFERENCE_SPLIT, seed, lr)
+                 for lr in tuning_grid(base, accuracy)]
+    return jobs
 
 
 def load_summaries(jobs: Iterable[Job], runs_dir: Path,
@@ -953,23 +997,29 @@ def plot_noniid(rows, splits, path: Path, setting: str = "CIFAR-10 CPU reference
 # -------------------------------------------------------------------------------------- main
 
 
-def tuning_text(tuning_rows, tuned: Mapping[str, float]) -> str:
+def tuning_text(tuning_rows, tuned: Mapping[str, float],
+                pending: Sequence[Job] = ()) -> str:
+    """The tuning table; ``pending``: rates the grid calls for that have not run yet (a best
+    rate so far on the grid's edge), listed so the chosen rate reads as provisional."""
     if not tuning_rows:
         return ""
     lines = [f"\nLearning rate of the tuned methods (seed {tuning_rows[0]['seed']}, density "
              f"{TUNING_DENSITY:g}, final global accuracy %; the best rate is used above, every "
-             "other method uses the config's train.lr):\n", "| method | lr | accuracy |",
-             "|---|---|---|"]
+             "other method uses the config's train.lr; a best rate on the grid's edge widens "
+             f"the grid by a factor 2, at most {TUNING_WIDENINGS} times):\n",
+             "| method | lr | accuracy |", "|---|---|---|"]
     for r in tuning_rows:
         mark = " (chosen)" if tuned.get(r["algorithm"]) == r["lr"] else ""
         lines.append(f"| {r['algorithm']} | {r['lr']:g}{mark} | "
                      f"{r['final_accuracy'] * 100:.2f} |")
+    lines += [f"| {j.algorithm} | {j.lr:g} | not run yet (the best rate so far is on the "
+              "grid's edge) |" for j in pending]
     return "\n".join(lines) + "\n"
 
 
 def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
            tuning_rows=(), tuned: Mapping[str, float] | None = None,
-           config: Path = CONFIG) -> str:
+           config: Path = CONFIG, pending_tuning: Sequence[Job] = ()) -> str:
     out.mkdir(parents=True, exist_ok=True)
     keep = ("name", "algorithm", "split", "seed", "lr", "target_density", "density",
             "final_accuracy", "final_personal_accuracy", "final_local_accuracy",
@@ -1026,7 +1076,7 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
             "dense FedAvg for under 1 point), and the same climb read as the least-squares "
             "trend through every evaluation of that stretch (steadier where the curve moves "
             "between evaluations):\n\n" + settling_table(rows, densities) + "\n"
-            + tuning_text(tuning_rows, tuned or {}))
+            + tuning_text(tuning_rows, tuned or {}, pending_tuning))
         third = third_seed_cells(rows, densities)
         data["third_seed"] = third
         if third:
@@ -1141,28 +1191,38 @@ def main() -> None:
     if continue_from is not None and not continue_from.is_dir():
         raise SystemExit(f"--continue-from {continue_from}: no such folder")
     recorded = recorded_runs(Path(args.out))
-    tuning = [Job(a, TUNING_DENSITY, REFERENCE_SPLIT, seeds[0], lr)
-              for a in algorithms if a in TUNED for lr in TUNED[a]]
 
     def write_report() -> str:
         """The results files from every run finished so far; rows that an earlier invocation
         recorded for methods or seeds outside this one stay in them."""
+        tuning = tuning_jobs(algorithms, seeds[0], runs_dir, recorded)
         tuning_rows = load_summaries(tuning, runs_dir, recorded)
         tuned = tuned_rates(tuning_rows)
         jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
         other_runs, other_tuning = kept_rows(Path(args.out) / RESULT_FILES[args.sweep], jobs,
                                              algorithms)
+        finished = {r["name"] for r in tuning_rows}
         return report(args.sweep, load_summaries(jobs, runs_dir, recorded) + other_runs,
                       densities, splits, Path(args.out), args.overrides,
-                      tuning_rows + other_tuning, {**tuned_rates(other_tuning), **tuned}, config)
+                      tuning_rows + other_tuning, {**tuned_rates(other_tuning), **tuned}, config,
+                      [j for j in tuning if j.name not in finished])
 
-    if not args.report_only and tuning:
+    attempted: set[str] = set()
+    while not args.report_only:
+        # A finished tuning grid may call for a wider one (tuning_grid); each tuning run is
+        # tried once per invocation, so a failed one does not loop.
+        tuning = [j for j in tuning_jobs(algorithms, seeds[0], runs_dir, recorded)
+                  if j.name not in attempted]
+        if not tuning:
+            break
+        attempted |= {j.name for j in tuning}
         # Untuned runs fill the workers that the tuning runs leave idle.
         filler = [j for j in jobs_for(args.sweep, algorithms, densities, splits, seeds)
                   if j.algorithm not in TUNED][: (-len(tuning)) % args.jobs]
         run_jobs(tuning + filler, runs_dir, args.jobs, args.overrides, recorded, config,
                  write_report, continue_from)
     if not args.report_only:
+        tuning = tuning_jobs(algorithms, seeds[0], runs_dir, recorded)
         tuned = tuned_rates(load_summaries(tuning, runs_dir, recorded))
         jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
         run_jobs(jobs, runs_dir, args.jobs, args.overrides, recorded, config, write_report,

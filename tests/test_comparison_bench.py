@@ -47,6 +47,52 @@ def test_tuned_rate_is_the_best_accuracy_and_ties_go_to_the_smaller_rate(compari
     assert comparison.tuned_rates(rows) == {"sparsyfed": 0.1}
 
 
+def test_a_best_rate_on_the_grids_edge_widens_the_grid_by_two(comparison) -> None:
+    base = [0.05, 0.1, 0.2]
+    grid = comparison.tuning_grid
+    # Unfinished grid: nothing to judge yet, even if a finished edge leads.
+    assert grid(base, {}) == base
+    assert grid(base, {0.05: 0.30, 0.2: 0.37}) == base
+    # Best inside the grid: it stays.
+    assert grid(base, {0.05: 0.30, 0.1: 0.41, 0.2: 0.37}) == base
+    # Best at the top edge: one rate twice as large; it loses, so the grid stops there.
+    assert grid(base, {0.05: 0.30, 0.1: 0.36, 0.2: 0.37}) == [0.05, 0.1, 0.2, 0.4]
+    assert grid(base, {0.05: 0.30, 0.1: 0.36, 0.2: 0.37, 0.4: 0.35}) == [0.05, 0.1, 0.2, 0.4]
+    # It wins again: once more, then the widening limit (2) holds.
+    won = {0.05: 0.30, 0.1: 0.36, 0.2: 0.37, 0.4: 0.38, 0.8: 0.39}
+    assert grid(base, won) == [0.05, 0.1, 0.2, 0.4, 0.8]
+    assert grid(base, won, widenings=3) == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
+    # Best at the bottom edge (a tie goes to the smaller rate): half the smallest.
+    assert grid(base, {0.05: 0.40, 0.1: 0.40, 0.2: 0.20}) == [0.025, 0.05, 0.1, 0.2]
+
+
+def test_tuning_jobs_follow_the_finished_runs_and_skip_untuned_methods(comparison,
+                                                                        tmp_path) -> None:
+    def recorded(accuracy):
+        jobs = [comparison.Job("sparsyfed", 0.1, "bdir0.3", 0, lr) for lr in accuracy]
+        return {j.name: {"name": j.name, "algorithm": "sparsyfed", "lr": j.lr, "seed": 0,
+                         "final_accuracy": acc} for j, acc in zip(jobs, accuracy.values())}
+
+    names = lambda jobs: [j.name for j in jobs]  # noqa: E731
+    assert names(comparison.tuning_jobs(["ssfl", "sparsyfed"], 0, tmp_path, {})) == [
+        "sparsyfed-d0.1-bdir0.3-s0-lr0.05", "sparsyfed-d0.1-bdir0.3-s0-lr0.1",
+        "sparsyfed-d0.1-bdir0.3-s0-lr0.2"]
+    edge = recorded({0.05: 0.3055, 0.1: 0.3593, 0.2: 0.366})
+    widened = comparison.tuning_jobs(["sparsyfed"], 0, tmp_path, edge)
+    assert names(widened)[-1] == "sparsyfed-d0.1-bdir0.3-s0-lr0.4"
+    # Until it runs, the table shows the chosen rate as provisional.
+    rows = comparison.load_summaries(widened, tmp_path, edge)
+    text = comparison.tuning_text(rows, comparison.tuned_rates(rows), widened[-1:])
+    assert "| sparsyfed | 0.2 (chosen) | 36.60 |" in text
+    assert "| sparsyfed | 0.4 | not run yet" in text
+    # A finished widened run is read back, so the grid (and the jobs) stay put once it loses.
+    lost = recorded({0.05: 0.3055, 0.1: 0.3593, 0.2: 0.366, 0.4: 0.35})
+    jobs = comparison.tuning_jobs(["sparsyfed"], 0, tmp_path, lost)
+    assert [j.lr for j in jobs] == [0.05, 0.1, 0.2, 0.4]
+    assert comparison.tuned_rates(comparison.load_summaries(jobs, tmp_path, lost)) == {
+        "sparsyfed": 0.2}
+
+
 def test_each_sweep_has_its_default_methods_and_a_typo_stops_it(comparison) -> None:
     assert comparison.sweep_methods("main", None) == comparison.METHODS
     noniid = comparison.sweep_methods("noniid", None)
