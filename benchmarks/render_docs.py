@@ -338,10 +338,12 @@ def probe_result(probe: dict[str, Any] | None, reference: list[dict[str, Any]],
         return sum(values) / len(values)
 
     dense, ssfl = mean([ours[s][0] for s in seeds]), mean([ours[s][1] for s in seeds])
+    ref_dense, ref_ssfl = mean([ref[s][0] for s in seeds]), mean([ref[s][1] for s in seeds])
     before = mean([ref[s][1] - ref[s][0] for s in seeds])
     changes = [(ours[s][1] - ours[s][0]) - (ref[s][1] - ref[s][0]) for s in seeds]
     return (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: dense FedAvg "
-            f"{dense:.2f}%, SSFL {ssfl:.2f}%, SSFL's lead {ssfl - dense:+.2f} points against "
+            f"{dense:.2f}% (reference {ref_dense:.2f}%), SSFL {ssfl:.2f}% (reference "
+            f"{ref_ssfl:.2f}%), SSFL's lead {ssfl - dense:+.2f} points against "
             f"{before:+.2f} in the reference on the same seeds (change per seed: "
             + ", ".join(f"{c:+.2f}" for c in changes) + ")", changes)
 
