@@ -341,11 +341,19 @@ def probe_result(probe: dict[str, Any] | None, reference: list[dict[str, Any]],
     ref_dense, ref_ssfl = mean([ref[s][0] for s in seeds]), mean([ref[s][1] for s in seeds])
     before = mean([ref[s][1] - ref[s][0] for s in seeds])
     changes = [(ours[s][1] - ours[s][0]) - (ref[s][1] - ref[s][0]) for s in seeds]
-    return (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: dense FedAvg "
+    missing = [s for s in ref if s not in ours]
+    pending = (f" (seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} still "
+               "to run)" if missing else "")
+    return (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{pending}: "
+            f"dense FedAvg "
             f"{dense:.2f}% (reference {ref_dense:.2f}%), SSFL {ssfl:.2f}% (reference "
             f"{ref_ssfl:.2f}%), SSFL's lead {ssfl - dense:+.2f} points against "
             f"{before:+.2f} in the reference on the same seeds (change per seed: "
             + ", ".join(f"{c:+.2f}" for c in changes) + ")", changes)
+
+
+def _on_each(changes: list[float]) -> str:
+    return "on every seed" if len(changes) > 1 else "on the one seed so far"
 
 
 def _against_spread(changes: list[float], spread: float) -> str:
@@ -413,8 +421,16 @@ def why_note(data: dict[str, Any], continued: dict[str, Any] | None,
                         "training."))
     lr = probe_result(lr_probe, runs, density)
     items.append("- The learning rate. "
-                 + (f"At half the authors' rate (0.05; `{LR_PROBE_COMMAND}`), {lr[0]}; "
-                    + _against_spread(lr[1], claim["spread"]) + "." if lr else
+                 + (f"At half the authors' rate (0.05; `{LR_PROBE_COMMAND}`), {lr[0]}: "
+                    + (f"the smaller rate lowers SSFL's lead {_on_each(lr[1])}, so the "
+                       "authors' rate is not what holds SSFL back"
+                       if all(c < 0 for c in lr[1]) else
+                       f"the smaller rate raises SSFL's lead {_on_each(lr[1])}, so the "
+                       "authors' rate may suit the dense model more than the sparse one"
+                       if all(c > 0 for c in lr[1]) else
+                       "the smaller rate moves the lead one way on some seeds, the other way "
+                       "on others")
+                    + "; " + _against_spread(lr[1], claim["spread"]) + "." if lr else
                     f"Not yet measured: the probe at half the authors' rate is "
                     f"`{LR_PROBE_COMMAND}` (four runs)."))
     small, full = RESNET18_WEIGHTS[0.25], RESNET18_WEIGHTS[1.0]

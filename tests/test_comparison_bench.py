@@ -602,14 +602,25 @@ def test_why_note_reads_the_masks_rounds_and_probes_by_hand() -> None:
     assert ("Carried on from 120 to 160 rounds, SSFL's lead over dense FedAvg went from -1.00 "
             "to -0.50 points: longer training does not open the paper's gap here.") in note
     # The reference's seed 0: dense 42, SSFL 41, a lead of -1.00; the probe's +1.00: +2.00.
-    assert ("seed 0: dense FedAvg 40.00% (reference 42.00%), SSFL 41.00% (reference 41.00%), "
-            "SSFL's lead +1.00 points against -1.00 in the reference on the same seeds (change "
-            "per seed: +2.00); the mean change, +2.00, is beyond the seeds' spread of the "
-            "lead (1.50).") in note
-    assert note.count("seed 0: dense FedAvg 40.00%") == 2 and "hypothesis so far" not in note
+    assert ("seed 0 (seed 1 still to run): dense FedAvg 40.00% (reference 42.00%), SSFL 41.00% "
+            "(reference 41.00%), SSFL's lead +1.00 points against -1.00 in the reference on the "
+            "same seeds (change per seed: +2.00): the smaller rate raises SSFL's lead on the "
+            "one seed so far, so the authors' rate may suit the dense model more than the "
+            "sparse one; the mean change, +2.00, is beyond the seeds' spread of the lead "
+            "(1.50).") in note
+    assert note.count("seed 0 (seed 1 still to run): dense FedAvg 40.00%") == 2
+    assert "hypothesis so far" not in note
     assert "does not fall with the width on every seed, against the hypothesis" in note
     narrower = {"runs": [_row("fedavg", 1.0, 0.40), _row("ssfl", 0.5, 0.37)]}
     note = render_docs.why_note(data, None, width_probe=narrower)
+    assert "the smaller rate" not in note
+    assert ("the smaller rate lowers SSFL's lead on the one seed so far, so the authors' rate "
+            "is not what holds SSFL back") in render_docs.why_note(data, None, lr_probe=narrower)
+    both = {"runs": narrower["runs"] + [_row("fedavg", 1.0, 0.44, seed=1),
+                                        _row("ssfl", 0.5, 0.40, seed=1)]}
+    # Seed 1: reference lead -1.00, the probe's -4.00; seed 0: -1.00 and -3.00.
+    assert ("(change per seed: -2.00, -3.00): the smaller rate lowers SSFL's lead on every "
+            "seed") in render_docs.why_note(data, None, lr_probe=both)
     assert ("lead -3.00 points against -1.00 in the reference on the same seeds (change per "
             "seed: -2.00): the lead falls with the width on every seed, as the hypothesis "
             "predicts; the mean change, -2.00, is beyond") in note
