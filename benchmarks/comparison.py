@@ -306,17 +306,29 @@ def load_summaries(jobs: Iterable[Job], runs_dir: Path,
     return rows
 
 
-def kept_rows(results: Path, jobs: Iterable[Job], algorithms: Iterable[str]
+def kept_rows(results: Path, jobs: Iterable[Job], algorithms: Iterable[str],
+              tuned: Mapping[str, float] | None = None
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The rows of a sweep's results file that this invocation does not cover, as (runs,
     tuning runs): an invocation for a few methods or seeds adds to the file instead of
-    replacing what earlier invocations recorded there."""
+    replacing what earlier invocations recorded there. A job covers the row of its method,
+    density, split and seed whatever the row's rate, and a tuned method's row at another
+    rate than the one chosen now (``tuned``, else the file's own tuning) is superseded: a
+    widened tuning grid must not leave the old rate's runs in the tables beside the new."""
     if not results.exists():
         return [], []
     data = json.loads(results.read_text())
-    names, methods = {j.name for j in jobs}, set(algorithms)
-    return ([r for r in data.get("runs", []) if r["name"] not in names],
-            [r for r in data.get("tuning", []) if r["algorithm"] not in methods])
+    methods = set(algorithms)
+    cells = {(j.algorithm, j.density, j.split, j.seed) for j in jobs}
+    tuning = [r for r in data.get("tuning", []) if r["algorithm"] not in methods]
+    rates = {**tuned_rates(tuning), **(tuned or {})}
+
+    def kept(r: dict[str, Any]) -> bool:
+        if (r["algorithm"], r["target_density"], r["split"], r["seed"]) in cells:
+            return False
+        return r["algorithm"] not in rates or r.get("lr") == rates[r["algorithm"]]
+
+    return [r for r in data.get("runs", []) if kept(r)], tuning
 
 
 def recorded_runs(out: Path) -> dict[str, dict[str, Any]]:
@@ -1200,7 +1212,7 @@ def main() -> None:
         tuned = tuned_rates(tuning_rows)
         jobs = jobs_for(args.sweep, algorithms, densities, splits, seeds, tuned)
         other_runs, other_tuning = kept_rows(Path(args.out) / RESULT_FILES[args.sweep], jobs,
-                                             algorithms)
+                                             algorithms, tuned)
         finished = {r["name"] for r in tuning_rows}
         return report(args.sweep, load_summaries(jobs, runs_dir, recorded) + other_runs,
                       densities, splits, Path(args.out), args.overrides,

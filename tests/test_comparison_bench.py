@@ -194,6 +194,24 @@ def test_a_partial_invocation_keeps_the_rows_it_does_not_cover(comparison, tmp_p
     assert comparison.kept_rows(tmp_path / "none.json", jobs, ["ssfl"]) == ([], [])
 
 
+def test_a_widened_tuning_supersedes_the_old_rates_rows(comparison, tmp_path: Path) -> None:
+    old_rate = dict(_row("sparsyfed", 0.1, 0.366, lr=0.2), name="sparsyfed-d0.1-bdir0.3-s0-lr0.2")
+    old_s1 = dict(_row("sparsyfed", 0.5, 0.40, seed=1, lr=0.2),
+                  name="sparsyfed-d0.5-bdir0.3-s1-lr0.2")
+    ssfl = dict(_row("ssfl", 0.1, 0.41), name="ssfl-d0.1-bdir0.3-s0")
+    results = tmp_path / "comparison.json"
+    results.write_text(json.dumps({"runs": [old_rate, old_s1, ssfl], "tuning": []}))
+    # SparsyFed now tuned to 0.4: its s0 job covers the lr-0.2 row of the same cell, and the
+    # s1 row at 0.2, outside this invocation, is superseded as well; SSFL's row stays.
+    jobs = comparison.jobs_for("main", ["sparsyfed"], [0.1], [], [0], {"sparsyfed": 0.4})
+    assert comparison.kept_rows(results, jobs, ["sparsyfed"], {"sparsyfed": 0.4}) == ([ssfl], [])
+    # An invocation without SparsyFed reads the chosen rate from the file's tuning rows.
+    tune = [dict(_row("sparsyfed", 0.1, acc, lr=lr)) for lr, acc in ((0.2, 0.366), (0.4, 0.367))]
+    results.write_text(json.dumps({"runs": [old_rate, old_s1, ssfl], "tuning": tune}))
+    jobs = comparison.jobs_for("main", ["ssfl"], [0.1], [], [1])
+    assert comparison.kept_rows(results, jobs, ["ssfl"]) == ([ssfl], tune)
+
+
 def test_the_sweep_is_told_after_every_run_even_a_failed_one(comparison, tmp_path: Path
                                                             ) -> None:
     calls: list[int] = []
