@@ -41,6 +41,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,12 +275,10 @@ def tuning_jobs(algorithms: Iterable[str], seed: int, runs_dir: Path,
         base = sorted(TUNED[method])
         reach = [base[-1] * 2 ** k for k in range(1, TUNING_WIDENINGS + 1)] + \
                 [base[0] / 2 ** k for k in range(1, TUNING_WIDENINGS + 1)]
-        candidates = [Job(method, TUNING_DENSITY, REFERENCE_SPLIT, seed, lr)
-                      for lr in base + reach]
+        job = partial(Job, method, TUNING_DENSITY, REFERENCE_SPLIT, seed)
         accuracy = {r["lr"]: r["final_accuracy"]
-                    for r in load_summaries(candidates, runs_dir, recorded)}
-        jobs += [Job(method, TUNING_DENSITY, REFERENCE_SPLIT, seed, lr)
-                 for lr in tuning_grid(base, accuracy)]
+                    for r in load_summaries(map(job, base + reach), runs_dir, recorded)}
+        jobs += [job(lr) for lr in tuning_grid(base, accuracy)]
     return jobs
 
 

@@ -315,9 +315,8 @@ def _mean_accuracy(rows: list[dict[str, Any]], method: str, density: float,
 
 def _leads(rows: list[dict[str, Any]], density: float) -> dict[int, tuple[float, float]]:
     """Per seed with both runs: (dense FedAvg's, SSFL's) final global accuracy, %."""
-    acc = {(r["algorithm"], r["seed"]): r["final_accuracy"] * 100 for r in rows
-           if r["algorithm"] == "fedavg"
-           or (r["algorithm"] == "ssfl" and abs(r["target_density"] - density) < 1e-9)}
+    acc = {(r["algorithm"], r["seed"]): r["final_accuracy"] * 100
+           for r in _select(rows, "fedavg") + _select(rows, "ssfl", density)}
     return {s: (acc["fedavg", s], acc["ssfl", s]) for m, s in sorted(acc)
             if m == "ssfl" and ("fedavg", s) in acc}
 
@@ -333,10 +332,7 @@ def probe_result(probe: dict[str, Any] | None, reference: list[dict[str, Any]],
     seeds = [s for s in ours if s in ref]
     if not seeds:
         return None
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
+    mean = statistics.mean
     dense, ssfl = mean([ours[s][0] for s in seeds]), mean([ours[s][1] for s in seeds])
     ref_dense, ref_ssfl = mean([ref[s][0] for s in seeds]), mean([ref[s][1] for s in seeds])
     before = mean([ref[s][1] - ref[s][0] for s in seeds])
@@ -345,8 +341,7 @@ def probe_result(probe: dict[str, Any] | None, reference: list[dict[str, Any]],
     pending = (f" (seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} still "
                "to run)" if missing else "")
     return (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{pending}: "
-            f"dense FedAvg "
-            f"{dense:.2f}% (reference {ref_dense:.2f}%), SSFL {ssfl:.2f}% (reference "
+            f"dense FedAvg {dense:.2f}% (reference {ref_dense:.2f}%), SSFL {ssfl:.2f}% (reference "
             f"{ref_ssfl:.2f}%), SSFL's lead {ssfl - dense:+.2f} points against "
             f"{before:+.2f} in the reference on the same seeds (change per seed: "
             + ", ".join(f"{c:+.2f}" for c in changes) + ")", changes)
@@ -357,7 +352,7 @@ def _on_each(changes: list[float]) -> str:
 
 
 def _against_spread(changes: list[float], spread: float) -> str:
-    shift = sum(changes) / len(changes)
+    shift = statistics.mean(changes)
     return (f"the mean change, {shift:+.2f}, is "
             + ("within" if abs(shift) <= spread else "beyond")
             + f" the seeds' spread of the lead ({spread:.2f})")
