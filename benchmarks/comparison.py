@@ -589,8 +589,8 @@ def third_seed_cells(rows, densities: Sequence[float],
     there): per density, SSFL against the best other federated method (dense FedAvg and the
     oracle left out), when their gap is under two of their combined standard deviations, or
     either has fewer than two seeds. Each entry names the two methods, the gap, the seeds so
-    far and the options that run next: the seeds one of them lacks, else the next seed for
-    both."""
+    far (``spread`` None where a method has one seed: no spread to hold the gap against yet)
+    and the options that run next: the seeds one of them lacks, else the next seed for both."""
     out = []
     for d in densities:
         ssfl = _cells(_select(rows, "ssfl", d, split), "final_accuracy")
@@ -600,8 +600,8 @@ def third_seed_cells(rows, densities: Sequence[float],
         best, best_cells = strongest
         gap = statistics.mean(ssfl) - statistics.mean(best_cells)
         few = min(len(ssfl), len(best_cells)) < 2
-        spread = 0.0 if few else math.hypot(statistics.stdev(ssfl), statistics.stdev(best_cells))
-        if few or abs(gap) < 2 * spread:
+        spread = None if few else math.hypot(statistics.stdev(ssfl), statistics.stdev(best_cells))
+        if spread is None or abs(gap) < 2 * spread:
             have = {m: {r["seed"] for r in _select(rows, m, d, split)} for m in ("ssfl", best)}
             seeds = sorted(have["ssfl"] | have[best])
             lacking = [m for m in ("ssfl", best) if have[m] != set(seeds)]
@@ -612,8 +612,19 @@ def third_seed_cells(rows, densities: Sequence[float],
             else:
                 command = f"--algorithms ssfl,{best} --densities {d:g} --seeds {seeds[-1] + 1}"
             out.append({"density": d, "best_other": best, "gap": gap, "spread": spread,
-                        "seeds": seeds, "command": command})
+                        "seeds": seeds, "seeds_each": {m: sorted(have[m]) for m in have},
+                        "command": command})
     return out
+
+
+def _third_seed_basis(cell: Mapping[str, Any]) -> str:
+    """What a third-seed entry's gap stands on: the spread it is held against, or, while a
+    method has one seed, which seeds each has (no spread to hold it against yet)."""
+    if cell["spread"] is not None:
+        return f"spread {cell['spread']:.2f}, seeds {', '.join(map(str, cell['seeds']))}"
+    return "; ".join(f"{LABELS.get(m, m)} seed{'s' if len(seeds) > 1 else ''} "
+                     + ", ".join(map(str, seeds)) for m, seeds in cell["seeds_each"].items()
+                     ) + ": too few seeds for a spread"
 
 
 #: methods whose mask changes during training: their mask.json's last mask is shown
@@ -1095,9 +1106,8 @@ def report(sweep: str, rows, densities, splits, out: Path, extra: Sequence[str],
                      "(a gap under two combined standard deviations): the next seed is the "
                      "same command with these options:\n\n" + "\n".join(
                          f"- density {t['density']:g}: SSFL {t['gap']:+.2f} points against "
-                         f"{LABELS.get(t['best_other'], t['best_other'])} (spread "
-                         f"{t['spread']:.2f}, seeds {', '.join(map(str, t['seeds']))}): "
-                         f"`{t['command']}`" for t in third) + "\n")
+                         f"{LABELS.get(t['best_other'], t['best_other'])} "
+                         f"({_third_seed_basis(t)}): `{t['command']}`" for t in third) + "\n")
         claims = paper_claims(rows) if is_paper_setting(config) else []
         if claims:
             data["paper_claims"] = claims

@@ -392,8 +392,11 @@ def test_third_seed_cells_by_hand(comparison) -> None:
     assert cells[0.5]["gap"] == pytest.approx(1.0)
     assert cells[0.5]["spread"] == pytest.approx(2.0)
     assert cells[0.5]["command"] == "--algorithms ssfl,feddst --densities 0.5 --seeds 2"
-    assert cells[0.05]["spread"] == 0.0 and cells[0.05]["seeds"] == [0]
+    assert cells[0.05]["spread"] is None and cells[0.05]["seeds"] == [0]
     assert cells[0.05]["command"].endswith("--seeds 1")
+    assert comparison._third_seed_basis(cells[0.05]) == \
+        "SSFL seed 0; random mask seed 0: too few seeds for a spread"
+    assert comparison._third_seed_basis(cells[0.5]) == "spread 2.00, seeds 0, 1"
     # A rival with fewer seeds than SSFL catches up first: its missing seed, not a third one.
     (cell,) = comparison.third_seed_cells(rows[:3], [0.5])
     assert cell["command"] == "--algorithms feddst --densities 0.5 --seeds 1"
