@@ -508,11 +508,28 @@ def claim_protocols(method: str) -> list[str]:
     return ["personalised" if method in PERSONALISED else "global", "authors'"]
 
 
+def on_shared_seeds(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Both sides' runs on the seeds both have, and a note naming those seeds when either side
+    has others: a claim compares like with like (a seed fixes the partition, the initial
+    weights and the client sampling), so one side's extra seed does not move the lead before
+    the other side has run it too."""
+    shared = {r["seed"] for r in ours} & {r["seed"] for r in theirs}
+    ours_paired = [r for r in ours if r["seed"] in shared]
+    theirs_paired = [r for r in theirs if r["seed"] in shared]
+    if len(ours_paired) == len(ours) and len(theirs_paired) == len(theirs):
+        return ours_paired, theirs_paired, ""
+    names = ", ".join(map(str, sorted(shared)))
+    return ours_paired, theirs_paired, (f"; seed {names}, the one both have" if len(shared) == 1
+                                        else f"; seeds {names}, those both have")
+
+
 def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
     """The paper's claims at its density, point by point, against the runs in ``rows``: SSFL
     against dense FedAvg and each published method it reports, then SSFL's relative error
-    reduction against the strongest of them; each on the protocols of ``claim_protocols``.
-    One entry per claim and protocol whose runs exist."""
+    reduction against the strongest of them; each on the protocols of ``claim_protocols``, and
+    each pair of methods on the seeds both have. One entry per claim and protocol whose runs
+    exist."""
     d = PAPER_DENSITY
 
     def sd(values: Sequence[float]) -> float:
@@ -527,9 +544,10 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
 
     claims = []
     for other in [m for m in PAPER_ACCURACY if m != "ssfl"]:
+        ssfl_paired, other_paired, seeds_note = on_shared_seeds(ssfl_runs, runs(other))
         for protocol in claim_protocols(other):
             key, curve = CLAIM_PROTOCOLS[protocol]
-            ours, theirs = _cells(ssfl_runs, key), _cells(runs(other), key)
+            ours, theirs = _cells(ssfl_paired, key), _cells(other_paired, key)
             if not theirs or not ours:
                 continue
             diff = statistics.mean(ours) - statistics.mean(theirs)
@@ -540,10 +558,10 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
                 "protocol": protocol,
                 "paper": f"{PAPER_ACCURACY['ssfl']:.1f} vs {PAPER_ACCURACY[other]:.1f} "
                          f"({PAPER_ACCURACY['ssfl'] - PAPER_ACCURACY[other]:+.1f})",
-                "ours": f"{mean_std(ours)} vs {mean_std(theirs)} ({diff:+.2f})",
+                "ours": f"{mean_std(ours)} vs {mean_std(theirs)} ({diff:+.2f}{seeds_note})",
                 "verdict": verdict(diff, spread, min(len(ours), len(theirs))), "diff": diff,
                 "spread": spread,
-                "ahead": evaluations_ahead(ssfl_runs, runs(other), curve) if curve else None})
+                "ahead": evaluations_ahead(ssfl_paired, other_paired, curve) if curve else None})
     published = [m for m in PAPER_ACCURACY if m not in ("ssfl", "fedavg")]
     best = max(published, key=PAPER_ACCURACY.__getitem__)
     paper = 1 - (100 - PAPER_ACCURACY["ssfl"]) / (100 - PAPER_ACCURACY[best])
@@ -554,10 +572,11 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
         for m in published:
             name = claim_protocols(m)[0] if protocol == "global" else protocol
             key = CLAIM_PROTOCOLS[name][0]
-            ours_m, theirs_m = _cells(ssfl_runs, key), _cells(runs(m), key)
+            ssfl_paired, other_paired, _ = on_shared_seeds(ssfl_runs, runs(m))
+            ours_m, theirs_m = _cells(ssfl_paired, key), _cells(other_paired, key)
             if ours_m and theirs_m:
                 errors[m] = (100 - statistics.mean(ours_m), 100 - statistics.mean(theirs_m),
-                             len(ours_m))
+                             min(len(ours_m), len(theirs_m)))
         if not errors:
             continue
         strongest = min(errors, key=lambda m: errors[m][1])

@@ -151,12 +151,13 @@ def test_paper_claims_point_by_point_by_hand(comparison) -> None:
     assert error["ours"] == f"{(1 - 19 / 29) * 100:.1f}% (against DisPFL)"
     # SparsyFed has one seed: behind, but no spread to call it reversed yet.
     assert claims["SSFL above SparsyFed"]["verdict"] == "SSFL behind on one seed (no spread yet)"
-    # Error: SSFL 19 %, the strongest published method (SparsyFed) 10 %: 1 - 19/10 < 0;
-    # the paper's 1 - 11.7/14.9 against DisPFL.
+    # Error on seed 0, the one SparsyFed has: SSFL 20 %, the strongest published method
+    # (SparsyFed) 10 %: 1 - 20/10 < 0; the paper's 1 - 11.7/14.9 against DisPFL.
     error = claims["SSFL's relative error reduction against the strongest published sparse "
                    "method"]
     assert error["paper"] == "21.5% (against DisPFL)"
-    assert error["ours"] == "-90.0% (against SparsyFed)" and error["verdict"] == "reversed"
+    assert error["ours"] == "-100.0% (against SparsyFed)"
+    assert error["verdict"] == "reversed (one seed so far)"
     assert "| holds |" in comparison.claims_table(comparison.paper_claims(rows))
     assert comparison.paper_claims([_row("fedavg", 1.0, 0.8)]) == []
     # Only the ResNet-18 CIFAR-10 configs are held against the paper's figures.
@@ -421,6 +422,25 @@ def test_mask_layer_table_by_hand(comparison) -> None:
         "| layer | ssfl | feddst (final) | dispfl (final, union of its clients' masks) |")
 
 
+def test_claims_compare_two_methods_on_the_seeds_both_have(comparison) -> None:
+    rows = [_row("ssfl", 0.5, 0.80), _row("ssfl", 0.5, 0.76, seed=1),
+            _row("sparsyfed", 0.5, 0.79), _row("sparsyfed", 0.5, 0.60, seed=2)]
+    (claim, error) = [c for c in comparison.paper_claims(rows)
+                      if c["protocol"].startswith("global")]
+    # Seed 0 only: 80 against 79 (+1), not SSFL's mean of two seeds (78) against SparsyFed's
+    # mean of two others (69.5); the evaluations paired on seed 0 alone.
+    assert claim["diff"] == pytest.approx(1.0)
+    assert claim["ours"] == "80.00 (n=1) vs 79.00 (n=1) (+1.00; seed 0, the one both have)"
+    assert claim["verdict"] == "SSFL ahead on one seed (no spread yet)"
+    # The error reduction pairs the same seeds, and one shared seed reads as one seed.
+    assert error["ours"] == f"{(1 - 20 / 21) * 100:.1f}% (against SparsyFed)"
+    assert error["verdict"].endswith("(one seed so far)")
+    # Nothing shared: no claim yet.
+    assert comparison.paper_claims([rows[0], rows[3]]) == []
+    ours, theirs, note = comparison.on_shared_seeds(rows[:2], rows[:2])
+    assert (ours, theirs, note) == (rows[:2], rows[:2], "")
+
+
 def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     render_docs = load_benchmark("render_docs")
     rows = [dict(_row("ssfl", 0.5, 0.80), rounds=80), dict(_row("fedavg", 1.0, 0.70), rounds=80),
@@ -429,10 +449,11 @@ def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     text = render_docs.deep_headline(deep)
     assert "80 rounds, 3 of 30 runs, seeds 0, 1" in text
     assert "what was tried" not in text  # SSFL ahead: nothing to explain
-    # Dense FedAvg has one seed: no spread to read the lead against yet.
+    # Dense FedAvg has one seed: SSFL is held to it on that seed, with no spread to read the
+    # lead against yet.
     assert ("SSFL above dense FedAvg at density 0.5 (the paper's 88.3 vs 86.0 (+2.3)): ours on "
-            "the global protocol 81.00 ± 1.41 vs 70.00 (n=1) (+11.00): SSFL ahead on one seed "
-            "(no spread yet)") in text
+            "the global protocol 80.00 (n=1) vs 70.00 (n=1) (+10.00; seed 0, the one both have): "
+            "SSFL ahead on one seed (no spread yet)") in text
     rows.append(dict(_row("fedavg", 1.0, 0.72, seed=1), rounds=80))
     (claim,) = comparison.paper_claims(rows)
     # 81 +- 1.41 against 71 +- 1.41: a 10-point lead, far beyond hypot(1.41, 1.41) = 2.
