@@ -519,9 +519,14 @@ def on_shared_seeds(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, A
     theirs_paired = [r for r in theirs if r["seed"] in shared]
     if len(ours_paired) == len(ours) and len(theirs_paired) == len(theirs):
         return ours_paired, theirs_paired, ""
-    names = ", ".join(map(str, sorted(shared)))
-    return ours_paired, theirs_paired, (f"; seed {names}, the one both have" if len(shared) == 1
-                                        else f"; seeds {names}, those both have")
+    which = "the one" if len(shared) == 1 else "those"
+    return ours_paired, theirs_paired, f"; {seeds_phrase(shared)}, {which} both have"
+
+
+def seeds_phrase(seeds: Iterable[int]) -> str:
+    """'seed 0' or 'seeds 0, 1': how the tables name a set of seeds."""
+    seeds = sorted(seeds)
+    return f"seed{'s' if len(seeds) > 1 else ''} " + ", ".join(map(str, seeds))
 
 
 def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
@@ -542,9 +547,10 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
     if not _cells(ssfl_runs, "final_accuracy"):
         return []
 
+    paired = {m: on_shared_seeds(ssfl_runs, runs(m)) for m in PAPER_ACCURACY if m != "ssfl"}
     claims = []
-    for other in [m for m in PAPER_ACCURACY if m != "ssfl"]:
-        ssfl_paired, other_paired, seeds_note = on_shared_seeds(ssfl_runs, runs(other))
+    for other in paired:
+        ssfl_paired, other_paired, seeds_note = paired[other]
         for protocol in claim_protocols(other):
             key, curve = CLAIM_PROTOCOLS[protocol]
             ours, theirs = _cells(ssfl_paired, key), _cells(other_paired, key)
@@ -572,7 +578,7 @@ def paper_claims(rows, split: str = REFERENCE_SPLIT) -> list[dict[str, Any]]:
         for m in published:
             name = claim_protocols(m)[0] if protocol == "global" else protocol
             key = CLAIM_PROTOCOLS[name][0]
-            ssfl_paired, other_paired, _ = on_shared_seeds(ssfl_runs, runs(m))
+            ssfl_paired, other_paired, _ = paired[m]
             ours_m, theirs_m = _cells(ssfl_paired, key), _cells(other_paired, key)
             if ours_m and theirs_m:
                 errors[m] = (100 - statistics.mean(ours_m), 100 - statistics.mean(theirs_m),
@@ -641,9 +647,8 @@ def _third_seed_basis(cell: Mapping[str, Any]) -> str:
     method has one seed, which seeds each has (no spread to hold it against yet)."""
     if cell["spread"] is not None:
         return f"spread {cell['spread']:.2f}, seeds {', '.join(map(str, cell['seeds']))}"
-    return "; ".join(f"{LABELS.get(m, m)} seed{'s' if len(seeds) > 1 else ''} "
-                     + ", ".join(map(str, seeds)) for m, seeds in cell["seeds_each"].items()
-                     ) + ": too few seeds for a spread"
+    return "; ".join(f"{LABELS.get(m, m)} {seeds_phrase(seeds)}"
+                     for m, seeds in cell["seeds_each"].items()) + ": too few seeds for a spread"
 
 
 #: methods whose mask changes during training: their mask.json's last mask is shown
