@@ -36,6 +36,7 @@ from comparison import (  # noqa: E402  (a sibling script, not a package)
     late_gain,
     late_trend,
     readme_headline,
+    seeds_phrase,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -163,8 +164,7 @@ def deep_progress(deep: dict[str, Any]) -> str:
     planned = [r for r in deep["runs"] if r["algorithm"] in DEEP_METHODS
                and r["seed"] in DEEP_SEEDS
                and (r["algorithm"] == "fedavg" or r["target_density"] in DEEP_DENSITIES)]
-    return (f"{len(planned)} of {DEEP_RUNS} runs, seed{'s' if len(seeds) > 1 else ''} "
-            f"{', '.join(map(str, seeds))}")
+    return f"{len(planned)} of {DEEP_RUNS} runs, {seeds_phrase(seeds)}"
 
 
 #: CIFAR-10's training images, which the paper's split shares out among the clients
@@ -338,9 +338,8 @@ def probe_result(probe: dict[str, Any] | None, reference: list[dict[str, Any]],
     before = mean([ref[s][1] - ref[s][0] for s in seeds])
     changes = [(ours[s][1] - ours[s][0]) - (ref[s][1] - ref[s][0]) for s in seeds]
     missing = [s for s in ref if s not in ours]
-    pending = (f" (seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} still "
-               "to run)" if missing else "")
-    return (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{pending}: "
+    pending = f" ({seeds_phrase(missing)} still to run)" if missing else ""
+    return (f"{seeds_phrase(seeds)}{pending}: "
             f"dense FedAvg {dense:.2f}% (reference {ref_dense:.2f}%), SSFL {ssfl:.2f}% (reference "
             f"{ref_ssfl:.2f}%), SSFL's lead {ssfl - dense:+.2f} points against "
             f"{before:+.2f} in the reference on the same seeds (change per seed: "
