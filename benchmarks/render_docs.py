@@ -35,6 +35,7 @@ from comparison import (  # noqa: E402  (a sibling script, not a package)
     first_per_layer,
     late_gain,
     late_trend,
+    on_shared_seeds,
     readme_headline,
     seeds_phrase,
 )
@@ -450,6 +451,84 @@ def why_note(data: dict[str, Any], continued: dict[str, Any] | None,
             f"paper's {paper_lead:+.1f}):\n\n" + "\n".join(items) + "\n")
 
 
+#: the deep reference's probe of SSFL's layer budget at low density: SSFL's scores choose the
+#: weights within each layer, the random ERK baseline's per-layer shares set how many
+LAYER_PROBE = "cifar10_resnet18_cpu_ssfl_erk"
+LAYER_PROBE_COMMAND = (f"python benchmarks/comparison.py main --config {DEEP_CONFIG} "
+                       "--algorithms ssfl --densities 0.1 --seeds 0,1 --runs-dir "
+                       f"runs/comparison-{LAYER_PROBE} --out benchmarks/results/{LAYER_PROBE} "
+                       "algorithm.ssfl.layer_budget=erk")
+
+
+def _mean_final(rows: list[dict[str, Any]]) -> float:
+    return statistics.mean(_cells(rows, "final_accuracy"))
+
+
+def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
+                      density: float = 0.1, squeezed: int = 3) -> str:
+    """Why random ERK can end above SSFL at low density, and what the layer-budget probe says:
+    empty while SSFL is ahead of random ERK at ``density`` on the seeds both have. The
+    ``squeezed`` layers are those SSFL keeps least of relative to ERK (first seed's masks)."""
+    runs = data["runs"]
+    ssfl, erk, shared = on_shared_seeds(_select(runs, "ssfl", density),
+                                        _select(runs, "random_erk", density))
+    if not ssfl or not erk or _mean_final(erk) <= _mean_final(ssfl):
+        return ""
+    seeds = sorted({r["seed"] for r in ssfl})
+    gap = _mean_final(erk) - _mean_final(ssfl)
+    by_seed = {(r["algorithm"], r["seed"]): r["final_accuracy"] * 100 for r in ssfl + erk}
+    per_seed = [by_seed["random_erk", s] - by_seed["ssfl", s] for s in seeds]
+    text = (f"\nWhy random ERK ends above SSFL at density {density:g} ("
+            + ("" if shared else f"{seeds_phrase(seeds)}: ")
+            + f"random ERK {_mean_final(erk):.2f}%, SSFL {_mean_final(ssfl):.2f}%, "
+            f"{gap:+.2f} points"
+            + ("; per seed " + ", ".join(f"{g:+.2f}" for g in per_seed) if len(seeds) > 1
+               else "")
+            + f"{shared}): both masks keep the same number of weights, but they share it among the "
+            "layers differently. Random ERK gives each layer a fixed Erdos-Renyi-Kernel share "
+            "and picks its weights at random; SSFL's one top-k over all layers lets the scores "
+            "decide both which weights and how many per layer.")
+    a, b = first_per_layer(runs, "ssfl", density), first_per_layer(runs, "random_erk", density)
+    if a and b:
+        ratio = sorted((a[n] / b[n], n) for n in a if b.get(n))
+        text += (" SSFL's mask squeezes some middle and late convolutions well below ERK's "
+                 "share (first seed, fraction kept, SSFL against ERK: "
+                 + ", ".join(f"`{n}` {a[n]:.3f} against {b[n]:.3f}"
+                             for _, n in ratio[:squeezed])
+                 + "): the bottleneck that pruning by saliency at initialisation is prone to "
+                 "at high sparsity (at its worst a whole layer pruned away, the layer collapse "
+                 "of Tanaka et al., 2020), where ERK's shares follow only each layer's shape "
+                 "(Evci et al., 2020).")
+    result = None
+    if probe:
+        mine = {r["seed"]: r for r in _select(probe["runs"], "ssfl", density)}
+        both = [s for s in seeds if s in mine]
+        if both:
+            p = statistics.mean(mine[s]["final_accuracy"] * 100 for s in both)
+            o = statistics.mean(r["final_accuracy"] * 100 for r in ssfl if r["seed"] in both)
+            e = statistics.mean(r["final_accuracy"] * 100 for r in erk if r["seed"] in both)
+            missing = [s for s in seeds if s not in mine]
+            verdict = ("the layer shares account for the whole gap: the scores choose weights "
+                       "within a layer as well as chance does or better, and what costs SSFL "
+                       "here is how its global top-k shares the weights among layers"
+                       if p >= e else
+                       "the layer shares account for part of the gap"
+                       if p > o else
+                       "the layer shares do not account for the gap: SSFL's scores within "
+                       "ERK's shares do no better than SSFL itself")
+            result = (f"SSFL's scores within ERK's per-layer shares (`algorithm.ssfl."
+                      f"layer_budget=erk`, a diagnostic, not the paper's method; "
+                      f"`{LAYER_PROBE_COMMAND}`), {seeds_phrase(both)}"
+                      + (f" ({seeds_phrase(missing)} still to run)" if missing else "")
+                      + f": {p:.2f}%, against SSFL's {o:.2f}% and random ERK's {e:.2f}% on "
+                      f"the same seeds, so {verdict}.")
+    text += (" " + result if result else
+             f" The test is SSFL's scores within ERK's shares: `{LAYER_PROBE_COMMAND}` "
+             "(`algorithm.ssfl.layer_budget=erk`, a diagnostic, not the paper's method; not "
+             "yet run).")
+    return text + "\n"
+
+
 def deep_section(data: dict[str, Any] | None) -> str:
     """The deep CPU reference: its tables once runs exist, else what it is and how to run it."""
     claim = dense_claim(data)
@@ -481,6 +560,7 @@ def deep_section(data: dict[str, Any] | None) -> str:
                     + protocol_note(data)
                     + why_note(data, continued_data, _load(f"{LR_PROBE}/comparison.json"),
                                _load(f"{WIDTH_PROBE}/comparison.json"))
+                    + layer_budget_note(data, _load(f"{LAYER_PROBE}/comparison.json"))
                     + f"\n![accuracy during training at density 0.5]({plots}_round_d0.5.png)\n"
                     + (f"![accuracy on the authors' protocol during training at density 0.5]"
                        f"({plots}_round_d0.5_authors.png)\n"

@@ -560,6 +560,38 @@ def test_protocol_note_puts_the_three_personalised_figures_side_by_side() -> Non
     assert render_docs.protocol_note({"runs": rows[2:]}) == ""
 
 
+def test_layer_budget_note_reads_the_gap_the_squeezed_layers_and_the_probe_by_hand() -> None:
+    render_docs = load_benchmark("render_docs")
+    ssfl_layers = {"a": 0.5, "b": 0.02, "c": 0.1}
+    erk_layers = {"a": 0.4, "b": 0.08, "c": 0.12}
+    rows = [_row("ssfl", 0.1, 0.40, per_layer=ssfl_layers), _row("ssfl", 0.1, 0.42, seed=1),
+            _row("random_erk", 0.1, 0.41, per_layer=erk_layers),
+            _row("random_erk", 0.1, 0.44, seed=1)]
+    note = render_docs.layer_budget_note({"runs": rows}, None, squeezed=2)
+    # Means: ERK 42.50, SSFL 41.00; per seed +1.00, +2.00. Smallest SSFL/ERK ratios: b (0.25),
+    # then c (0.83); a (1.25) is not squeezed.
+    assert "(seeds 0, 1: random ERK 42.50%, SSFL 41.00%, +1.50 points; per seed +1.00, " \
+           "+2.00)" in note
+    assert "`b` 0.020 against 0.080, `c` 0.100 against 0.120)" in note and "`a`" not in note
+    assert "not yet run" in note
+    # The probe on seed 0 only: compared on seed 0 (SSFL 40.00, ERK 41.00).
+    probe = {"runs": [_row("ssfl", 0.1, 0.415)]}
+    note = render_docs.layer_budget_note({"runs": rows}, probe)
+    assert "seed 0 (seed 1 still to run): 41.50%, against SSFL's 40.00% and random ERK's " \
+           "41.00% on the same seeds, so the layer shares account for the whole gap" in note
+    probe = {"runs": [_row("ssfl", 0.1, 0.405), _row("ssfl", 0.1, 0.43, seed=1)]}
+    assert "account for part of the gap" in render_docs.layer_budget_note({"runs": rows}, probe)
+    probe = {"runs": [_row("ssfl", 0.1, 0.39), _row("ssfl", 0.1, 0.41, seed=1)]}
+    assert "do not account for the gap" in render_docs.layer_budget_note({"runs": rows}, probe)
+    # SSFL ahead of ERK, or ERK not run: nothing to explain.
+    ahead = [dict(r, final_accuracy=0.30) if r["algorithm"] == "random_erk" else r for r in rows]
+    assert render_docs.layer_budget_note({"runs": ahead}, None) == ""
+    assert render_docs.layer_budget_note({"runs": rows[:2]}, None) == ""
+    # Paired on the seeds both have: ERK's seed 1 alone does not count before SSFL has it.
+    note = render_docs.layer_budget_note({"runs": rows[:1] + rows[2:]}, None)
+    assert "(random ERK 41.00%, SSFL 40.00%, +1.00 points; seed 0, the one both have)" in note
+
+
 def test_continued_note_reads_the_carried_on_runs_by_hand() -> None:
     render_docs = load_benchmark("render_docs")
 

@@ -10,6 +10,8 @@ from ssfl.algorithms.common import WeightedMean
 from ssfl.masks import (
     apply_mask_,
     bits_to_mask,
+    erk_counts,
+    erk_topk_mask,
     global_top_k,
     global_topk_mask,
     jaccard,
@@ -67,6 +69,38 @@ def test_topk_is_global_across_layers_not_per_layer() -> None:
     mask = global_topk_mask(scores, density=0.5)  # k = 3: 20, 10, 4
     assert mask["a"].tolist() == [False, False, False, True]
     assert mask["b"].tolist() == [True, True]
+
+
+def test_erk_layer_budget_keeps_each_layers_erk_share_and_its_top_scores() -> None:
+    # a (2x3, 6 weights) outscores b (4x4, 16) everywhere: the global top-11 (density 0.5 of
+    # 22) keeps all of a and b's five best. ERK by hand: densities proportional to
+    # sum(shape)/prod(shape) = 5/6 and 8/16, scaled to 11 weights: 11/13 x (5, 8) = 4.23 and
+    # 6.77 kept, rounded by largest remainder to 4 and 7.
+    a = torch.tensor([[10.0, 15.0, 11.0], [14.0, 12.0, 13.0]])
+    b = torch.arange(16.0).flip(0).reshape(4, 4) / 16  # 15/16 first, 0 last
+    scores = {"a": a, "b": b}
+    shapes = {"a": a.shape, "b": b.shape}
+    assert erk_counts(shapes, 0.5) == {"a": 4, "b": 7}
+    mask = erk_topk_mask(scores, 0.5)
+    assert mask["a"].tolist() == [[False, True, False], [True, True, True]]  # 15, 14, 13, 12
+    assert mask["b"].reshape(-1).tolist() == [True] * 7 + [False] * 9
+    everywhere = global_topk_mask(scores, 0.5)
+    assert bool(everywhere["a"].all()) and int(everywhere["b"].sum()) == 5
+    with pytest.raises(ValueError, match="NaN"):
+        erk_topk_mask({"a": torch.tensor([float("nan"), 1.0])}, 0.5)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.013])
+def test_erk_layer_budget_density_is_exact_on_a_real_model(density: float) -> None:
+    torch.manual_seed(0)
+    model = ResNet18(10, width=0.125)
+    names = prunable_parameter_names(model)
+    scores = {n: torch.rand(p.shape) for n, p in model.named_parameters() if n in names}
+    mask = erk_topk_mask(scores, density)
+    total = sum(s.numel() for s in scores.values())
+    assert sum(int(m.sum()) for m in mask.values()) == topk_count(density, total)
+    assert {n: int(m.sum()) for n, m in mask.items()} == erk_counts(
+        {n: s.shape for n, s in scores.items()}, density)
 
 
 def test_ties_are_broken_by_position_so_density_is_exact() -> None:

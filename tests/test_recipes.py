@@ -94,6 +94,7 @@ def test_constant_local_schedule_never_changes_the_rate(monkeypatch: pytest.Monk
     ("train.local_restart_epochs=0", "local_restart_epochs"),
     ('train.local_lr_schedule="cosine_restarts",train.local_lr_min=0.5', "local_lr_min"),
     ('algorithm.ssfl.saliency_augment="crop"', "saliency_augment"),
+    ('algorithm.ssfl.layer_budget="per_layer"', "layer_budget"),
 ])
 def test_bad_recipe_keys_are_refused_by_name(override: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
@@ -143,3 +144,20 @@ def test_saliency_augment_follows_the_training_augmentation() -> None:
     off_augmented = _mask('algorithm.ssfl.saliency_augment="off"', 'train.augment="crop_flip"')
     assert all(torch.equal(off[n], off_augmented[n]) for n in off)
     assert any(not torch.equal(off[n], augmented[n]) for n in off)
+
+
+def test_erk_layer_budget_keeps_the_erk_counts_and_the_scores_choice_within_layers() -> None:
+    # The same scores (same seed, same clients) under both budgets: "erk" keeps exactly the
+    # random ERK baseline's per-layer counts, and in a layer where it keeps at least as many
+    # weights as the global top-k did, it keeps every weight the global top-k kept there
+    # (both rank that layer's weights by the same scores).
+    from ssfl.masks import erk_counts
+
+    everywhere = _mask()
+    per_layer = _mask('algorithm.ssfl.layer_budget="erk"')
+    shapes = {n: m.shape for n, m in everywhere.items()}
+    assert {n: int(m.sum()) for n, m in per_layer.items()} == erk_counts(shapes, 0.2)
+    assert any(not torch.equal(everywhere[n], per_layer[n]) for n in everywhere)
+    for name in everywhere:
+        if int(per_layer[name].sum()) >= int(everywhere[name].sum()):
+            assert bool(per_layer[name][everywhere[name]].all())

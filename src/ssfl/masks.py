@@ -134,10 +134,29 @@ def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask
     return global_top_k(scores32, topk_count(density, sum(s.numel() for s in scores32.values())))
 
 
+def layerwise_top_k(keys: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> Mask:
+    """``top_k`` within each layer: the ``counts[layer]`` largest entries of each tensor (ties:
+    earlier position first), so the layer budget is set outside and only the choice inside a
+    layer follows the keys."""
+    return {n: top_k(key, counts[n]).reshape(key.shape) for n, key in keys.items()}
+
+
 def magnitude_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> Mask:
     """Keep the ``counts[layer]`` largest-magnitude weights of each layer (ties: earlier first)."""
-    return {n: top_k(w.detach().abs().to(torch.float64), counts[n]).reshape(w.shape)
-            for n, w in weights.items()}
+    return layerwise_top_k({n: w.detach().abs().to(torch.float64) for n, w in weights.items()},
+                           counts)
+
+
+def erk_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
+    """Each layer keeps its Erdos-Renyi-Kernel share of the k = round(density * total) weights
+    (``erk_counts``, as the random ERK baseline), and within the layer its highest-scoring
+    weights. Not the paper's rule (one top-k over all layers, ``global_topk_mask``): it keeps
+    the scores' choice of weights but not their choice of how much each layer keeps."""
+    scores32 = {n: s.to(torch.float32) for n, s in scores.items()}
+    if not all(bool(torch.isfinite(s).all()) for s in scores32.values()):
+        raise ValueError("saliency scores contain NaN or infinite values")
+    return layerwise_top_k(scores32, erk_counts({n: s.shape for n, s in scores32.items()},
+                                                density))
 
 
 def random_global_mask(

@@ -42,6 +42,9 @@ SCORE_AGGREGATIONS = ("weighted", "uniform")
 SCORE_DTYPES = tuple(PAYLOAD_DTYPES)
 #: ``saliency_augment``: score batches augmented as training batches are, or not
 SALIENCY_AUGMENTS = ("train", "off")
+#: how a saliency mask shares k among the layers: "global" (one top-k over all layers, the
+#: paper) or "erk" (each layer its ERK share, ranked by score within it)
+LAYER_BUDGETS = ("global", "erk")
 
 
 class WeightedMean:

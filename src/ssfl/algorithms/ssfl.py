@@ -48,6 +48,7 @@ from ssfl.algorithms.base import (
     SetupReply,
 )
 from ssfl.algorithms.common import (
+    LAYER_BUDGETS,
     SALIENCY_AUGMENTS,
     SCORE_AGGREGATIONS,
     SCORE_DTYPES,
@@ -69,6 +70,7 @@ from ssfl.client import compute_scores, encode_scores, train_round
 from ssfl.comm import HEADER, VALUE_DTYPES, PayloadError, decode_values, encode_values
 from ssfl.masks import (
     Mask,
+    erk_topk_mask,
     full_mask,
     global_topk_mask,
     mask_density,
@@ -269,6 +271,12 @@ class SaliencySettings:
     # as the authors score the first batch of their shuffled, cropped and flipped training
     # loader; "off": unaugmented images (what this project did before it had this key)
     saliency_augment: str = "train"
+    # how the k kept weights are shared among the layers: "global" (the paper: one top-k of the
+    # scores over all layers, so the scores also decide each layer's share) or "erk" (each
+    # layer keeps its Erdos-Renyi-Kernel share, as the random ERK baseline, and the scores
+    # choose which weights within it): a diagnostic of whether a layer bottleneck, not the
+    # choice of weights, costs accuracy at low density (docs/benchmarks.md)
+    layer_budget: str = "global"
     # how each client's scores travel in the mask round (docs/lean_mask.md; the defaults of
     # these four keys are the paper's): "float32", "float16", "bfloat16" or "log8" (8-bit
     # log-scale codes)
@@ -296,6 +304,9 @@ class SaliencySettings:
         if self.saliency_augment not in SALIENCY_AUGMENTS:
             raise ValueError(f"saliency_augment = {self.saliency_augment!r} is not allowed; "
                              f"choose one of {list(SALIENCY_AUGMENTS)}")
+        if self.layer_budget not in LAYER_BUDGETS:
+            raise ValueError(f"layer_budget = {self.layer_budget!r} is not allowed; choose one "
+                             f"of {list(LAYER_BUDGETS)}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype = {self.score_dtype!r} is not allowed; choose one "
                              f"of {list(SCORE_DTYPES)}")
@@ -375,8 +386,9 @@ class SaliencyMask(FixedMaskFedAvg):
         return ClientOutput(encode_scores(scores, s.score_dtype, self.score_top()), state)
 
     def scores_to_mask(self, replies: Sequence[SetupReply], mode: str) -> tuple[Mask, list[int]]:
-        """The global top-k of the aggregated scores, and the clients whose scores it used (a
-        malformed score payload is logged and left out, as a bad update in a round is)."""
+        """The global top-k of the aggregated scores (or, with ``layer_budget = "erk"``, the
+        top of each layer's ERK share), and the clients whose scores it used (a malformed score
+        payload is logged and left out, as a bad update in a round is)."""
         check_mode(mode)
         count, used = self.setup.prunable_count, []
         dtype, top = self.settings.score_dtype, self.score_top()
@@ -421,6 +433,8 @@ class SaliencyMask(FixedMaskFedAvg):
                                "the earliest by position", positive, self.settings.score_topk,
                                self.settings.score_rule, k - positive, k)
         scores = unflatten(flat, self.setup.prunable_shapes, self.setup.prunable)
+        if self.settings.layer_budget == "erk":
+            return erk_topk_mask(scores, self.setup.density), used
         return global_topk_mask(scores, self.setup.density), used
 
 
