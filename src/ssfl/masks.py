@@ -125,12 +125,19 @@ def global_top_k(keys: Mapping[str, torch.Tensor], k: int) -> Mask:
     return unflatten(keep, {n: keys[n].shape for n in names}, names)
 
 
-def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
-    """Keep the k = round(density * total) highest-scoring weights over all layers together,
-    so the mask has exactly k ones and is the same on every machine."""
+def _finite_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The scores as float32 (the precision every mask rule ranks in), refused if any is NaN
+    or infinite: such a score would sort above or below every real one."""
     scores32 = {n: s.to(torch.float32) for n, s in scores.items()}
     if not all(bool(torch.isfinite(s).all()) for s in scores32.values()):
         raise ValueError("saliency scores contain NaN or infinite values")
+    return scores32
+
+
+def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
+    """Keep the k = round(density * total) highest-scoring weights over all layers together,
+    so the mask has exactly k ones and is the same on every machine."""
+    scores32 = _finite_scores(scores)
     return global_top_k(scores32, topk_count(density, sum(s.numel() for s in scores32.values())))
 
 
@@ -152,9 +159,7 @@ def erk_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
     (``erk_counts``, as the random ERK baseline), and within the layer its highest-scoring
     weights. Not the paper's rule (one top-k over all layers, ``global_topk_mask``): it keeps
     the scores' choice of weights but not their choice of how much each layer keeps."""
-    scores32 = {n: s.to(torch.float32) for n, s in scores.items()}
-    if not all(bool(torch.isfinite(s).all()) for s in scores32.values()):
-        raise ValueError("saliency scores contain NaN or infinite values")
+    scores32 = _finite_scores(scores)
     return layerwise_top_k(scores32, erk_counts({n: s.shape for n, s in scores32.items()},
                                                 density))
 
