@@ -495,7 +495,8 @@ def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
                  "share (first seed, fraction kept, SSFL against ERK: "
                  + ", ".join(f"`{n}` {a[n]:.3f} against {b[n]:.3f}"
                              for _, n in ratio[:squeezed])
-                 + "): the bottleneck that pruning by saliency at initialisation is prone to "
+                 + f"; every layer in the table at density {density:g} above): the "
+                 "bottleneck that pruning by saliency at initialisation is prone to "
                  "at high sparsity (at its worst a whole layer pruned away, the layer collapse "
                  "of Tanaka et al., 2020), where ERK's shares follow only each layer's shape "
                  "(Evci et al., 2020).")

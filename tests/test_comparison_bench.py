@@ -572,7 +572,7 @@ def test_layer_budget_note_reads_the_gap_the_squeezed_layers_and_the_probe_by_ha
     # then c (0.83); a (1.25) is not squeezed.
     assert "(seeds 0, 1: random ERK 42.50%, SSFL 41.00%, +1.50 points; per seed +1.00, " \
            "+2.00)" in note
-    assert "`b` 0.020 against 0.080, `c` 0.100 against 0.120)" in note and "`a`" not in note
+    assert "`b` 0.020 against 0.080, `c` 0.100 against 0.120;" in note and "`a`" not in note
     assert "not yet run" in note
     # The probe on seed 0 only: compared on seed 0 (SSFL 40.00, ERK 41.00).
     probe = {"runs": [_row("ssfl", 0.1, 0.415)]}
