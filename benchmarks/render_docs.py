@@ -465,7 +465,8 @@ def _mean_final(rows: list[dict[str, Any]]) -> float:
 
 
 def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
-                      density: float = 0.1, squeezed: int = 3) -> str:
+                      units: dict[str, Any] | None = None, density: float = 0.1,
+                      squeezed: int = 3) -> str:
     """Why random ERK can end above SSFL at low density, and what the layer-budget probe says:
     empty while SSFL is ahead of random ERK at ``density`` on the seeds both have. The
     ``squeezed`` layers are those SSFL keeps least of relative to ERK (first seed's masks)."""
@@ -513,10 +514,13 @@ def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
                        "within a layer as well as chance does or better, and what costs SSFL "
                        "here is how its global top-k shares the weights among layers"
                        if p >= e else
-                       "the layer shares account for part of the gap"
+                       f"the layer shares account for part of the gap; within ERK's shares, "
+                       f"choosing by score instead of at random still costs {e - p:.2f} points"
                        if p > o else
-                       "the layer shares do not account for the gap: SSFL's scores within "
-                       "ERK's shares do no better than SSFL itself")
+                       f"the layer shares do not account for the gap: within ERK's shares, "
+                       f"choosing by score instead of at random costs {e - p:.2f} points, and "
+                       f"SSFL's own shares (the first layers nearly dense) win back "
+                       f"{o - p:.2f} of them")
             result = (f"SSFL's scores within ERK's per-layer shares (`algorithm.ssfl."
                       f"layer_budget=erk`, a diagnostic, not the paper's method; "
                       f"`{LAYER_PROBE_COMMAND}`), {seeds_phrase(both)}"
@@ -527,7 +531,38 @@ def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
              f" The test is SSFL's scores within ERK's shares: `{LAYER_PROBE_COMMAND}` "
              "(`algorithm.ssfl.layer_budget=erk`, a diagnostic, not the paper's method; not "
              "yet run).")
-    return text + "\n"
+    return text + dead_units_note(units, density)
+
+
+def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
+    """What the dead-units measurement (benchmarks/mask_units.py) says at ``density``, and at
+    the other densities measured: empty until it has rows at ``density``."""
+    rows = (units or {}).get("rows", [])
+
+    def percent(method: str, d: float) -> float | None:
+        chosen = [100 * r["dead_out"] / r["out"] for r in rows
+                  if r["method"] == method and r["density"] == d]
+        return statistics.mean(chosen) if chosen else None
+
+    if percent("ssfl", density) is None:
+        return "\n"
+    seeds = sorted({r["seed"] for r in rows if r["density"] == density})
+    others = sorted({r["density"] for r in rows} - {density}, reverse=True)
+    figures = [(m, percent(m, density)) for m in ("ssfl", "ssfl_erk", "snip_single",
+                                                  "random_erk")]
+    names = {"ssfl": "SSFL's masks", "ssfl_erk": "SSFL's scores within ERK's shares",
+             "snip_single": "SNIP on one client's", "random_erk": "random ERK's"}
+    at_others = [f"density {d:g}: {percent('ssfl', d):.1f}% in SSFL's" for d in others
+                 if percent("ssfl", d) is not None]
+    return (" Where the scores' choice within a layer costs: a saliency mask empties whole "
+            "filters, which no random mask of the same shares measured here does. At density "
+            f"{density:g} ({seeds_phrase(seeds)}; `python benchmarks/mask_units.py`, "
+            "`benchmarks/results/mask_units.md`), the filters left with no weight at all are "
+            + ", ".join(f"{v:.1f}% in {names[m]}" for m, v in figures if v is not None)
+            + (" (" + "; ".join(at_others) + ")" if at_others else "")
+            + "; a dead filter outputs only its GroupNorm's shift, so the layers where they "
+            "sit (the last two stages, per layer in that file) are narrower than their share of "
+            "weights says. Random ERK's weights are fewer per filter but reach every filter.\n")
 
 
 def deep_section(data: dict[str, Any] | None) -> str:
@@ -561,7 +596,8 @@ def deep_section(data: dict[str, Any] | None) -> str:
                     + protocol_note(data)
                     + why_note(data, continued_data, _load(f"{LR_PROBE}/comparison.json"),
                                _load(f"{WIDTH_PROBE}/comparison.json"))
-                    + layer_budget_note(data, _load(f"{LAYER_PROBE}/comparison.json"))
+                    + layer_budget_note(data, _load(f"{LAYER_PROBE}/comparison.json"),
+                                        _load("mask_units.json"))
                     + f"\n![accuracy during training at density 0.5]({plots}_round_d0.5.png)\n"
                     + (f"![accuracy on the authors' protocol during training at density 0.5]"
                        f"({plots}_round_d0.5_authors.png)\n"

@@ -581,8 +581,25 @@ def test_layer_budget_note_reads_the_gap_the_squeezed_layers_and_the_probe_by_ha
            "41.00% on the same seeds, so the layer shares account for the whole gap" in note
     probe = {"runs": [_row("ssfl", 0.1, 0.405), _row("ssfl", 0.1, 0.43, seed=1)]}
     assert "account for part of the gap" in render_docs.layer_budget_note({"runs": rows}, probe)
+    # Probe 41.75 between SSFL 41.00 and ERK 42.50: ERK's random choice still 0.75 ahead.
+    assert "within ERK's shares, choosing by score instead of at random still costs 0.75" \
+        in render_docs.layer_budget_note({"runs": rows}, probe)
     probe = {"runs": [_row("ssfl", 0.1, 0.39), _row("ssfl", 0.1, 0.41, seed=1)]}
-    assert "do not account for the gap" in render_docs.layer_budget_note({"runs": rows}, probe)
+    note = render_docs.layer_budget_note({"runs": rows}, probe)
+    # Probe 40.00: 2.50 below ERK, and SSFL's own shares win back 1.00 of them.
+    assert "do not account for the gap: within ERK's shares, choosing by score instead of at " \
+           "random costs 2.50 points, and SSFL's own shares (the first layers nearly dense) " \
+           "win back 1.00 of them." in note
+    # The dead-units rows, once measured: percentages of all filters, means over seeds.
+    units = {"rows": [{"method": "ssfl", "density": 0.1, "seed": s, "dead_out": d, "out": 200}
+                      for s, d in ((0, 10), (1, 30))]
+             + [{"method": "random_erk", "density": 0.1, "seed": 0, "dead_out": 0, "out": 200},
+                {"method": "ssfl", "density": 0.5, "seed": 0, "dead_out": 1, "out": 200}]}
+    note = render_docs.layer_budget_note({"runs": rows}, probe, units)
+    assert "At density 0.1 (seeds 0, 1; `python benchmarks/mask_units.py`" in note
+    assert "the filters left with no weight at all are 10.0% in SSFL's masks, 0.0% in random " \
+           "ERK's (density 0.5: 0.5% in SSFL's);" in note
+    assert "mask_units" not in render_docs.layer_budget_note({"runs": rows}, probe, None)
     # SSFL ahead of ERK, or ERK not run: nothing to explain.
     ahead = [dict(r, final_accuracy=0.30) if r["algorithm"] == "random_erk" else r for r in rows]
     assert render_docs.layer_budget_note({"runs": ahead}, None) == ""

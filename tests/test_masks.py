@@ -10,6 +10,7 @@ from ssfl.algorithms.common import WeightedMean
 from ssfl.masks import (
     apply_mask_,
     bits_to_mask,
+    dead_units,
     erk_counts,
     erk_topk_mask,
     global_top_k,
@@ -88,6 +89,17 @@ def test_erk_layer_budget_keeps_each_layers_erk_share_and_its_top_scores() -> No
     assert bool(everywhere["a"].all()) and int(everywhere["b"].sum()) == 5
     with pytest.raises(ValueError, match="NaN"):
         erk_topk_mask({"a": torch.tensor([float("nan"), 1.0])}, 0.5)
+
+
+def test_dead_units_by_eye() -> None:
+    # A 3x2 linear mask: output row 1 keeps nothing, input column 1 keeps nothing.
+    linear = torch.tensor([[True, False], [False, False], [True, False]])
+    # A conv mask (2 filters, 3 input channels, 1x2 kernels): filter 0 keeps one tap of input
+    # channel 2 only, filter 1 keeps nothing; inputs 0 and 1 feed no kept weight.
+    conv = torch.zeros(2, 3, 1, 2, dtype=torch.bool)
+    conv[0, 2, 0, 1] = True
+    got = dead_units({"fc": linear, "conv": conv, "bias": torch.ones(3, dtype=torch.bool)})
+    assert got == {"fc": (1, 3, 1, 2), "conv": (1, 2, 2, 3)}
 
 
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.013])

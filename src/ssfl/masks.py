@@ -148,6 +148,21 @@ def layerwise_top_k(keys: Mapping[str, torch.Tensor], counts: Mapping[str, int])
     return {n: top_k(key, counts[n]).reshape(key.shape) for n, key in keys.items()}
 
 
+def dead_units(mask: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int, int, int]]:
+    """Per Conv/Linear weight of shape (out, in, ...): (output units with no kept weight, output
+    units, input channels with no kept weight, input channels). A filter with no weight left
+    outputs nothing but its normalisation's shift, so a mask that empties filters narrows the
+    layer beyond its share of weights; a random mask of the same share almost never does."""
+    out = {}
+    for name, keep in mask.items():
+        if keep.dim() < 2:
+            continue
+        per_pair = keep.reshape(keep.shape[0], keep.shape[1], -1).any(dim=2)
+        out[name] = (int((~per_pair.any(dim=1)).sum()), keep.shape[0],
+                     int((~per_pair.any(dim=0)).sum()), keep.shape[1])
+    return out
+
+
 def magnitude_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> Mask:
     """Keep the ``counts[layer]`` largest-magnitude weights of each layer (ties: earlier first)."""
     return layerwise_top_k({n: w.detach().abs().to(torch.float64) for n, w in weights.items()},
