@@ -26,7 +26,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Mapping, Sequence  # noqa: E402
@@ -35,7 +34,7 @@ from typing import Any  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lean_mask import mask_round  # noqa: E402
+from lean_mask import _mean_std, mask_round  # noqa: E402
 
 CONFIG = HERE.parent / "configs" / "cifar10_resnet18_cpu.toml"
 #: each mask's method and settings (the key is the label of its rows)
@@ -94,12 +93,7 @@ def measure(densities: Sequence[float], seeds: Sequence[int], config_path: Path,
 
 
 def _percent(rows: Sequence[Mapping[str, Any]], part: str, whole: str) -> str:
-    values = [100 * r[part] / r[whole] for r in rows]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.1f} (n=1)"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return _mean_std([100 * r[part] / r[whole] for r in rows], digits=1)
 
 
 def worst_layer(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -289,10 +289,11 @@ def dense_claim(data: dict[str, Any] | None) -> dict[str, Any] | None:
                 None)
 
 
-def _probe_command(name: str, overrides: str) -> str:
+def _probe_command(name: str, overrides: str, algorithms: str = "fedavg,ssfl",
+                   density: float = 0.5) -> str:
     return (f"python benchmarks/comparison.py main --config {DEEP_CONFIG} --algorithms "
-            f"fedavg,ssfl --densities 0.5 --seeds 0,1 --runs-dir runs/comparison-{name} --out "
-            f"benchmarks/results/{name} {overrides}")
+            f"{algorithms} --densities {density:g} --seeds 0,1 --runs-dir runs/comparison-{name} "
+            f"--out benchmarks/results/{name} {overrides}")
 
 
 #: the deep reference's probes of SSFL against dense FedAvg: half the authors' learning rate,
@@ -454,14 +455,8 @@ def why_note(data: dict[str, Any], continued: dict[str, Any] | None,
 #: the deep reference's probe of SSFL's layer budget at low density: SSFL's scores choose the
 #: weights within each layer, the random ERK baseline's per-layer shares set how many
 LAYER_PROBE = "cifar10_resnet18_cpu_ssfl_erk"
-LAYER_PROBE_COMMAND = (f"python benchmarks/comparison.py main --config {DEEP_CONFIG} "
-                       "--algorithms ssfl --densities 0.1 --seeds 0,1 --runs-dir "
-                       f"runs/comparison-{LAYER_PROBE} --out benchmarks/results/{LAYER_PROBE} "
-                       "algorithm.ssfl.layer_budget=erk")
-
-
-def _mean_final(rows: list[dict[str, Any]]) -> float:
-    return statistics.mean(_cells(rows, "final_accuracy"))
+LAYER_PROBE_COMMAND = _probe_command(LAYER_PROBE, "algorithm.ssfl.layer_budget=erk", "ssfl",
+                                     0.1)
 
 
 def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
@@ -473,15 +468,19 @@ def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
     runs = data["runs"]
     ssfl, erk, shared = on_shared_seeds(_select(runs, "ssfl", density),
                                         _select(runs, "random_erk", density))
-    if not ssfl or not erk or _mean_final(erk) <= _mean_final(ssfl):
-        return ""
-    seeds = sorted({r["seed"] for r in ssfl})
-    gap = _mean_final(erk) - _mean_final(ssfl)
     by_seed = {(r["algorithm"], r["seed"]): r["final_accuracy"] * 100 for r in ssfl + erk}
+    seeds = sorted({r["seed"] for r in ssfl})
+
+    def mean(method: str, over: list[int] = seeds) -> float:
+        return statistics.mean(by_seed[method, s] for s in over)
+
+    if not ssfl or not erk or mean("random_erk") <= mean("ssfl"):
+        return ""
+    gap = mean("random_erk") - mean("ssfl")
     per_seed = [by_seed["random_erk", s] - by_seed["ssfl", s] for s in seeds]
     text = (f"\nWhy random ERK ends above SSFL at density {density:g} ("
             + ("" if shared else f"{seeds_phrase(seeds)}: ")
-            + f"random ERK {_mean_final(erk):.2f}%, SSFL {_mean_final(ssfl):.2f}%, "
+            + f"random ERK {mean('random_erk'):.2f}%, SSFL {mean('ssfl'):.2f}%, "
             f"{gap:+.2f} points"
             + ("; per seed " + ", ".join(f"{g:+.2f}" for g in per_seed) if len(seeds) > 1
                else "")
@@ -507,8 +506,7 @@ def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
         both = [s for s in seeds if s in mine]
         if both:
             p = statistics.mean(mine[s]["final_accuracy"] * 100 for s in both)
-            o = statistics.mean(r["final_accuracy"] * 100 for r in ssfl if r["seed"] in both)
-            e = statistics.mean(r["final_accuracy"] * 100 for r in erk if r["seed"] in both)
+            o, e = mean("ssfl", both), mean("random_erk", both)
             missing = [s for s in seeds if s not in mine]
             verdict = ("the layer shares account for the whole gap: the scores choose weights "
                        "within a layer as well as chance does or better, and what costs SSFL "
