@@ -448,6 +448,10 @@ def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     deep = {"runs": rows, "paper_claims": comparison.paper_claims(rows)}
     text = render_docs.deep_headline(deep)
     assert "80 rounds, 3 of 30 runs, seeds 0, 1" in text
+    # A run on a seed beyond the plan's two is counted apart, not towards the planned 30.
+    extra = dict(_row("ssfl", 0.5, 0.81, seed=2), rounds=80)
+    assert (render_docs.deep_progress({"runs": [*rows, extra]})
+            == "3 of 30 runs, seeds 0, 1, and 1 on seed 2")
     assert "what was tried" not in text  # SSFL ahead: nothing to explain
     # Dense FedAvg has one seed: SSFL is held to it on that seed, with no spread to read the
     # lead against yet.
@@ -577,7 +581,7 @@ def test_layer_budget_note_reads_the_gap_the_squeezed_layers_and_the_probe_by_ha
     # The probe on seed 0 only: compared on seed 0 (SSFL 40.00, ERK 41.00).
     probe = {"runs": [_row("ssfl", 0.1, 0.415)]}
     note = render_docs.layer_budget_note({"runs": rows}, probe)
-    assert "seed 0 (seed 1 still to run): 41.50%, against SSFL's 40.00% and random ERK's " \
+    assert "seed 0 (not run on seed 1): 41.50%, against SSFL's 40.00% and random ERK's " \
            "41.00% on the same seeds, so the layer shares account for the whole gap" in note
     probe = {"runs": [_row("ssfl", 0.1, 0.405), _row("ssfl", 0.1, 0.43, seed=1)]}
     assert "account for part of the gap" in render_docs.layer_budget_note({"runs": rows}, probe)
@@ -693,13 +697,13 @@ def test_why_note_reads_the_masks_rounds_and_probes_by_hand() -> None:
     assert ("Carried on from 120 to 160 rounds, SSFL's lead over dense FedAvg went from -1.00 "
             "to -0.50 points: longer training does not open the paper's gap here.") in note
     # The reference's seed 0: dense 42, SSFL 41, a lead of -1.00; the probe's +1.00: +2.00.
-    assert ("seed 0 (seed 1 still to run): dense FedAvg 40.00% (reference 42.00%), SSFL 41.00% "
+    assert ("seed 0 (not run on seed 1): dense FedAvg 40.00% (reference 42.00%), SSFL 41.00% "
             "(reference 41.00%), SSFL's lead +1.00 points against -1.00 in the reference on the "
             "same seeds (change per seed: +2.00): the smaller rate raises SSFL's lead on the "
             "one seed so far, so the authors' rate may suit the dense model more than the "
             "sparse one; the mean change, +2.00, is beyond the seeds' spread of the lead "
             "(1.50).") in note
-    assert note.count("seed 0 (seed 1 still to run): dense FedAvg 40.00%") == 2
+    assert note.count("seed 0 (not run on seed 1): dense FedAvg 40.00%") == 2
     assert "hypothesis so far" not in note
     assert "does not fall with the width on every seed, against the hypothesis" in note
     narrower = {"runs": [_row("fedavg", 1.0, 0.40), _row("ssfl", 0.5, 0.37)]}
