@@ -2,7 +2,7 @@
 on the deep CPU reference (configs/cifar10_resnet18_cpu.toml: CIFAR-10, 100 clients, balanced
 Dirichlet 0.3, ResNet-18 with GroupNorm at a quarter width).
 
-    python benchmarks/mask_units.py [--densities 0.1,0.5] [--seeds 0,1]
+    python benchmarks/mask_units.py [--densities 0.1,0.5] [--seeds 0,1,2]
 
 Why: at density 0.1 random ERK ends above SSFL on that setting, and SSFL's scores placed in
 ERK's own per-layer shares (``algorithm.ssfl.layer_budget = "erk"``) end lower still, so the
@@ -13,7 +13,9 @@ of weights says, where a random mask of the same share spreads its weights over 
 
 Each mask is built exactly as ``ssfl run`` builds it (``lean_mask.mask_round``: the run loop's
 set-up phase, nothing trained): SSFL (the paper's global top-k), SSFL within ERK's per-layer
-shares, SNIP on one client, random ERK. Rows already in results/mask_units.json are kept (the
+shares, SNIP on one client, random ERK, and SSFL with no unit cut off
+(``algorithm.ssfl.min_per_unit = 1``: the check that its floor leaves no filter dead and no
+input channel unused). Rows already in results/mask_units.json are kept (the
 measurement resumes). Writes results/mask_units.{json,md}. Run it with one thread, under nice.
 """
 
@@ -43,10 +45,12 @@ MASKS = {
     "ssfl_erk": ["algorithm.name=ssfl", 'algorithm.ssfl.layer_budget="erk"'],
     "snip_single": ["algorithm.name=snip_single"],
     "random_erk": ["algorithm.name=random_erk"],
+    "ssfl_floor": ["algorithm.name=ssfl", "algorithm.ssfl.min_per_unit=1"],
 }
 LABELS = {"ssfl": "SSFL (global top-k, the paper)",
           "ssfl_erk": "SSFL's scores in ERK's shares (layer_budget = erk)",
-          "snip_single": "SNIP on one client", "random_erk": "random ERK"}
+          "snip_single": "SNIP on one client", "random_erk": "random ERK",
+          "ssfl_floor": "SSFL with no unit cut off (min_per_unit = 1)"}
 BASE = ["run.threads=1", "run.progress=false"]
 
 
@@ -143,7 +147,7 @@ def report(rows: Sequence[Mapping[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--densities", default="0.1,0.5")
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()

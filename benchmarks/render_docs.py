@@ -466,10 +466,11 @@ LAYER_PROBE_COMMAND = _probe_command(LAYER_PROBE, "algorithm.ssfl.layer_budget=e
 
 def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
                       units: dict[str, Any] | None = None, density: float = 0.1,
-                      squeezed: int = 3) -> str:
-    """Why random ERK can end above SSFL at low density, and what the layer-budget probe says:
-    empty while SSFL is ahead of random ERK at ``density`` on the seeds both have. The
-    ``squeezed`` layers are those SSFL keeps least of relative to ERK (first seed's masks)."""
+                      squeezed: int = 3, floor: dict[str, Any] | None = None) -> str:
+    """Why random ERK can end above SSFL at low density, and what the layer-budget probe, the
+    dead-units measurement and the filter-floor probe (``floor``) say: empty while SSFL is
+    ahead of random ERK at ``density`` on the seeds both have. The ``squeezed`` layers are
+    those SSFL keeps least of relative to ERK (first seed's masks)."""
     runs = data["runs"]
     ssfl, erk, shared = on_shared_seeds(_select(runs, "ssfl", density),
                                         _select(runs, "random_erk", density))
@@ -534,7 +535,52 @@ def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
              f" The test is SSFL's scores within ERK's shares: `{LAYER_PROBE_COMMAND}` "
              "(`algorithm.ssfl.layer_budget=erk`, a diagnostic, not the paper's method; not "
              "yet run).")
-    return text + dead_units_note(units, density)
+    dead = dead_units_note(units, density)
+    return text + dead.rstrip("\n") + (filter_floor_note(runs, floor, density) if dead.strip()
+                                       else "") + "\n"
+
+
+#: the deep reference's probe of the units SSFL's mask cuts off at low density: the same
+#: scores and global top-k, with every filter's and every input channel's best weight first
+FLOOR_PROBE = "cifar10_resnet18_cpu_ssfl_floor"
+FLOOR_PROBE_COMMAND = _probe_command(FLOOR_PROBE, "algorithm.ssfl.min_per_unit=1", "ssfl",
+                                     0.1)
+
+
+def filter_floor_note(runs: list[dict[str, Any]], probe: dict[str, Any] | None,
+                      density: float = 0.1) -> str:
+    """Whether keeping every unit connected closes SSFL's gap to random ERK at ``density``: the
+    floor probe (SSFL with ``min_per_unit = 1``) against SSFL and random ERK on the seeds all
+    three have, with the change against SSFL per seed and SSFL's own seed-to-seed spread."""
+    ssfl = {r["seed"]: r["final_accuracy"] * 100 for r in _select(runs, "ssfl", density)}
+    erk = {r["seed"]: r["final_accuracy"] * 100 for r in _select(runs, "random_erk", density)}
+    mine = ({r["seed"]: r["final_accuracy"] * 100 for r in _select(probe["runs"], "ssfl",
+                                                                    density)}
+            if probe else {})
+    seeds = sorted(s for s in mine if s in ssfl and s in erk)
+    what = ("SSFL with no unit cut off (`algorithm.ssfl.min_per_unit=1`: each filter's and "
+            "each input channel's best-scoring weight first, the rest of the k by SSFL's "
+            "global top-k, so at most one weight moves per unit cut off; a "
+            f"diagnostic, not the paper's method; `{FLOOR_PROBE_COMMAND}`)")
+    if not seeds:
+        return (f" Whether the units cut off are what costs SSFL is tested by {what}; not yet "
+                "run.")
+    mean = statistics.mean
+    p, o, e = (mean(m[s] for s in seeds) for m in (mine, ssfl, erk))
+    missing = sorted(s for s in ssfl if s in erk and s not in mine)
+    spread = (f"; SSFL's own seed-to-seed spread here is {statistics.stdev(ssfl.values()):.2f}"
+              if len(ssfl) > 1 else "")
+    verdict = ("reconnecting them closes the whole gap: the units SSFL's mask cuts off are what "
+               "cost it here" if p >= e else
+               f"reconnecting them wins back {p - o:.2f} of the {e - o:.2f} points"
+               if p > o else
+               f"reconnecting them wins nothing back ({p - o:+.2f} points): one weight does not "
+               "restore what a cut-off unit lost, or the units cut off are not what costs SSFL")
+    return (f" Does reconnecting the units cut off close the gap? {what}, {seeds_phrase(seeds)}"
+            + (f" (not run on {seeds_phrase(missing)})" if missing else "")
+            + f": {p:.2f}%, against SSFL's {o:.2f}% and random ERK's {e:.2f}% on the same "
+            "seeds (change against SSFL per seed: "
+            + ", ".join(f"{mine[s] - ssfl[s]:+.2f}" for s in seeds) + f"{spread}), so {verdict}.")
 
 
 def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
@@ -542,8 +588,9 @@ def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
     the other densities measured: empty until it has rows at ``density``."""
     rows = (units or {}).get("rows", [])
 
-    def percent(method: str, d: float) -> float | None:
-        chosen = [100 * r["dead_out"] / r["out"] for r in rows
+    def percent(method: str, d: float, part: str = "dead_out", whole: str = "out"
+                ) -> float | None:
+        chosen = [100 * r[part] / r[whole] for r in rows
                   if r["method"] == method and r["density"] == d]
         return statistics.mean(chosen) if chosen else None
 
@@ -551,21 +598,28 @@ def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
         return "\n"
     seeds = sorted({r["seed"] for r in rows if r["density"] == density})
     others = sorted({r["density"] for r in rows} - {density}, reverse=True)
-    figures = [(m, percent(m, density)) for m in ("ssfl", "ssfl_erk", "snip_single",
-                                                  "random_erk")]
     names = {"ssfl": "SSFL's masks", "ssfl_erk": "SSFL's scores within ERK's shares",
              "snip_single": "SNIP on one client's", "random_erk": "random ERK's"}
-    at_others = [f"density {d:g}: {percent('ssfl', d):.1f}% in SSFL's" for d in others
+
+    def figures(part: str, whole: str) -> str:
+        return ", ".join(f"{v:.1f}% in {names[m]}" for m in names
+                         if (v := percent(m, density, part, whole)) is not None)
+
+    at_others = [f"density {d:g}: {percent('ssfl', d):.1f}% and "
+                 f"{percent('ssfl', d, 'unused_in', 'inputs'):.1f}% in SSFL's" for d in others
                  if percent("ssfl", d) is not None]
-    return (" Where the scores' choice within a layer costs: a saliency mask empties whole "
-            "filters, which no random mask of the same shares measured here does. At density "
+    return (" Where the scores' choice within a layer costs: a saliency mask cuts whole units "
+            "off, which no random mask of the same shares measured here does. At density "
             f"{density:g} ({seeds_phrase(seeds)}; `python benchmarks/mask_units.py`, "
             "`benchmarks/results/mask_units.md`), the filters left with no weight at all are "
-            + ", ".join(f"{v:.1f}% in {names[m]}" for m, v in figures if v is not None)
+            + figures("dead_out", "out") + ", and the input channels that feed no kept weight "
+            + figures("unused_in", "inputs")
             + (" (" + "; ".join(at_others) + ")" if at_others else "")
-            + "; a dead filter outputs only its GroupNorm's shift, so the layers where they "
-            "sit (the last two stages, per layer in that file) are narrower than their share of "
-            "weights says. Random ERK's weights are fewer per filter but reach every filter.\n")
+            + "; a dead filter outputs only its GroupNorm's shift and an unused input channel's "
+            "signal goes nowhere in that layer, so the layers where they sit (the last two "
+            "stages, per layer in that file) are narrower than their share of weights says. "
+            "Random ERK's weights are fewer per filter but reach every filter and every input "
+            "channel.\n")
 
 
 def deep_section(data: dict[str, Any] | None) -> str:
@@ -600,7 +654,8 @@ def deep_section(data: dict[str, Any] | None) -> str:
                     + why_note(data, continued_data, _load(f"{LR_PROBE}/comparison.json"),
                                _load(f"{WIDTH_PROBE}/comparison.json"))
                     + layer_budget_note(data, _load(f"{LAYER_PROBE}/comparison.json"),
-                                        _load("mask_units.json"))
+                                        _load("mask_units.json"),
+                                        floor=_load(f"{FLOOR_PROBE}/comparison.json"))
                     + f"\n![accuracy during training at density 0.5]({plots}_round_d0.5.png)\n"
                     + (f"![accuracy on the authors' protocol during training at density 0.5]"
                        f"({plots}_round_d0.5_authors.png)\n"

@@ -595,14 +595,17 @@ def test_layer_budget_note_reads_the_gap_the_squeezed_layers_and_the_probe_by_ha
            "random costs 2.50 points, and SSFL's own shares (the first layers nearly dense) " \
            "win back 1.00 of them." in note
     # The dead-units rows, once measured: percentages of all filters, means over seeds.
-    units = {"rows": [{"method": "ssfl", "density": 0.1, "seed": s, "dead_out": d, "out": 200}
-                      for s, d in ((0, 10), (1, 30))]
-             + [{"method": "random_erk", "density": 0.1, "seed": 0, "dead_out": 0, "out": 200},
-                {"method": "ssfl", "density": 0.5, "seed": 0, "dead_out": 1, "out": 200}]}
+    def unit_row(method: str, density: float, seed: int, dead: int, unused: int) -> dict:
+        return {"method": method, "density": density, "seed": seed, "dead_out": dead,
+                "out": 200, "unused_in": unused, "inputs": 100}
+
+    units = {"rows": [unit_row("ssfl", 0.1, 0, 10, 20), unit_row("ssfl", 0.1, 1, 30, 30),
+                      unit_row("random_erk", 0.1, 0, 0, 0), unit_row("ssfl", 0.5, 0, 1, 3)]}
     note = render_docs.layer_budget_note({"runs": rows}, probe, units)
     assert "At density 0.1 (seeds 0, 1; `python benchmarks/mask_units.py`" in note
     assert "the filters left with no weight at all are 10.0% in SSFL's masks, 0.0% in random " \
-           "ERK's (density 0.5: 0.5% in SSFL's);" in note
+           "ERK's, and the input channels that feed no kept weight 25.0% in SSFL's masks, 0.0% " \
+           "in random ERK's (density 0.5: 0.5% and 3.0% in SSFL's);" in note
     assert "mask_units" not in render_docs.layer_budget_note({"runs": rows}, probe, None)
     # SSFL ahead of ERK, or ERK not run: nothing to explain.
     ahead = [dict(r, final_accuracy=0.30) if r["algorithm"] == "random_erk" else r for r in rows]
@@ -611,6 +614,34 @@ def test_layer_budget_note_reads_the_gap_the_squeezed_layers_and_the_probe_by_ha
     # Paired on the seeds both have: ERK's seed 1 alone does not count before SSFL has it.
     note = render_docs.layer_budget_note({"runs": rows[:1] + rows[2:]}, None)
     assert "(random ERK 41.00%, SSFL 40.00%, +1.00 points; seed 0, the one both have)" in note
+
+
+def test_filter_floor_note_reads_the_probe_against_ssfl_and_erk_by_hand() -> None:
+    render_docs = load_benchmark("render_docs")
+    rows = [_row("ssfl", 0.1, 0.40), _row("ssfl", 0.1, 0.42, seed=1),
+            _row("random_erk", 0.1, 0.41), _row("random_erk", 0.1, 0.44, seed=1)]
+    assert render_docs.filter_floor_note(rows, None).endswith(
+        "algorithm.ssfl.min_per_unit=1`); not yet run.")
+    # Seed 0 only: probe 40.50 against SSFL 40.00 and ERK 41.00 on that seed.
+    note = render_docs.filter_floor_note(rows, {"runs": [_row("ssfl", 0.1, 0.405)]})
+    assert ("seed 0 (not run on seed 1): 40.50%, against SSFL's 40.00% and random ERK's "
+            "41.00% on the same seeds (change against SSFL per seed: +0.50; SSFL's own "
+            "seed-to-seed spread here is 1.41), so reconnecting them wins back 0.50 "
+            "of the 1.00 points.") in note
+    both = {"runs": [_row("ssfl", 0.1, 0.43), _row("ssfl", 0.1, 0.44, seed=1)]}
+    assert "closes the whole gap" in render_docs.filter_floor_note(rows, both)
+    below = {"runs": [_row("ssfl", 0.1, 0.39), _row("ssfl", 0.1, 0.42, seed=1)]}
+    note = render_docs.filter_floor_note(rows, below)
+    assert "seeds 0, 1: 40.50%" in note and "per seed: -1.00, +0.00;" in note
+    assert "wins nothing back (-0.50 points)" in note
+    # In the layer-budget note it follows the dead-units measurement, and only once there is
+    # one (the floor is the test of what that measurement found).
+    units = {"rows": [{"method": "ssfl", "density": 0.1, "seed": 0, "dead_out": 10,
+                       "out": 200, "unused_in": 5, "inputs": 100}]}
+    note = render_docs.layer_budget_note({"runs": rows}, None, units, floor=below)
+    assert note.endswith("what costs SSFL.\n") and "mask_units" in note
+    assert "min_per_unit" not in render_docs.layer_budget_note({"runs": rows}, None, None,
+                                                                   floor=below)
 
 
 def test_continued_note_reads_the_carried_on_runs_by_hand() -> None:

@@ -24,6 +24,7 @@ from ssfl.masks import (
     saliency_scores,
     top_k,
     topk_count,
+    unit_floor,
 )
 from ssfl.models import ResNet18, SmallCNN
 
@@ -100,6 +101,64 @@ def test_dead_units_by_eye() -> None:
     conv[0, 2, 0, 1] = True
     got = dead_units({"fc": linear, "conv": conv, "bias": torch.ones(3, dtype=torch.bool)})
     assert got == {"fc": (1, 3, 1, 2), "conv": (1, 2, 2, 3)}
+
+
+def test_a_unit_floor_keeps_every_row_and_column_connected_by_eye() -> None:
+    # 3 outputs x 3 inputs. The global top-6 takes 9, 8, 7, 6, 2, 1: row 2 keeps nothing.
+    a = torch.tensor([[9.0, 8.0, 1.0], [7.0, 6.0, 2.0], [0.5, 0.4, 0.3]])
+    scores = {"a": a, "bias": torch.tensor([5.0])}
+    plain = global_topk_mask({"a": a}, 2 / 3)
+    assert plain["a"].tolist() == [[True, True, True], [True, True, True], [False] * 3]
+    # The floor: each row's best (9, 7, 0.5) and each column's best (9, 8, 2).
+    floor = unit_floor(scores, 1)
+    assert floor["a"].tolist() == [[True, True, False], [True, False, True],
+                                   [True, False, False]]
+    assert not floor["bias"].any()  # no units in a 1-D tensor
+    # Floored top-6: the five floor weights, then the best of the rest (6); 1 makes way.
+    floored = global_topk_mask({"a": a}, 2 / 3, per_unit=1)
+    assert floored["a"].tolist() == [[True, True, False], [True, True, True],
+                                     [True, False, False]]
+    assert dead_units(plain) == {"a": (1, 3, 0, 3)} and dead_units(floored) == {"a": (0, 3, 0, 3)}
+    # Ties go to the earlier position, within a row (column 0 for both rows) and within a
+    # column (row 0 for both columns).
+    tied = unit_floor({"t": torch.ones(2, 2)}, 1)["t"]
+    assert tied.tolist() == [[True, True], [True, False]]
+    # A floor larger than k, or than a unit, is refused with the numbers.
+    with pytest.raises(ValueError, match="takes 5 weights, more than the 4"):
+        global_topk_mask({"a": a}, 4 / 9, per_unit=1)
+    with pytest.raises(ValueError, match="a unit has 3"):
+        unit_floor(scores, 4)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.02])
+@pytest.mark.parametrize("budget", ["global", "erk"])
+def test_a_unit_floor_leaves_no_filter_dead_and_density_exact_on_a_real_model(
+        density: float, budget: str) -> None:
+    torch.manual_seed(0)
+    model = ResNet18(10, width=0.125)
+    names = prunable_parameter_names(model)
+    # Scores that empty filters: each filter's scores scaled by a factor spread over 1e-6..1,
+    # so a plain top-k at low density keeps only the loud filters.
+    scores = {}
+    for n, p in model.named_parameters():
+        if n in names:
+            loud = torch.logspace(-6, 0, p.shape[0])[torch.randperm(p.shape[0])]
+            scores[n] = torch.rand(p.shape) * loud.reshape(-1, *[1] * (p.dim() - 1))
+    choose = global_topk_mask if budget == "global" else erk_topk_mask
+    plain, floored = choose(scores, density), choose(scores, density, per_unit=1)
+    assert sum(dead for dead, *_ in dead_units(plain).values()) > 0
+    assert all(dead == 0 and unused == 0 for dead, _, unused, _ in dead_units(floored).values())
+    assert sum(int(m.sum()) for m in floored.values()) == sum(int(m.sum()) for m in plain.values())
+    if budget == "erk":
+        assert {n: int(m.sum()) for n, m in floored.items()} == \
+            {n: int(m.sum()) for n, m in plain.items()}
+    # Only weights of the plain mask's lowest ranks make way: every weight the floored mask
+    # kept beyond its floor is above every plain-mask weight it dropped.
+    floor = unit_floor(scores, 1)
+    dropped = torch.cat([scores[n][plain[n] & ~floored[n]] for n in names])
+    kept = torch.cat([scores[n][floored[n] & ~floor[n]] for n in names])
+    if budget == "global":
+        assert dropped.numel() > 0 and float(kept.min()) >= float(dropped.max())
 
 
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.013])

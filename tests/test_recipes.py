@@ -95,6 +95,7 @@ def test_constant_local_schedule_never_changes_the_rate(monkeypatch: pytest.Monk
     ('train.local_lr_schedule="cosine_restarts",train.local_lr_min=0.5', "local_lr_min"),
     ('algorithm.ssfl.saliency_augment="crop"', "saliency_augment"),
     ('algorithm.ssfl.layer_budget="per_layer"', "layer_budget"),
+    ("algorithm.ssfl.min_per_unit=-1", "min_per_unit"),
 ])
 def test_bad_recipe_keys_are_refused_by_name(override: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
@@ -161,3 +162,24 @@ def test_erk_layer_budget_keeps_the_erk_counts_and_the_scores_choice_within_laye
     for name in everywhere:
         if int(per_layer[name].sum()) >= int(everywhere[name].sum()):
             assert bool(per_layer[name][everywhere[name]].all())
+
+
+def test_min_per_unit_reconnects_every_unit_and_keeps_the_density() -> None:
+    # At density 0.2 the paper's mask leaves output units of conv2 and fc1 with no weight and
+    # input channels of fc1 and fc2 feeding none; one weight per unit reconnects all of them
+    # with the same count. Each cut-off unit needs a weight of its own row or column, and each
+    # of the floor's new weights serves at least one: between max(dead, unused) and their sum
+    # weights make way.
+    from ssfl.masks import dead_units
+
+    plain = _mask()
+    floored = _mask("algorithm.ssfl.min_per_unit=1")
+    units = dead_units(plain).values()
+    dead, unused = sum(u[0] for u in units), sum(u[2] for u in units)
+    assert dead > 0 and unused > 0
+    assert all(u[0] == 0 and u[2] == 0 for u in dead_units(floored).values())
+    assert sum(int(m.sum()) for m in floored.values()) == sum(int(m.sum()) for m in plain.values())
+    moved = sum(int((plain[n] & ~floored[n]).sum()) for n in plain)
+    assert max(dead, unused) <= moved <= dead + unused
+    with pytest.raises(ValueError, match="more than the"):
+        _mask("algorithm.ssfl.min_per_unit=5", "algorithm.density=0.01")

@@ -134,11 +134,55 @@ def _finite_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return scores32
 
 
-def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
+def unit_floor(scores: Mapping[str, torch.Tensor], per_unit: int) -> Mask:
+    """The weights a mask must keep so that no unit of a layer is cut off: each output unit's
+    ``per_unit`` highest-scoring weights (a Conv filter's, a Linear row's) and each input
+    channel's ``per_unit`` highest-scoring weights (over every filter and kernel position that
+    reads it); ties go to the earlier position. Tensors of one dimension have no units and get
+    no floor."""
+    floor = {}
+    for name, score in scores.items():
+        if score.dim() < 2:
+            floor[name] = torch.zeros(score.shape, dtype=torch.bool)
+            continue
+        keep = torch.zeros(score.shape, dtype=torch.bool)
+        for side in (0, 1):  # output units, then input channels
+            units = score.transpose(0, side).reshape(score.shape[side], -1)
+            if per_unit > units.shape[1]:
+                raise ValueError(f"{name}: cannot keep {per_unit} weights per unit, a unit has "
+                                 f"{units.shape[1]}")
+            best = torch.sort(units, dim=1, descending=True, stable=True).indices[:, :per_unit]
+            chosen = torch.zeros(units.shape, dtype=torch.bool).scatter_(1, best, True)
+            shape = score.transpose(0, side).shape
+            keep |= chosen.reshape(shape).transpose(0, side)
+        floor[name] = keep
+    return floor
+
+
+def _floored(scores: Mapping[str, torch.Tensor], per_unit: int
+             ) -> tuple[dict[str, torch.Tensor], Mask]:
+    """The scores with each unit's ``per_unit`` best raised to +inf, so any top-k that has room
+    for them keeps them and fills the rest by score as before, and the floor itself."""
+    floor = unit_floor(scores, per_unit)
+    return ({n: torch.where(floor[n], torch.tensor(math.inf), s) for n, s in scores.items()},
+            floor)
+
+
+def global_topk_mask(scores: Mapping[str, torch.Tensor], density: float,
+                     per_unit: int = 0) -> Mask:
     """Keep the k = round(density * total) highest-scoring weights over all layers together,
-    so the mask has exactly k ones and is the same on every machine."""
+    so the mask has exactly k ones and is the same on every machine.
+
+    ``per_unit`` > 0 (not the paper's rule, which may cut a filter or an input channel off)
+    keeps ``unit_floor``'s weights first and the rest of the k by score over all layers."""
     scores32 = _finite_scores(scores)
-    return global_top_k(scores32, topk_count(density, sum(s.numel() for s in scores32.values())))
+    k = topk_count(density, sum(s.numel() for s in scores32.values()))
+    if per_unit:
+        scores32, floor = _floored(scores32, per_unit)
+        if (needed := sum(int(f.sum()) for f in floor.values())) > k:
+            raise ValueError(f"keeping {per_unit} weights per unit takes {needed} weights, more "
+                             f"than the {k} that density {density} keeps")
+    return global_top_k(scores32, k)
 
 
 def layerwise_top_k(keys: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> Mask:
@@ -169,14 +213,24 @@ def magnitude_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int
                            counts)
 
 
-def erk_topk_mask(scores: Mapping[str, torch.Tensor], density: float) -> Mask:
+def erk_topk_mask(scores: Mapping[str, torch.Tensor], density: float,
+                  per_unit: int = 0) -> Mask:
     """Each layer keeps its Erdos-Renyi-Kernel share of the k = round(density * total) weights
     (``erk_counts``, as the random ERK baseline), and within the layer its highest-scoring
     weights. Not the paper's rule (one top-k over all layers, ``global_topk_mask``): it keeps
-    the scores' choice of weights but not their choice of how much each layer keeps."""
+    the scores' choice of weights but not their choice of how much each layer keeps.
+    ``per_unit`` > 0: within its share, each layer keeps ``unit_floor``'s weights first (as in
+    ``global_topk_mask``)."""
     scores32 = _finite_scores(scores)
-    return layerwise_top_k(scores32, erk_counts({n: s.shape for n, s in scores32.items()},
-                                                density))
+    counts = erk_counts({n: s.shape for n, s in scores32.items()}, density)
+    if per_unit:
+        scores32, floor = _floored(scores32, per_unit)
+        for name, f in floor.items():
+            if int(f.sum()) > counts[name]:
+                raise ValueError(f"{name}: keeping {per_unit} weights per unit takes "
+                                 f"{int(f.sum())} weights, more than its ERK share of "
+                                 f"{counts[name]} at density {density}")
+    return layerwise_top_k(scores32, counts)
 
 
 def random_global_mask(

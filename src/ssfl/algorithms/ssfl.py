@@ -277,6 +277,12 @@ class SaliencySettings:
     # choose which weights within it): a diagnostic of whether a layer bottleneck, not the
     # choice of weights, costs accuracy at low density (docs/benchmarks.md)
     layer_budget: str = "global"
+    # 0: the paper (a filter may lose every weight, an input channel feed none); n > 0: every
+    # output unit (a Conv filter, a Linear row) keeps, and every input channel feeds, at least
+    # its n highest-scoring weights, the rest of the k going by layer_budget's rule: a
+    # diagnostic of whether the units a saliency mask cuts off at low density cost accuracy
+    # (docs/benchmarks.md)
+    min_per_unit: int = 0
     # how each client's scores travel in the mask round (docs/lean_mask.md; the defaults of
     # these four keys are the paper's): "float32", "float16", "bfloat16" or "log8" (8-bit
     # log-scale codes)
@@ -307,6 +313,9 @@ class SaliencySettings:
         if self.layer_budget not in LAYER_BUDGETS:
             raise ValueError(f"layer_budget = {self.layer_budget!r} is not allowed; choose one "
                              f"of {list(LAYER_BUDGETS)}")
+        if self.min_per_unit < 0:
+            raise ValueError(f"min_per_unit must be >= 0 (0: the paper's mask), not "
+                             f"{self.min_per_unit}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype = {self.score_dtype!r} is not allowed; choose one "
                              f"of {list(SCORE_DTYPES)}")
@@ -387,8 +396,9 @@ class SaliencyMask(FixedMaskFedAvg):
 
     def scores_to_mask(self, replies: Sequence[SetupReply], mode: str) -> tuple[Mask, list[int]]:
         """The global top-k of the aggregated scores (or, with ``layer_budget = "erk"``, the
-        top of each layer's ERK share), and the clients whose scores it used (a malformed score
-        payload is logged and left out, as a bad update in a round is)."""
+        top of each layer's ERK share; with ``min_per_unit``, every unit's best first), and
+        the clients whose scores it used (a malformed score payload is logged and left out, as
+        a bad update in a round is)."""
         check_mode(mode)
         count, used = self.setup.prunable_count, []
         dtype, top = self.settings.score_dtype, self.score_top()
@@ -433,9 +443,8 @@ class SaliencyMask(FixedMaskFedAvg):
                                "the earliest by position", positive, self.settings.score_topk,
                                self.settings.score_rule, k - positive, k)
         scores = unflatten(flat, self.setup.prunable_shapes, self.setup.prunable)
-        if self.settings.layer_budget == "erk":
-            return erk_topk_mask(scores, self.setup.density), used
-        return global_topk_mask(scores, self.setup.density), used
+        choose = erk_topk_mask if self.settings.layer_budget == "erk" else global_topk_mask
+        return choose(scores, self.setup.density, per_unit=self.settings.min_per_unit), used
 
 
 class SSFL(SaliencyMask):
