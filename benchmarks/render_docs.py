@@ -162,14 +162,15 @@ DEEP_RUNS = len(DEEP_SEEDS) * (1 + (len(DEEP_METHODS) - 1) * len(DEEP_DENSITIES)
 def deep_progress(deep: dict[str, Any]) -> str:
     """How much of the deep sweep its results hold, e.g. "7 of 30 runs, seed 0", and the runs
     on further seeds (those the docs' "do not settle" list asks for), e.g. "30 of 30 runs,
-    seeds 0, 1, and 5 on seed 2"."""
+    seeds 0, 1, and 5 runs on seed 2"."""
     ours = [r for r in deep["runs"] if r["algorithm"] in DEEP_METHODS
             and (r["algorithm"] == "fedavg" or r["target_density"] in DEEP_DENSITIES)]
     planned = [r for r in ours if r["seed"] in DEEP_SEEDS]
     further = [r for r in ours if r["seed"] not in DEEP_SEEDS]
     text = f"{len(planned)} of {DEEP_RUNS} runs, {seeds_phrase({r['seed'] for r in planned})}"
     if further:
-        text += f", and {len(further)} on {seeds_phrase({r['seed'] for r in further})}"
+        text += (f", and {len(further)} run{'s' if len(further) > 1 else ''} on "
+                 f"{seeds_phrase({r['seed'] for r in further})}")
     return text
 
 

@@ -451,7 +451,7 @@ def test_deep_headline_states_each_claim_and_its_verdict(comparison) -> None:
     # A run on a seed beyond the plan's two is counted apart, not towards the planned 30.
     extra = dict(_row("ssfl", 0.5, 0.81, seed=2), rounds=80)
     assert (render_docs.deep_progress({"runs": [*rows, extra]})
-            == "3 of 30 runs, seeds 0, 1, and 1 on seed 2")
+            == "3 of 30 runs, seeds 0, 1, and 1 run on seed 2")
     assert "what was tried" not in text  # SSFL ahead: nothing to explain
     # Dense FedAvg has one seed: SSFL is held to it on that seed, with no spread to read the
     # lead against yet.
