@@ -609,9 +609,9 @@ def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
     at_others = [f"density {d:g}: {percent('ssfl', d):.1f}% and "
                  f"{percent('ssfl', d, 'unused_in', 'inputs'):.1f}% in SSFL's" for d in others
                  if percent("ssfl", d) is not None]
-    return (" Where the scores' choice within a layer costs: a saliency mask cuts whole units "
-            "off, which no random mask of the same shares measured here does. At density "
-            f"{density:g} ({seeds_phrase(seeds)}; `python benchmarks/mask_units.py`, "
+    return (" How the scores' choice within a layer differs from chance: a saliency mask cuts "
+            "whole units off, which no random mask of the same shares measured here does. At "
+            f"density {density:g} ({seeds_phrase(seeds)}; `python benchmarks/mask_units.py`, "
             "`benchmarks/results/mask_units.md`), the filters left with no weight at all are "
             + figures("dead_out", "out") + ", and the input channels that feed no kept weight "
             + figures("unused_in", "inputs")
