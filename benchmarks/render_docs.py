@@ -537,8 +537,7 @@ def layer_budget_note(data: dict[str, Any], probe: dict[str, Any] | None,
              "(`algorithm.ssfl.layer_budget=erk`, a diagnostic, not the paper's method; not "
              "yet run).")
     dead = dead_units_note(units, density)
-    return text + dead.rstrip("\n") + (filter_floor_note(runs, floor, density) if dead.strip()
-                                       else "") + "\n"
+    return text + dead + (filter_floor_note(runs, floor, density) if dead else "") + "\n"
 
 
 #: the deep reference's probe of the units SSFL's mask cuts off at low density: the same
@@ -553,11 +552,11 @@ def filter_floor_note(runs: list[dict[str, Any]], probe: dict[str, Any] | None,
     """Whether keeping every unit connected closes SSFL's gap to random ERK at ``density``: the
     floor probe (SSFL with ``min_per_unit = 1``) against SSFL and random ERK on the seeds all
     three have, with the change against SSFL per seed and SSFL's own seed-to-seed spread."""
-    ssfl = {r["seed"]: r["final_accuracy"] * 100 for r in _select(runs, "ssfl", density)}
-    erk = {r["seed"]: r["final_accuracy"] * 100 for r in _select(runs, "random_erk", density)}
-    mine = ({r["seed"]: r["final_accuracy"] * 100 for r in _select(probe["runs"], "ssfl",
-                                                                    density)}
-            if probe else {})
+    def final_by_seed(rows: list[dict[str, Any]], method: str) -> dict[int, float]:
+        return {r["seed"]: r["final_accuracy"] * 100 for r in _select(rows, method, density)}
+
+    ssfl, erk = final_by_seed(runs, "ssfl"), final_by_seed(runs, "random_erk")
+    mine = final_by_seed(probe["runs"], "ssfl") if probe else {}
     seeds = sorted(s for s in mine if s in ssfl and s in erk)
     what = ("SSFL with no unit cut off (`algorithm.ssfl.min_per_unit=1`: each filter's and "
             "each input channel's best-scoring weight first, the rest of the k by SSFL's "
@@ -586,7 +585,7 @@ def filter_floor_note(runs: list[dict[str, Any]], probe: dict[str, Any] | None,
 
 def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
     """What the dead-units measurement (benchmarks/mask_units.py) says at ``density``, and at
-    the other densities measured: empty until it has rows at ``density``."""
+    the other densities measured: "" until it has rows at ``density``."""
     rows = (units or {}).get("rows", [])
 
     def percent(method: str, d: float, part: str = "dead_out", whole: str = "out"
@@ -596,7 +595,7 @@ def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
         return statistics.mean(chosen) if chosen else None
 
     if percent("ssfl", density) is None:
-        return "\n"
+        return ""
     seeds = sorted({r["seed"] for r in rows if r["density"] == density})
     others = sorted({r["density"] for r in rows} - {density}, reverse=True)
     names = {"ssfl": "SSFL's masks", "ssfl_erk": "SSFL's scores within ERK's shares",
@@ -620,7 +619,7 @@ def dead_units_note(units: dict[str, Any] | None, density: float) -> str:
             "signal goes nowhere in that layer, so the layers where they sit (the last two "
             "stages, per layer in that file) are narrower than their share of weights says. "
             "Random ERK's weights are fewer per filter but reach every filter and every input "
-            "channel.\n")
+            "channel.")
 
 
 def deep_section(data: dict[str, Any] | None) -> str:

@@ -147,14 +147,14 @@ def unit_floor(scores: Mapping[str, torch.Tensor], per_unit: int) -> Mask:
             continue
         keep = torch.zeros(score.shape, dtype=torch.bool)
         for side in (0, 1):  # output units, then input channels
-            units = score.transpose(0, side).reshape(score.shape[side], -1)
+            flipped = score.transpose(0, side)
+            units = flipped.reshape(score.shape[side], -1)
             if per_unit > units.shape[1]:
                 raise ValueError(f"{name}: cannot keep {per_unit} weights per unit, a unit has "
                                  f"{units.shape[1]}")
             best = torch.sort(units, dim=1, descending=True, stable=True).indices[:, :per_unit]
             chosen = torch.zeros(units.shape, dtype=torch.bool).scatter_(1, best, True)
-            shape = score.transpose(0, side).shape
-            keep |= chosen.reshape(shape).transpose(0, side)
+            keep |= chosen.reshape(flipped.shape).transpose(0, side)
         floor[name] = keep
     return floor
 
